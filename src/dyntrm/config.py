@@ -1,0 +1,181 @@
+"""Typed configuration, named presets, and strict ``key=value`` overrides.
+
+A :class:`Config` is a tree of dataclasses. Every field carries a help string (shown by ``dyntrm train --help``
+and in error messages). Presets are functions returning a config; a variant derives from its base preset with
+:func:`dataclasses.replace`, never by copying it. ``--set model.d_model=256`` is parsed by the field's type, and an
+unknown key or a value of the wrong type is an error that lists what is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+
+def opt(default: Any, help: str) -> Any:
+    """A dataclass field with a help string (tuples are stored as defaults, which is safe: they are immutable)."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class DataConfig:
+    source: str = opt("arc1", "arc1, arc2, or a PATH (task directory, task file, or Kaggle challenges file)")
+    train_splits: tuple[str, ...] = opt(("train",), "splits whose whole tasks (test pairs too) are trained on")
+    demo_splits: tuple[str, ...] = opt((), "splits whose demonstration pairs only are trained on (TRM protocol)")
+    eval_split: str = opt("eval", "split whose test inputs are scored; never trained on in full")
+    max_side: int = opt(30, "keep only tasks whose grids all fit in max_side x max_side")
+    max_len: int = opt(2048, "sequences longer than this are skipped and counted")
+    tokens_per_batch: int = opt(16384, "token budget of one (micro-)batch, padding included")
+    augment: bool = opt(True, "random dihedral x colour x order view of every task, fresh each epoch")
+    repeats: int = opt(1, "views of every training item per epoch")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+# ------------------------------------------------------------------------------------------------ presets
+
+def _debug() -> Config:
+    return Config(data=DataConfig(max_side=6, max_len=512, tokens_per_batch=2048))
+
+
+def _tiny() -> Config:
+    return Config(data=DataConfig(max_len=2048, tokens_per_batch=8192))
+
+
+def _base() -> Config:
+    return Config(data=DataConfig(max_len=8192, tokens_per_batch=65536, demo_splits=("eval",), eval_split="eval"))
+
+
+PRESETS: dict[str, Callable[[], Config]] = {"debug": _debug, "tiny": _tiny, "base": _base}
+
+
+def preset(name: str) -> Config:
+    """A fresh config of the named preset: ``debug`` (tests), ``tiny`` (CPU default), ``base`` (GPU)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+# ------------------------------------------------------------------------------------------------ overrides
+
+class ConfigError(ValueError):
+    """A bad override or config file: the message names the key and lists what is valid."""
+
+
+def fields(cfg: Any, prefix: str = "") -> dict[str, tuple[Any, dataclasses.Field, Any]]:
+    """Flat ``{"section.key": (owner, field, type)}`` over a config tree."""
+    out = {}
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(fields(value, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = (cfg, f, hints[f.name])
+    return out
+
+
+def _parse(key: str, text: str, tp: Any) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    try:
+        if tp is bool:
+            low = text.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true/false")
+        if tp is int:
+            return int(text)
+        if tp is float:
+            return float(text)
+        if tp is str:
+            return text
+        if origin is Literal:
+            if text not in args:
+                raise ValueError(f"expected one of {', '.join(map(str, args))}")
+            return text
+        if origin is tuple:
+            parts = [p for p in text.split(",") if p.strip()]
+            return tuple(_parse(key, p.strip(), args[0]) for p in parts)
+    except ValueError as e:
+        raise ConfigError(f"{key}={text!r}: {e}") from None
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _check(key: str, value: Any, tp: Any) -> Any:
+    """Type-check a value read from a config file (JSON): ints for floats are fine, lists become tuples."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin is tuple and isinstance(value, (list, tuple)):
+        return tuple(_check(key, v, args[0]) for v in value)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}={value!r}: expected one of {', '.join(map(str, args))}")
+        return value
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}={value!r}: expected {getattr(tp, '__name__', tp)}")
+    return value
+
+
+def _unknown(key: str, valid: dict) -> ConfigError:
+    return ConfigError(f"unknown config key {key!r}; valid keys:\n  " + "\n  ".join(
+        f"{k} ({getattr(t, '__name__', t)}): {f.metadata.get('help', '')}" for k, (_, f, t) in valid.items()))
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply ``section.key=value`` strings in place and return ``cfg``."""
+    valid = fields(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if key not in valid:
+            raise _unknown(key, valid)
+        owner, f, tp = valid[key]
+        setattr(owner, f.name, _parse(key, text, tp))
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict[str, Any]) -> Config:
+    """Strictly rebuild a config from :func:`to_dict` output (unknown keys are errors)."""
+    cfg = Config()
+    valid = fields(cfg)
+    for section, values in d.items():
+        if not isinstance(values, dict):
+            raise _unknown(section, valid)
+        for k, v in values.items():
+            key = f"{section}.{k}"
+            if key not in valid:
+                raise _unknown(key, valid)
+            owner, f, tp = valid[key]
+            setattr(owner, f.name, _check(key, v, tp))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    d = cfg.data
+    if d.max_len < 8:
+        raise ConfigError(f"data.max_len={d.max_len}: must be at least 8")
+    if d.tokens_per_batch < -(-d.max_len // 8) * 8:
+        raise ConfigError(f"data.tokens_per_batch={d.tokens_per_batch} must be >= data.max_len={d.max_len}")
+    if not 1 <= d.max_side <= 30:
+        raise ConfigError(f"data.max_side={d.max_side}: must be in 1..30")
+    if d.repeats < 1:
+        raise ConfigError(f"data.repeats={d.repeats}: must be >= 1")
+    if d.eval_split in d.train_splits:
+        raise ConfigError(f"data.eval_split={d.eval_split!r} is also in data.train_splits: its test outputs would "
+                          f"be trained on; use data.demo_splits for its demonstrations only")

@@ -1,0 +1,143 @@
+"""Which pairs train and which are scored (DESIGN §2, "Splits"), and the per-epoch training stream.
+
+Training uses *full* tasks (every pair, test pairs included) of ``train_splits`` and only the *demonstration*
+pairs of ``demo_splits`` (the TRM protocol adds the evaluation tasks' demonstrations). The split that is scored
+must not be among the full ones: its test outputs can then never reach a training batch (tested).
+
+Each epoch draws one fresh augmentation per item (and per repeat), shuffles the order of its pairs (the last one
+is the query), serialises it, skips and counts sequences over ``max_len``, and plans token-budget batches.
+Everything is a pure function of ``(seed, epoch)``, so a run can resume at any batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .arc import Pair, Source, Task, filter_max_side
+from .augment import Augmentation, random_augmentation
+from .batching import Batch, collate, padded, plan_batches, shard
+from .tokens import Encoded, encode, encode_prompt
+
+
+class LeakageError(ValueError):
+    """A configuration that would train on the outputs it is scored on."""
+
+
+@dataclass(frozen=True)
+class TrainItem:
+    task_id: str
+    split: str
+    pairs: tuple[Pair, ...]
+    kinds: tuple[str, ...]  # provenance of each pair: "train[i]" or "test[i]"
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    """One scored test input: the demonstrations, the input, and (when known) the target."""
+
+    task_id: str
+    index: int  # position among the task's test inputs
+    demos: tuple[Pair, ...]
+    input: np.ndarray
+    target: np.ndarray | None
+
+    def prompt(self, aug: Augmentation | None = None) -> Encoded:
+        if aug is None:
+            return encode_prompt(self.demos, self.input)
+        t = aug.task(Task(self.task_id, self.demos, (Pair(self.input, None),)))
+        return encode_prompt(t.train, t.test[0].input)
+
+
+def training_items(source: Source, *, train_splits: Sequence[str] = ("train",), demo_splits: Sequence[str] = (),
+                   eval_split: str | None = None, max_side: int = 30) -> list[TrainItem]:
+    """Training items of a source. Raises :class:`LeakageError` if ``eval_split`` is trained in full."""
+    if eval_split is not None and eval_split in train_splits:
+        raise LeakageError(f"split {eval_split!r} is scored, so it may only contribute demonstration pairs "
+                           f"(data.demo_splits), not whole tasks (data.train_splits={list(train_splits)})")
+    overlap = set(train_splits) & set(demo_splits)
+    if overlap:
+        raise LeakageError(f"splits {sorted(overlap)} are in both data.train_splits and data.demo_splits")
+    items = []
+    for split in train_splits:
+        for t in filter_max_side(source.split(split), max_side):
+            test = [(p, f"test[{i}]") for i, p in enumerate(t.test) if p.output is not None]
+            pairs = [(p, f"train[{i}]") for i, p in enumerate(t.train)] + test
+            items.append(TrainItem(t.id, split, tuple(p for p, _ in pairs), tuple(k for _, k in pairs)))
+    for split in demo_splits:
+        for t in filter_max_side(source.split(split), max_side):
+            items.append(TrainItem(t.id, split, t.train, tuple(f"train[{i}]" for i in range(len(t.train)))))
+    return items
+
+
+def eval_items(tasks: Sequence[Task]) -> list[EvalItem]:
+    return [EvalItem(t.id, i, t.train, p.input, p.output) for t in tasks for i, p in enumerate(t.test)]
+
+
+@dataclass
+class Epoch:
+    """This rank's batches for one epoch, plus what was left out (never silently)."""
+
+    batches: list[list[tuple[int, Encoded]]]  # (item index, sequence) per batch
+    skipped: int  # sequences over max_len (across all ranks)
+    dropped: int  # trailing batches dropped to keep ranks even
+    total: int  # sequences drawn (across all ranks)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def batch(self, i: int, items: Sequence[TrainItem]) -> Batch:
+        seqs = self.batches[i]
+        return collate([s for _, s in seqs], [items[j].task_id for j, _ in seqs])
+
+
+class TrainingSet:
+    """The augmented, token-budget-batched training stream, deterministic in ``(seed, epoch)``."""
+
+    def __init__(self, items: Sequence[TrainItem], *, max_len: int, tokens_per_batch: int, augment: bool = True,
+                 repeats: int = 1, seed: int = 0, rank: int = 0, world: int = 1):
+        if tokens_per_batch < padded(max_len):
+            raise ValueError(f"tokens_per_batch ({tokens_per_batch}) must hold one sequence of max_len ({max_len}) "
+                             f"padded to a multiple of 8")
+        if not items:
+            raise ValueError("no training items (check data.train_splits / data.demo_splits / data.max_side)")
+        self.items = list(items)
+        self.max_len, self.tokens_per_batch = max_len, tokens_per_batch
+        self.augment, self.repeats, self.seed = augment, repeats, seed
+        self.rank, self.world = rank, world
+
+    def sequences(self, epoch: int) -> list[tuple[int, Encoded]]:
+        """Every (item, augmented sequence) of an epoch, before the length filter."""
+        rng = np.random.default_rng([self.seed, epoch])
+        out = []
+        for _ in range(self.repeats):
+            for i, item in enumerate(self.items):
+                pairs = item.pairs
+                if self.augment:
+                    aug = random_augmentation(rng, len(pairs))
+                    pairs = aug.task(Task(item.task_id, pairs, ())).train
+                out.append((i, encode(pairs)))
+        return out
+
+    def epoch(self, epoch: int) -> Epoch:
+        seqs = self.sequences(epoch)
+        kept = [s for s in seqs if len(s[1]) <= self.max_len]
+        rng = np.random.default_rng([self.seed, epoch, 1])
+        plan = plan_batches([len(s) for _, s in kept], self.tokens_per_batch, rng)
+        mine, dropped = shard(plan, self.rank, self.world)
+        return Epoch([[kept[j] for j in b] for b in mine], len(seqs) - len(kept), dropped, len(seqs))
+
+    def iterate(self, start_epoch: int = 0, start_batch: int = 0) -> Iterator[tuple[int, int, Epoch, Batch]]:
+        """Endless stream of (epoch, batch index, epoch plan, batch), from a resume position."""
+        epoch, b = start_epoch, start_batch
+        while True:
+            plan = self.epoch(epoch)
+            if not plan.batches:
+                raise ValueError(f"epoch {epoch} has no batch on rank {self.rank}: {plan.skipped} of {plan.total} "
+                                 f"sequences exceed max_len={self.max_len}")
+            while b < len(plan):
+                yield epoch, b, plan, plan.batch(b, self.items)
+                b += 1
+            epoch, b = epoch + 1, 0

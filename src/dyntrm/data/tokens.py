@@ -1,0 +1,136 @@
+"""Tokens: the vocabulary, task -> sequence, loss masks, tokens -> grid (DESIGN §2, "Serialisation").
+
+A grid is flattened row by row, one token per cell, with ``ROW`` between rows (none after the last row), so the
+model has to infer 2-D structure from the separators. A sequence is
+
+    BOS  (IN grid OUT grid END)*  EOS
+
+where the last pair is the query: at evaluation the sequence stops after its ``OUT`` (the *prompt end*) and the
+model writes the answer grid and ``END``. The loss covers every output-grid token (demonstration outputs and the
+answer), their row separators and the closing ``END``, so the model learns the output's size; never inputs,
+specials or padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence as Seq
+
+import numpy as np
+
+from .arc import MAX_SIDE, N_COLOURS, Pair
+
+PAD, BOS, EOS, IN, OUT, END, ROW = range(N_COLOURS, N_COLOURS + 7)
+N_TOKENS = N_COLOURS + 7
+VOCAB_SIZE = 32  # embedding / LM-head rows, padded to a multiple of 16; ids >= N_TOKENS are never produced
+NAMES = [str(c) for c in range(N_COLOURS)] + ["<pad>", "<bos>", "<eos>", "<in>", "<out>", "<end>", "<row>"]
+
+
+class GridDecodeError(ValueError):
+    """A token sequence that is not a well-formed grid (ragged rows, a special inside, too large, empty)."""
+
+
+def grid_tokens(grid: np.ndarray) -> np.ndarray:
+    """(h, w) grid -> h*w + h-1 tokens: the rows joined by ROW."""
+    h, w = grid.shape
+    out = np.full((h, w + 1), ROW, dtype=np.int64)
+    out[:, :w] = grid
+    return out.reshape(-1)[:-1]
+
+
+def tokens_to_grid(tokens: Seq[int] | np.ndarray) -> np.ndarray:
+    """Inverse of :func:`grid_tokens`. Raises :class:`GridDecodeError` instead of guessing."""
+    toks = np.asarray(tokens, dtype=np.int64).reshape(-1)
+    if toks.size == 0:
+        raise GridDecodeError("empty grid")
+    bad = toks[(toks >= N_COLOURS) & (toks != ROW)]
+    if bad.size:
+        raise GridDecodeError(f"token {NAMES[bad[0]] if bad[0] < N_TOKENS else int(bad[0])} inside a grid")
+    seps = np.flatnonzero(toks == ROW)
+    bounds = np.concatenate([[-1], seps, [toks.size]])
+    widths = np.diff(bounds) - 1
+    if (widths == 0).any():
+        raise GridDecodeError(f"empty row {int(np.argmax(widths == 0))}")
+    if (widths != widths[0]).any():
+        r = int(np.argmax(widths != widths[0]))
+        raise GridDecodeError(f"ragged grid: row {r} has {widths[r]} cells, row 0 has {widths[0]}")
+    h, w = widths.size, int(widths[0])
+    if h > MAX_SIDE or w > MAX_SIDE:
+        raise GridDecodeError(f"grid of {h}x{w} exceeds {MAX_SIDE}x{MAX_SIDE}")
+    return toks[toks != ROW].reshape(h, w).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One serialised sequence and its masks, all of length T."""
+
+    tokens: np.ndarray  # (T,) int64
+    target: np.ndarray  # (T,) bool: token t is predicted (from position t-1) and enters the LM loss
+    answer: np.ndarray  # (T,) bool: the query's answer tokens (its output grid and END): the ACT target
+    prompt_end: int  # index of the query's OUT token: the last position the prompt alone determines
+
+    def __len__(self) -> int:
+        return int(self.tokens.size)
+
+
+def encode(pairs: Seq[Pair], *, with_answer: bool = True) -> Encoded:
+    """Serialise pairs; the last one is the query. ``with_answer=False`` stops after the query's OUT."""
+    if not pairs:
+        raise ValueError("encode needs at least one pair")
+    parts: list[np.ndarray] = [np.array([BOS])]
+    target: list[np.ndarray] = [np.zeros(1, bool)]
+    answer: list[np.ndarray] = [np.zeros(1, bool)]
+    prompt_end = 0
+    for i, p in enumerate(pairs):
+        last = i == len(pairs) - 1
+        inp = grid_tokens(p.input)
+        parts.append(np.concatenate([[IN], inp, [OUT]]))
+        target.append(np.zeros(inp.size + 2, bool))
+        answer.append(np.zeros(inp.size + 2, bool))
+        prompt_end += inp.size + 2
+        if last and not with_answer:
+            break
+        if p.output is None:
+            raise ValueError(f"pair {i} has no output to serialise")
+        out = np.concatenate([grid_tokens(p.output), [END]])
+        parts.append(out)
+        target.append(np.ones(out.size, bool))
+        answer.append(np.full(out.size, last))
+        if not last:
+            prompt_end += out.size
+    if with_answer:
+        parts.append(np.array([EOS]))
+        target.append(np.zeros(1, bool))
+        answer.append(np.zeros(1, bool))
+    return Encoded(np.concatenate(parts).astype(np.int64), np.concatenate(target), np.concatenate(answer), prompt_end)
+
+
+def encode_prompt(demos: Seq[Pair], query_input: np.ndarray) -> Encoded:
+    """The prompt for one test input: demonstrations, then ``IN query OUT``."""
+    return encode([*demos, Pair(query_input, None)], with_answer=False)
+
+
+def sequence_length(pairs: Seq[Pair], *, with_answer: bool = True) -> int:
+    """Length of :func:`encode` without building it."""
+    n = 1 + (1 if with_answer else 0)
+    for i, p in enumerate(pairs):
+        h, w = p.input.shape
+        n += h * w + h - 1 + 2
+        if with_answer or i < len(pairs) - 1:
+            oh, ow = p.output.shape
+            n += oh * ow + oh - 1 + 1
+    return n
+
+
+def decode_answer(tokens: Seq[int] | np.ndarray) -> np.ndarray:
+    """Generated tokens (after the prompt's OUT) up to the first END -> grid; raises if malformed."""
+    toks = np.asarray(tokens, dtype=np.int64).reshape(-1)
+    ends = np.flatnonzero(toks == END)
+    if ends.size == 0:
+        raise GridDecodeError("answer has no closing <end>")
+    return tokens_to_grid(toks[: ends[0]])
+
+
+def render(tokens: Seq[int] | np.ndarray) -> str:
+    """Human-readable token string (for debugging and golden tests)."""
+    return " ".join(NAMES[t] if t < N_TOKENS else f"<{t}>" for t in np.asarray(tokens).tolist())

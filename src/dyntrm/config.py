@@ -33,22 +33,62 @@ class DataConfig:
 
 
 @dataclass
+class ModelConfig:
+    variant: Literal["dyn", "dense"] = opt("dyn", "dyn: expert libraries + routers; dense: plain attention and FFN "
+                                                  "of the same active width (the ablation baseline)")
+    vocab_size: int = opt(32, "embedding rows (the 17 ARC tokens padded to a multiple of 16)")
+    d_model: int = opt(128, "width of the residual stream")
+    n_heads: int = opt(4, "physical attention heads; d_head = d_model / n_heads")
+    max_steps: int = opt(8, "N: recursion steps (training always unrolls all N)")
+    attn_experts: int = opt(64, "experts in the global attention library (d_head -> attn_hidden -> d_head)")
+    attn_hidden: int = opt(0, "hidden width of an attention expert (0: d_head)")
+    ffn_experts: int = opt(16, "experts in the global FFN library (d_model -> ffn_mult*d_model -> d_model)")
+    ffn_mult: int = opt(4, "FFN expert hidden width as a multiple of d_model")
+    ffn_active: float = opt(2.0, "target mean number of active FFN experts per token (the sparsity target)")
+    halt_threshold: float = opt(0.5, "inference stops a sample once sigmoid(q_halt - q_continue) > this")
+    rope_base: float = opt(10000.0, "RoPE base")
+    max_positions: int = opt(16384, "RoPE table size: the longest sequence (prompt + answer) the model accepts")
+    step_embedding: bool = opt(False, "add a learned per-step embedding before every recursion step")
+    input_injection: bool = opt(False, "re-add the input embedding before every recursion step after the first")
+    norm_eps: float = opt(1e-6, "RMSNorm epsilon")
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def attn_hidden_(self) -> int:
+        return self.attn_hidden or self.d_head
+
+
+@dataclass
 class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
 
 
 # ------------------------------------------------------------------------------------------------ presets
 
 def _debug() -> Config:
-    return Config(data=DataConfig(max_side=6, max_len=512, tokens_per_batch=2048))
+    """Test-sized: d_model 32, 2 heads, 8 + 4 experts, 3 steps, 6x6 grids."""
+    return Config(
+        model=ModelConfig(d_model=32, n_heads=2, max_steps=3, attn_experts=8, ffn_experts=4, ffn_mult=2,
+                          ffn_active=1.0, max_positions=1024),
+        data=DataConfig(max_side=6, max_len=512, tokens_per_batch=2048),
+    )
 
 
 def _tiny() -> Config:
-    return Config(data=DataConfig(max_len=2048, tokens_per_batch=8192))
+    """The CPU default: d_model 128, 4 heads, 64 attention experts, 16 FFN experts, N = 8."""
+    return Config(model=ModelConfig(), data=DataConfig(max_len=2048, tokens_per_batch=8192))
 
 
 def _base() -> Config:
-    return Config(data=DataConfig(max_len=8192, tokens_per_batch=65536, demo_splits=("eval",), eval_split="eval"))
+    """GPU, TRM-sized: d_model 512, 8 heads; trains on the evaluation tasks' demonstrations too (TRM protocol)."""
+    return Config(
+        model=ModelConfig(d_model=512, n_heads=8),
+        data=DataConfig(max_len=8192, tokens_per_batch=65536, demo_splits=("eval",), eval_split="eval"),
+    )
 
 
 PRESETS: dict[str, Callable[[], Config]] = {"debug": _debug, "tiny": _tiny, "base": _base}
@@ -167,6 +207,15 @@ def from_dict(d: dict[str, Any]) -> Config:
 
 
 def validate(cfg: Config) -> None:
+    m = cfg.model
+    if m.d_model % m.n_heads or m.d_head % 2:
+        raise ConfigError(f"model.d_model={m.d_model} must split into model.n_heads={m.n_heads} heads of even width")
+    if not 0 < m.ffn_active <= m.ffn_experts:
+        raise ConfigError(f"model.ffn_active={m.ffn_active} must be in (0, model.ffn_experts={m.ffn_experts}]")
+    if m.max_steps < 1:
+        raise ConfigError(f"model.max_steps={m.max_steps}: must be >= 1")
+    if m.max_positions < cfg.data.max_len:
+        raise ConfigError(f"model.max_positions={m.max_positions} < data.max_len={cfg.data.max_len}")
     d = cfg.data
     if d.max_len < 8:
         raise ConfigError(f"data.max_len={d.max_len}: must be at least 8")

@@ -1,0 +1,140 @@
+"""DynSIHA+ attention (DESIGN §3.4) and the dense multi-head baseline, sharing one attention core.
+
+DynSIHA+: for every token and physical head, Q, K and V are *synthesised* from the global attention library.
+With ``h = RMSNorm(x).view(B, T, H, d_head)`` and, for c in {q, k, v}, prototypes ``P_c: (E, d_head)`` and gates
+``g_c: (E,)``::
+
+    r_c = h · P_cᵀ / √d_head − g_c        w_c = ReLU(r_c)        Q = Σ_e w_q[e] · Expert_e(h)   (likewise K, V)
+
+Dense composition: every expert runs once on every (token, head) row and the three weighted sums reuse those
+outputs. Then 1-D RoPE on Q and K, causal scaled-dot-product attention with padding, heads merged, output
+projection. Shapes: ``B`` batch, ``T`` time, ``H`` heads, ``d`` head width, ``E`` experts, ``N = B·T·H`` rows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .experts import ExpertLibrary
+from .layers import apply_rope
+
+if TYPE_CHECKING:
+    from .dyntrm import StepContext
+
+QKV = ("q", "k", "v")
+
+
+@dataclass
+class AttnMask:
+    """How keys are masked: plain causal (right padding needs nothing more), or an explicit boolean mask
+    broadcastable to (B, H, T_q, T_k), True where attention is allowed."""
+
+    is_causal: bool
+    mask: torch.Tensor | None = None
+
+
+class KVCache:
+    """Keys and values of one recursion step for a batch of sequences, preallocated to ``capacity``."""
+
+    def __init__(self, batch: int, heads: int, capacity: int, head_dim: int, device, dtype):
+        self.k = torch.zeros(batch, heads, capacity, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+
+    def fill(self, k_BTHd: torch.Tensor, v_BTHd: torch.Tensor) -> None:
+        """Prefill: positions 0..T-1 of every row."""
+        T = k_BTHd.shape[1]
+        self.k[:, :, :T] = k_BTHd.transpose(1, 2)
+        self.v[:, :, :T] = v_BTHd.transpose(1, 2)
+
+    def write(self, k_B1Hd: torch.Tensor, v_B1Hd: torch.Tensor, pos_B: torch.Tensor) -> None:
+        """Decode: one new key/value per row, each at its own position."""
+        rows = torch.arange(k_B1Hd.shape[0], device=pos_B.device)
+        self.k[rows, :, pos_B] = k_B1Hd[:, 0]
+        self.v[rows, :, pos_B] = v_B1Hd[:, 0]
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: "StepContext") -> torch.Tensor:
+    """RoPE + scaled-dot-product attention. q, k, v: (B, T, H, d) -> (B, T, H, d)."""
+    q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+    if ctx.cache is not None:
+        if ctx.decode_pos is None:
+            ctx.cache.fill(k, v)
+        else:
+            ctx.cache.write(k, v, ctx.decode_pos)
+            k, v = ctx.cache.k, ctx.cache.v  # (B, H, capacity, d); the mask hides unwritten positions
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.to(q.dtype), v.to(q.dtype),
+                                               attn_mask=ctx.attn.mask)
+            return o.transpose(1, 2)
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       attn_mask=ctx.attn.mask, is_causal=ctx.attn.is_causal)
+    return o.transpose(1, 2)
+
+
+def compose(h_ND: torch.Tensor, w_CNE: torch.Tensor, lib: ExpertLibrary) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense composition: ``out[c, n] = Σ_e w[c, n, e] · Expert_e(h[n])``. Returns it (C, N, d) and the experts'
+    pre-activations ``a_ENF`` (for SARS)."""
+    out_END, a_ENF = lib.dense(h_ND)
+    return torch.einsum("cne,end->cnd", w_CNE, out_END), a_ENF
+
+
+class DynSIHA(nn.Module):
+    """Routers (P_c, g_c for c in q, k, v) and the output projection; the experts are the global library."""
+
+    def __init__(self, d_model: int, n_heads: int, n_experts: int):
+        super().__init__()
+        self.d_model, self.n_heads, self.d_head, self.n_experts = d_model, n_heads, d_model // n_heads, n_experts
+        self.proto = nn.Parameter(torch.empty(3, n_experts, self.d_head))  # P_q, P_k, P_v
+        self.gate = nn.Parameter(torch.empty(3, n_experts))  # g_q, g_k, g_v
+        self.out = nn.Linear(d_model, d_model, bias=False)
+
+    def init_weights(self, out_std: float) -> None:
+        nn.init.normal_(self.proto, std=1.0)  # r_c + g_c ~ N(0, 1) for unit-RMS h: half the experts active
+        nn.init.zeros_(self.gate)
+        nn.init.normal_(self.out.weight, std=out_std)
+
+    def logits(self, h_ND: torch.Tensor) -> torch.Tensor:
+        """Routing logits r_c for all three of q, k, v: (N, d) -> (3, N, E)."""
+        r = h_ND @ self.proto.reshape(3 * self.n_experts, self.d_head).T / math.sqrt(self.d_head)
+        return r.view(-1, 3, self.n_experts).transpose(0, 1) - self.gate[:, None, :]
+
+    def forward(self, h_BTD: torch.Tensor, lib: ExpertLibrary, ctx: "StepContext") -> torch.Tensor:
+        B, T, D = h_BTD.shape
+        H, d = self.n_heads, self.d_head
+        h_ND = h_BTD.reshape(B * T * H, d)  # one row per (token, head)
+        r_CNE = self.logits(h_ND)
+        w_CNE = F.relu(r_CNE)
+        qkv_CNd, a_ENF = compose(h_ND, w_CNE, lib)
+        if ctx.tap is not None:
+            valid = None if ctx.valid_flat is None else ctx.valid_flat.repeat_interleave(H)
+            for c, name in enumerate(QKV):
+                ctx.tap(ctx.step, name, x=h_ND, logits=r_CNE[c], weights=w_CNE[c], out=qkv_CNd[c], valid=valid,
+                        library=lib, pre_act=a_ENF)
+        q, k, v = qkv_CNd.view(3, B, T, H, d).unbind(0)
+        o = attend(q, k, v, ctx)
+        return self.out(o.reshape(B, T, D))
+
+
+class DenseAttention(nn.Module):
+    """Baseline: ordinary multi-head attention with linear Q, K, V; same core (RoPE, SDPA, cache)."""
+
+    def __init__(self, d_model: int, n_heads: int):
+        super().__init__()
+        self.n_heads, self.d_head = n_heads, d_model // n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.out = nn.Linear(d_model, d_model, bias=False)
+
+    def init_weights(self, out_std: float) -> None:
+        nn.init.normal_(self.qkv.weight, std=1.0 / math.sqrt(self.qkv.in_features))
+        nn.init.normal_(self.out.weight, std=out_std)
+
+    def forward(self, h_BTD: torch.Tensor, lib: None, ctx: "StepContext") -> torch.Tensor:
+        B, T, D = h_BTD.shape
+        q, k, v = self.qkv(h_BTD).view(B, T, 3, self.n_heads, self.d_head).unbind(2)
+        o = attend(q, k, v, ctx)
+        return self.out(o.reshape(B, T, D))

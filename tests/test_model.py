@@ -1,0 +1,304 @@
+"""The model against independent references: per-expert loops, naive attention, full recomputes (float64)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dyntrm.config import preset
+from dyntrm.model import ArcTransformer, ExpertLibrary, ExpertMLP
+from dyntrm.model.attention import AttnMask
+from dyntrm.model.dyntrm import StepContext
+from dyntrm.model.layers import Rope, apply_rope
+
+torch.set_default_dtype(torch.float32)
+
+
+def model_cfg(**kw):
+    cfg = preset("debug").model
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def make(seed=0, dtype=torch.float64, **kw):
+    torch.manual_seed(seed)
+    return ArcTransformer(model_cfg(**kw)).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------- libraries
+
+def test_library_equals_per_expert_modules():
+    torch.manual_seed(0)
+    E, d_in, hid, d_out = 5, 6, 7, 4
+    mlps = [ExpertMLP(d_in, hid, d_out).double() for _ in range(E)]
+    lib = ExpertLibrary(E, d_in, hid, d_out).double()
+    lib.load_experts(mlps)
+    x = torch.randn(11, d_in, dtype=torch.float64)
+    out_END, a_ENF = lib.dense(x)
+    for e, m in enumerate(mlps):
+        torch.testing.assert_close(out_END[e], m(x), rtol=0, atol=1e-12)
+        torch.testing.assert_close(a_ENF[e], m.w1(x), rtol=0, atol=1e-12)
+    # grouped: rows sorted by expert, including an expert with no rows
+    counts = torch.tensor([3, 0, 4, 1, 3])
+    got = lib.grouped(x, counts)
+    e_of_row = torch.repeat_interleave(torch.arange(E), counts)
+    ref = torch.stack([mlps[e](x[i]) for i, e in enumerate(e_of_row.tolist())])
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+
+
+def test_library_gradients_match_modules():
+    torch.manual_seed(1)
+    E, d = 4, 5
+    mlps = [ExpertMLP(d, 3, d).double() for _ in range(E)]
+    lib = ExpertLibrary(E, d, 3, d).double()
+    lib.load_experts(mlps)
+    x = torch.randn(9, d, dtype=torch.float64)
+    w = torch.rand(9, E, dtype=torch.float64)
+    (lib.dense(x)[0] * w.T[:, :, None]).sum().backward()
+    sum(m(x).mul(w[:, e:e + 1]).sum() for e, m in enumerate(mlps)).backward()
+    for e, m in enumerate(mlps):
+        torch.testing.assert_close(lib.w1.grad[e], m.w1.weight.grad.T)
+        torch.testing.assert_close(lib.w2.grad[e], m.w2.weight.grad.T)
+
+
+# ---------------------------------------------------------------------------------------------- DynSIHA+
+
+def naive_attention(q, k, v):
+    """Causal softmax attention by explicit loops. q, k, v: (T, H, d) -> (T, H, d)."""
+    T, H, d = q.shape
+    out = torch.zeros_like(q)
+    for h in range(H):
+        for i in range(T):
+            s = torch.stack([q[i, h] @ k[j, h] for j in range(i + 1)]) / math.sqrt(d)
+            p = torch.softmax(s, 0)
+            out[i, h] = sum(p[j] * v[j, h] for j in range(i + 1))
+    return out
+
+
+def test_dynsiha_equals_naive_loops():
+    m = make(seed=2)
+    attn, lib = m.block.attn, m.attn_expert_library
+    B, T, D = 2, 7, m.cfg.d_model
+    H, dh, E = m.cfg.n_heads, m.cfg.d_head, m.cfg.attn_experts
+    h = torch.randn(B, T, D, dtype=torch.float64)
+    cos, sin = m.rope.prefix(T)
+    got = attn(h, lib, StepContext(0, cos, sin, AttnMask(True)))
+
+    ref = torch.zeros(B, T, D, dtype=torch.float64)
+    for b in range(B):
+        qkv = torch.zeros(3, T, H, dh, dtype=torch.float64)
+        for t in range(T):
+            for hd in range(H):
+                x = h[b, t, hd * dh:(hd + 1) * dh]
+                for c in range(3):
+                    for e in range(E):
+                        r = x @ attn.proto[c, e] / math.sqrt(dh) - attn.gate[c, e]
+                        if r > 0:
+                            qkv[c, t, hd] += r * lib.expert(e, x)
+        q, k = (apply_rope(qkv[i][None], cos, sin)[0] for i in range(2))
+        o = naive_attention(q, k, qkv[2])
+        ref[b] = attn.out(o.reshape(T, D))
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_rope_scores_depend_on_relative_position_only():
+    torch.manual_seed(3)
+    rope = Rope(8, max_len=256).double()
+    q = torch.randn(1, 1, 1, 8, dtype=torch.float64)
+    k = torch.randn(1, 1, 1, 8, dtype=torch.float64)
+
+    def score(m, n):
+        cq, sq = rope.at(torch.tensor([[m]]))
+        ck, sk = rope.at(torch.tensor([[n]]))
+        return (apply_rope(q, cq, sq) * apply_rope(k, ck, sk)).sum()
+
+    for m, n in [(5, 2), (9, 9), (3, 7)]:
+        for shift in (1, 17, 100):
+            torch.testing.assert_close(score(m, n), score(m + shift, n + shift))
+    assert not torch.allclose(score(5, 2), score(5, 3))  # and the position does matter
+
+
+def test_rope_is_applied_in_the_model():
+    """Shifting every position by k leaves the model's attention unchanged; dropping RoPE would not (the
+    earlier public attempt computed position ids and never used them)."""
+    m = make(seed=4)
+    tokens = torch.randint(0, 17, (1, 12))
+    x = m.block.norm1(m.embed(tokens))
+    attn, lib = m.block.attn, m.attn_expert_library
+    cos, sin = m.rope.prefix(40)
+    base = attn(x, lib, StepContext(0, cos[:12], sin[:12], AttnMask(True)))
+    shifted = attn(x, lib, StepContext(0, cos[25:37], sin[25:37], AttnMask(True)))
+    torch.testing.assert_close(base, shifted, rtol=1e-5, atol=1e-6)  # tables are float32
+    ones, zeros = torch.ones_like(cos[:12]), torch.zeros_like(sin[:12])
+    no_rope = attn(x, lib, StepContext(0, ones, zeros, AttnMask(True)))
+    assert (base - no_rope).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------- DynMoE
+
+def test_dynmoe_sparse_equals_dense_reference_and_skips_inactive_experts(monkeypatch):
+    m = make(seed=5, ffn_experts=8, ffn_active=1.5)
+    moe, lib = m.block.ffn, m.ffn_expert_library
+    h = torch.randn(3, 10, m.cfg.d_model, dtype=torch.float64)
+    valid = torch.ones(3, 10, dtype=torch.bool)
+    valid[2, 6:] = False  # padding never activates an expert
+    calls = {}
+    real_split = torch.split
+
+    def spy_split(x, counts, *a, **k):  # rows handed to each expert's GEMM
+        calls["counts"] = list(counts)
+        return real_split(x, counts, *a, **k)
+
+    monkeypatch.setattr(torch, "split", spy_split)
+    cos, sin = m.rope.prefix(10)
+    got, stats = moe(h, lib, StepContext(0, cos, sin, AttnMask(True), valid))
+    monkeypatch.setattr(torch, "split", real_split)
+
+    # independent dense reference: every expert on every token, weighted by ReLU(r), zero on padding
+    hf = h.reshape(-1, m.cfg.d_model)
+    r = hf @ moe.proto.T / math.sqrt(m.cfg.d_model) - moe.gate
+    w = F.relu(r) * valid.reshape(-1, 1)
+    ref = sum(w[:, e:e + 1] * lib.expert(e, hf) for e in range(8)).reshape(h.shape)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+    active_per_expert = (w > 0).sum(0).tolist()
+    assert calls["counts"] == active_per_expert
+    assert sum(active_per_expert) < 8 * 30 * 0.5  # genuinely sparse
+    # a token with no active expert passes through: its FFN output is exactly zero
+    none_active = (w > 0).sum(1) == 0
+    assert none_active.any()
+    assert (got.reshape(-1, m.cfg.d_model)[none_active] == 0).all()
+    torch.testing.assert_close(stats.l1, w.sum())
+
+
+# ---------------------------------------------------------------------------------------------- the model
+
+def test_causality():
+    m = make(seed=6)
+    tokens = torch.randint(0, 17, (1, 20))
+    base = m(tokens).logits
+    for t in (0, 7, 19):
+        changed = tokens.clone()
+        changed[0, t] = (changed[0, t] + 1) % 17
+        out = m(changed).logits
+        torch.testing.assert_close(out[:, :, :t], base[:, :, :t], rtol=0, atol=1e-12)
+        assert (out[:, :, t:] - base[:, :, t:]).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("variant", ["dyn", "dense"])
+def test_padded_batch_equals_each_sample_alone(variant):
+    m = make(seed=7, variant=variant)
+    lengths = [13, 6, 9]
+    seqs = [torch.randint(0, 17, (n,)) for n in lengths]
+    T = max(lengths)
+    right = torch.full((3, T), 10)
+    mask = torch.zeros(3, T, dtype=torch.bool)
+    left = torch.full((3, T), 10)
+    lmask = torch.zeros(3, T, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        right[i, :len(s)], mask[i, :len(s)] = s, True
+        left[i, T - len(s):], lmask[i, T - len(s):] = s, True
+    out_r = m(right, mask)
+    out_l = m(left, lmask)
+    for i, s in enumerate(seqs):
+        alone = m(s[None])
+        n = len(s)
+        torch.testing.assert_close(out_r.logits[:, i, :n], alone.logits[:, 0], rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(out_l.logits[:, i, T - n:], alone.logits[:, 0], rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(out_r.q_halt[:, i], alone.q_halt[:, 0])
+        torch.testing.assert_close(out_l.q_halt[:, i], alone.q_halt[:, 0])
+
+
+def test_gradients_reach_the_first_step_from_the_last():
+    m = make(seed=8, step_embedding=True, max_steps=4)
+    out = m(torch.randint(0, 17, (2, 10)))
+    out.logits[-1].logsumexp(-1).sum().backward()  # a loss on the last step's logits only
+    g = m.step_embed.grad
+    assert g[0].abs().sum() > 0  # full BPTT: step 0's input influences the last step's loss
+    assert g[-1].abs().sum() > 0
+
+
+def count_block_rows(m):
+    rows = []
+    m.block.register_forward_pre_hook(lambda mod, args: rows.append(args[0].shape[0]))
+    return rows
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_forced_halt_runs_exactly_k_steps(k, monkeypatch):
+    m = make(seed=9)
+    rows = count_block_rows(m)
+    monkeypatch.setattr(m, "should_halt", lambda qh, qc, s: torch.full_like(qh, s + 1 >= k, dtype=torch.bool))
+    out = m(torch.randint(0, 17, (4, 9)), halt=True)
+    assert rows == [4] * k and out.steps.tolist() == [k] * 4 and out.logits.shape[0] == k
+
+
+def test_halting_rule_reads_the_halt_head():
+    m = make(seed=10)
+    rows = count_block_rows(m)
+    with torch.no_grad():
+        m.block.halt.bias.copy_(torch.tensor([5.0, -5.0]))  # sigmoid(10) > 0.5 at once
+    out = m(torch.randint(0, 17, (3, 8)), halt=True)
+    assert out.steps.tolist() == [1, 1, 1] and rows == [3]
+    rows.clear()
+    assert m(torch.randint(0, 17, (3, 8))).steps.tolist() == [3, 3, 3]  # training mode: always N
+
+
+def test_samples_halting_at_different_steps_equal_each_alone():
+    m = make(seed=11)
+    rows = count_block_rows(m)
+    tokens = torch.randint(0, 17, (3, 11))
+    steps = torch.tensor([1, 3, 2])
+    out = m(tokens, halt=True, steps=steps)
+    assert rows == [3, 2, 1]  # halted samples leave the batch: they stop costing compute
+    for i in range(3):
+        alone = m(tokens[i:i + 1], halt=True, steps=steps[i:i + 1])
+        torch.testing.assert_close(out.final_logits[i], alone.final_logits[0], rtol=1e-9, atol=1e-9)
+        n = int(steps[i])
+        torch.testing.assert_close(out.logits[n - 1, i], alone.logits[n - 1, 0], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("variant", ["dyn", "dense"])
+def test_kv_cache_decoding_equals_full_recompute(variant):
+    m = make(seed=12, variant=variant)
+    lengths = torch.tensor([9, 5, 7])
+    T = int(lengths.max())
+    prompts = torch.randint(0, 17, (3, T))
+    steps = torch.tensor([3, 1, 2])
+    logits, state = m.prefill(prompts, lengths, max_new=6, steps=steps)
+    seqs = [prompts[i, :lengths[i]].tolist() for i in range(3)]
+    for t in range(6):
+        for i in range(3):
+            full = m(torch.tensor([seqs[i]]), halt=True, steps=steps[i:i + 1]).final_logits[0, -1]
+            torch.testing.assert_close(logits[i], full, rtol=0, atol=1e-5)
+        nxt = torch.randint(0, 17, (3,))  # any continuation: the cache must follow what is fed
+        for i in range(3):
+            seqs[i].append(int(nxt[i]))
+        logits = m.decode(nxt, state)
+
+
+def test_kv_cache_with_act_decided_at_prefill():
+    m = make(seed=13, dtype=torch.float32)
+    with torch.no_grad():  # make the halt head depend on the input so samples stop at different steps
+        m.block.halt.weight.normal_(0, 3.0)
+    prompts = torch.randint(0, 17, (6, 10))
+    lengths = torch.full((6,), 10)
+    logits, state = m.prefill(prompts, lengths, max_new=3)
+    ref = m(prompts, halt=True)
+    assert state.steps.tolist() == ref.steps.tolist()
+    torch.testing.assert_close(logits, ref.final_logits[:, -1], rtol=0, atol=1e-5)
+
+
+@given(st.integers(1, 3), st.integers(2, 12), st.integers(0, 2**16))
+@settings(max_examples=15, deadline=None)
+def test_output_shapes(batch, length, seed):
+    torch.manual_seed(seed)
+    m = ArcTransformer(model_cfg())
+    out = m(torch.randint(0, 17, (batch, length)))
+    S = m.cfg.max_steps
+    assert out.logits.shape == (S, batch, length, m.cfg.vocab_size)
+    assert out.q_halt.shape == out.q_continue.shape == (S, batch)
+    assert torch.isfinite(out.logits).all()

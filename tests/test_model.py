@@ -302,3 +302,27 @@ def test_output_shapes(batch, length, seed):
     assert out.logits.shape == (S, batch, length, m.cfg.vocab_size)
     assert out.q_halt.shape == out.q_continue.shape == (S, batch)
     assert torch.isfinite(out.logits).all()
+
+
+@pytest.mark.parametrize("name", ["debug", "tiny"])
+@pytest.mark.parametrize("variant", ["dyn", "dense"])
+def test_info_parameter_counts_match_the_model(name, variant):
+    from dyntrm.model.info import model_info
+
+    cfg = preset(name).model
+    cfg.variant = variant
+    m = ArcTransformer(cfg)
+    info = model_info(cfg)
+    assert info["params_total"] == sum(p.numel() for p in m.parameters())
+    if variant == "dyn":
+        assert info["params_attn_library"] == m.attn_expert_library.w1.numel() + m.attn_expert_library.w2.numel()
+        assert info["params_ffn_library"] == m.ffn_expert_library.w1.numel() + m.ffn_expert_library.w2.numel()
+        assert info["params_active_per_token"] < info["params_total"]
+
+
+def test_dense_variant_has_the_same_active_ffn_width():
+    cfg = preset("tiny").model
+    cfg.variant = "dense"
+    m = ArcTransformer(cfg)
+    assert m.block.ffn.mlp.w1.out_features == cfg.ffn_active * cfg.ffn_mult * cfg.d_model
+    assert m.attn_expert_library is None and m.ffn_expert_library is None

@@ -16,8 +16,10 @@ from rich.table import Table
 from .config import ConfigError
 from .data.arc import ArcDataError, load_source
 from .data.dataset import LeakageError
+from .train import TrainingStopped as TrainingStoppedError
 
 USER_ERRORS = (ArcDataError, ConfigError, LeakageError, FileNotFoundError)
+
 # Piped output (logs, CI) gets a wide console rather than rich's 80-column default, so tables stay readable.
 console = Console() if sys.stdout.isatty() else Console(width=160)
 
@@ -55,21 +57,204 @@ def cmd_show(args: argparse.Namespace) -> None:
     console.print(f"task {task.id}: {len(task.train)} training pairs, {len(task.test)} test inputs -> {path}")
 
 
+# ------------------------------------------------------------------------------------------------ model
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from .config import apply_overrides, preset
+    from .model.info import model_info
+
+    cfg = apply_overrides(preset(args.preset), args.set)
+    info = model_info(cfg.model, args.context)
+    m = cfg.model
+    console.print(f"preset {args.preset}: variant {m.variant}, d_model {m.d_model}, {m.n_heads} heads, N = {m.max_steps}"
+                  + (f", {m.attn_experts} attention experts (hidden {m.attn_hidden_}), {m.ffn_experts} FFN experts "
+                     f"({m.ffn_active:g} active)" if m.variant == "dyn" else ""))
+    table = Table()
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    for k, v in info.items():
+        if k == "context":
+            continue
+        label = ("FLOPs/token/step: total" if k == "flops_per_token_step"
+                 else k.replace("params_", "params: ").replace("flops_", "FLOPs/token/step: "))
+        table.add_row(label, f"{v:,.0f}")
+    console.print(table)
+    console.print(f"FLOPs are forward multiply-adds x 2 per token per recursion step; attention scores at a "
+                  f"context of {args.context} tokens. A forward pass costs N = {m.max_steps} steps of this.")
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+def resolve_config(args: argparse.Namespace):
+    """The preset (or a resumed run's config), then --source, then --set overrides, strictly typed."""
+    from .config import apply_overrides, from_dict, preset
+
+    if getattr(args, "resume", None):
+        path = Path(args.resume) / "config.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: not a run directory (no config.json)")
+        from .data.arc import read_json
+
+        cfg = from_dict(read_json(path))
+    else:
+        cfg = preset(args.preset)
+    extra = [f"data.source={args.source}"] if getattr(args, "source", None) else []
+    return apply_overrides(cfg, extra + list(args.set))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    import time
+
+    from .train import train
+
+    cfg = resolve_config(args)
+    run_dir = Path(args.resume or args.out or f"runs/{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        _, last = train(cfg, run_dir, resume=bool(args.resume), on_eval=eval_hook(cfg))
+    except KeyboardInterrupt:
+        console.print(f"stopped: checkpoint saved in {run_dir}; continue with `dyntrm train --resume {run_dir}`")
+        raise SystemExit(130)
+    console.print(f"done: step {last.get('step')}, loss {last.get('loss', float('nan')):.4f}; run in {run_dir}")
+
+
+def eval_hook(cfg):
+    """In-training evaluation on a small fixed subset (train.eval_every), logged to metrics.jsonl."""
+    if not cfg.train.eval_every:
+        return None
+    from .evaluate import evaluate_subset
+
+    return evaluate_subset
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+def run_eval(model, cfg, items, out_dir: Path, *, n_views: int, seed: int = 0, title: str = "evaluation",
+             extra: dict | None = None, **gen_kw) -> tuple[dict, list]:
+    """Evaluate items and write metrics.json, submission.json and report.html into ``out_dir``."""
+    from .evaluate import evaluate_items, metrics_of, submission_of
+    from .io import write_json
+    from .report import write_report
+
+    results, stats = evaluate_items(model, items, n_views=n_views, seed=seed, max_len=cfg.model.max_positions,
+                                    **gen_kw)
+    metrics = {**metrics_of(results, stats), **(extra or {})}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "metrics.json", metrics)
+    write_json(out_dir / "submission.json", submission_of(results), indent=None)
+    summary = {k: v for k, v in metrics.items() if k != "tasks"}
+    write_report(out_dir / "report.html", title, summary=summary, results=results)
+    return metrics, results
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .checkpoint import load_model
+    from .evaluate import split_items
+    from .runtime import pick_device
+
+    model, cfg, ckpt_dir = load_model(args.checkpoint, device=pick_device())
+    if args.source:
+        cfg.data.source = args.source
+    items = split_items(cfg, args.split, args.limit)
+    out = Path(args.out or Path(args.checkpoint) / f"eval-{args.split or cfg.data.eval_split}")
+    m, _ = run_eval(model, cfg, items, out, n_views=args.views, seed=args.seed, title=f"dyntrm eval: {ckpt_dir}",
+                 extra={"checkpoint": str(ckpt_dir), "source": cfg.data.source,
+                        "split": args.split or cfg.data.eval_split},
+                 temperature=args.temperature, top_k=args.top_k)
+    console.print(f"pass@1 {m['pass@1']:.4f}  pass@2 {m['pass@2']:.4f} over {m['n_tasks']} tasks "
+                  f"({m['n_test_inputs']} test inputs, {args.views} views); mean ACT steps {m['mean_steps']:.2f}; "
+                  f"{m['decode_tokens_per_s']:.0f} decode tok/s -> {out}/report.html")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from .checkpoint import load_model
+    from .data.arc import load_task_file
+    from .data.dataset import eval_items
+    from .evaluate import evaluate_items, metrics_of, submission_of
+    from .io import write_json
+    from .runtime import pick_device
+
+    model, cfg, _ = load_model(args.checkpoint, device=pick_device())
+    task = load_task_file(args.task)
+    results, stats = evaluate_items(model, eval_items([task]), n_views=args.views, seed=args.seed)
+    out = Path(args.out or f"{task.id}.answers.json")
+    write_json(out, submission_of(results), indent=None)
+    msg = f"{task.id}: {len(task.test)} test inputs -> {out}"
+    if all(p.output is not None for p in task.test):
+        msg += f"; pass@2 {metrics_of(results, stats)['pass@2']:.3f}"
+    console.print(msg)
+
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    from .viz import plot_run
+
+    for p in plot_run(args.run_dir, args.out):
+        console.print(f"wrote {p}")
+
+
 # ------------------------------------------------------------------------------------------------ demo
 
-def cmd_demo(args: argparse.Namespace) -> None:
-    from .data.stats import source_stats
-    from .viz import draw_task
+def demo_config(minutes: float):
+    """The demo: `tiny` on the ARC-AGI-1 training tasks whose grids all fit in 10x10, trained on their
+    demonstration pairs (augmented), scored on their held-out test inputs."""
+    from .config import apply_overrides, preset
 
+    return apply_overrides(preset("tiny"), [
+        "data.source=arc1", "data.train_splits=", "data.demo_splits=train", "data.eval_split=train",
+        "data.max_side=10", "data.max_len=1024", "data.tokens_per_batch=8192",
+        f"train.time_budget_s={minutes * 60:g}", "train.steps=100000", "train.warmup=30", "train.lr=2e-3",
+        "train.log_every=5", "train.save_every=100", "train.ema_decay=0.99",
+    ])
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    import shutil
+    import time
+
+    from .evaluate import split_items
+    from .report import write_report
+    from .train import train
+    from .viz import plot_run
+
+    cfg = demo_config(args.minutes)
     out = Path(args.out)
-    for name in ("arc1", "arc2"):
-        src = load_source(name)
-        for r in source_stats(src, 2048):
-            console.print(f"{name} {r['split']:5s}: {r['tasks']:4d} tasks, {r['train_pairs']:5d} train pairs, "
-                          f"{r['test_inputs']:4d} test inputs; length p50 {r['length_p50']}, p90 {r['length_p90']}, "
-                          f"max {r['length_max']}; {r['skipped']} over 2048")
-        task = src.split("train")[0]
-        console.print(f"  drew {draw_task(task, out / f'{name}_{task.id}.png')}")
+    if out.exists() and (out / "config.json").exists():  # a previous demo run: start afresh
+        shutil.rmtree(out)
+    t0 = time.perf_counter()
+    items = split_items(cfg)
+    console.print(f"demo: training `tiny` for {args.minutes:g} min on the demonstration pairs of "
+                  f"{len({i.task_id for i in items})} ARC-AGI-1 training tasks with grids <= 10x10; "
+                  f"their {len(items)} held-out test inputs are scored afterwards")
+    tr, last = train(cfg, out)
+    train_s = time.perf_counter() - t0
+    model = tr.ema_model()
+    summary = {"training steps": last["step"], "training minutes": round(train_s / 60, 2),
+               "tokens seen": last["tokens_seen"], "tokens / s": round(last["tok_per_s"]),
+               "final loss": round(last["loss"], 4), "final LM loss (last step)": round(last["lm_last"], 4)}
+    first = next(r for r in _records(out) if r.get("kind") == "train")
+    summary["first logged loss"] = round(first["loss"], 4)
+    evals = {}
+    for views in args.views:
+        m, results = run_eval(model, cfg, items, out / f"eval-{views}view", n_views=views,
+                              title=f"demo evaluation, {views} views")
+        evals[views] = (m, results)
+        summary[f"pass@2 ({views} views)"] = round(m["pass@2"], 4)
+        summary[f"pass@1 ({views} views)"] = round(m["pass@1"], 4)
+        summary[f"mean ACT steps ({views} views)"] = round(m["mean_steps"], 2)
+        console.print(f"{views} view(s): pass@1 {m['pass@1']:.4f} pass@2 {m['pass@2']:.4f} on {m['n_tasks']} tasks; "
+                      f"mean ACT steps {m['mean_steps']:.2f}; {m['decode_tokens_per_s']:.0f} decode tok/s")
+    summary["wall minutes"] = round((time.perf_counter() - t0) / 60, 2)
+    curves = plot_run(out)
+    results = evals[max(evals)][1]
+    path = write_report(out / "report.html", "dyntrm demo", summary=summary, results=results, images=curves,
+                        notes="Model: tiny preset (DynSIHA+ attention, DynMoE FFN, N = 8 recursion steps, ACT). "
+                              "Weights: EMA. Test outputs of these tasks were never trained on.")
+    console.print(f"report: {path.resolve()}")
+
+
+def _records(run_dir: Path) -> list[dict]:
+    from .viz import read_metrics
+
+    return read_metrics(run_dir)
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -92,8 +277,50 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--hide-answer", action="store_true", help="leave test outputs blank")
     show.set_defaults(func=cmd_show)
 
-    demo = sub.add_parser("demo", help="the main job of `make demo`")
+    tr = sub.add_parser("train", help="train a model (torchrun-aware); --resume continues a run exactly")
+    tr.add_argument("--preset", default="tiny", help="debug, tiny (CPU) or base (GPU)")
+    tr.add_argument("--source", default=None, help="arc1, arc2 or a PATH (sets data.source)")
+    tr.add_argument("--out", default=None, help="run directory (default runs/PRESET-TIME)")
+    tr.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this run from its last checkpoint")
+    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override, e.g. --set model.d_model=256 (unknown keys list the valid ones)")
+    tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="decode, un-augment, vote; pass@1/pass@2, submission.json, report.html")
+    ev.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT")
+    ev.add_argument("--source", default=None, help="data source (default: the run's)")
+    ev.add_argument("--split", default=None, help="split to score (default: the run's data.eval_split)")
+    ev.add_argument("--views", type=int, default=8, help="augmented views per test input (1: no voting)")
+    ev.add_argument("--limit", type=int, default=None, help="score only the first N test inputs")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the views' colour permutations")
+    ev.add_argument("--temperature", type=float, default=0.0, help="> 0 samples instead of greedy decoding")
+    ev.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens")
+    ev.add_argument("--out", default=None, help="output directory (default RUN/eval-SPLIT)")
+    ev.set_defaults(func=cmd_eval)
+
+    pr = sub.add_parser("predict", help="answers for any task file, in the ARC Prize format")
+    pr.add_argument("checkpoint", metavar="CHECKPOINT")
+    pr.add_argument("task", metavar="TASK.json")
+    pr.add_argument("--views", type=int, default=8)
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--out", default=None, help="answers file (default TASK_ID.answers.json)")
+    pr.set_defaults(func=cmd_predict)
+
+    pl = sub.add_parser("plot", help="PNG curves from a run's metrics.jsonl")
+    pl.add_argument("run_dir")
+    pl.add_argument("--out", default=None, help="directory for the PNGs (default RUN_DIR/plots)")
+    pl.set_defaults(func=cmd_plot)
+
+    info = sub.add_parser("info", help="parameters per library, active parameters, FLOPs per token per step")
+    info.add_argument("--preset", default="tiny")
+    info.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    info.add_argument("--context", type=int, default=1024, help="context length for attention-score FLOPs")
+    info.set_defaults(func=cmd_info)
+
+    demo = sub.add_parser("demo", help="the main job of `make demo`: train tiny, evaluate, write a report")
     demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--minutes", type=float, default=4.0, help="training time budget")
+    demo.add_argument("--views", type=int, nargs="+", default=[1, 8], help="evaluate with these view counts")
     demo.set_defaults(func=cmd_demo)
     return p
 
@@ -105,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         return 2
+    except TrainingStoppedError as e:
+        console.print(f"[bold red]stopped:[/] {e}", highlight=False, soft_wrap=True)
+        return 1
     except KeyboardInterrupt:
         console.print("interrupted")
         return 130

@@ -62,9 +62,48 @@ class ModelConfig:
 
 
 @dataclass
+class TrainConfig:
+    steps: int = opt(2000, "optimizer steps (the schedule's length)")
+    time_budget_s: float = opt(0.0, "if > 0: stop after this many seconds; the schedule then follows elapsed time "
+                                    "(such runs are not bit-exactly resumable)")
+    lr: float = opt(1e-3, "peak learning rate of the computation parameters")
+    routing_lr_mult: float = opt(1.0, "routing parameters (prototypes, gates) use lr x this")
+    weight_decay: float = opt(0.1, "AdamW decay of computation matrices (not norms, biases or routing)")
+    beta1: float = opt(0.9, "AdamW beta1")
+    beta2: float = opt(0.95, "AdamW beta2")
+    warmup: int = opt(100, "linear warm-up steps")
+    min_lr_ratio: float = opt(0.1, "the cosine schedule ends at lr x this")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0: off)")
+    ema_decay: float = opt(0.999, "weight EMA used for evaluation (0: off)")
+    accum: int = opt(1, "micro-batches per optimizer step (gradient accumulation)")
+    seed: int = opt(0, "seed of initialisation, data order, augmentation")
+    deep_supervision: bool = opt(True, "LM loss at every recursion step (mean); false: the last step only")
+    act_weight: float = opt(0.5, "weight of the ACT losses (BCE on q_halt and q_continue)")
+    act_gamma: float = opt(0.9, "continue target = gamma x max over later steps of halt targets")
+    l1_init: float = opt(1e-2, "initial coefficient of the DynMoE L1 sparsity penalty")
+    l1_factor: float = opt(1.2, "per step, the L1 coefficient is multiplied or divided by this toward the target")
+    bf16: bool = opt(True, "bf16 autocast on CUDA (ignored on CPU, which runs fp32)")
+    compile: bool = opt(False, "torch.compile the block (CUDA; off on CPU and in tests)")
+    threads: int = opt(0, "CPU threads (0: torch's default; under torchrun: cores / local processes)")
+    log_every: int = opt(10, "steps between metrics lines / progress updates")
+    save_every: int = opt(200, "steps between checkpoints (0: only at the end)")
+    keep: int = opt(2, "checkpoints kept in the run directory")
+    eval_every: int = opt(0, "steps between evaluations on a fixed subset (0: off)")
+    eval_tasks: int = opt(16, "test inputs in the in-training evaluation subset")
+    max_bad_steps: int = opt(5, "stop after this many consecutive non-finite steps")
+
+
+@dataclass
+class ShapingConfig:
+    kind: Literal["none"] = opt("none", "routing shaper")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    shaping: ShapingConfig = field(default_factory=ShapingConfig)
 
 
 # ------------------------------------------------------------------------------------------------ presets
@@ -216,6 +255,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.max_steps={m.max_steps}: must be >= 1")
     if m.max_positions < cfg.data.max_len:
         raise ConfigError(f"model.max_positions={m.max_positions} < data.max_len={cfg.data.max_len}")
+    t = cfg.train
+    for name in ("steps", "accum", "log_every"):
+        if getattr(t, name) < 1:
+            raise ConfigError(f"train.{name}={getattr(t, name)}: must be >= 1")
+    if not 0 <= t.ema_decay < 1:
+        raise ConfigError(f"train.ema_decay={t.ema_decay}: must be in [0, 1)")
+    if t.l1_factor < 1:
+        raise ConfigError(f"train.l1_factor={t.l1_factor}: must be >= 1")
     d = cfg.data
     if d.max_len < 8:
         raise ConfigError(f"data.max_len={d.max_len}: must be at least 8")

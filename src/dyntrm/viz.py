@@ -75,3 +75,64 @@ def draw_task(task: Task, path: str | os.PathLike, *, with_test_outputs: bool = 
     rows += [(f"test[{i}]", [("input", p.input), ("output", p.output if with_test_outputs else None)])
              for i, p in enumerate(task.test)]
     return draw_pairs(rows, path, title=f"task {task.id}")
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    import json
+
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no metrics (is this a run directory?)")
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:  # a run killed mid-line leaves a partial last line
+                if n < len(path.read_text().splitlines()):
+                    raise ValueError(f"{path}:{n}: invalid JSON: {e.msg}") from None
+    return out
+
+
+def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Curves of the loss parts, tokens/s, active experts and halting steps (and evaluations) of a run."""
+    records = read_metrics(run_dir)
+    train = [r for r in records if r.get("kind") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    if not train:
+        raise FileNotFoundError(f"{run_dir}/metrics.jsonl has no training records yet")
+    out_dir = Path(out_dir or Path(run_dir) / "plots")
+    steps = [r["step"] for r in train]
+    series = lambda k: [r.get(k, float("nan")) for r in train]  # noqa: E731
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    ax = axes[0][0]
+    for k in ("loss", "lm", "lm_first", "lm_last"):
+        ax.plot(steps, series(k), label=k)
+    ax.set_yscale("log")
+    ax.set_title("LM loss (first / last recursion step)")
+    ax.legend()
+    ax = axes[0][1]
+    for k in ("act_halt", "act_continue", "l1"):
+        ax.plot(steps, series(k), label=k)
+    ax.set_title("ACT losses and L1 (mean Σw)")
+    ax.legend()
+    ax = axes[0][2]
+    ax.plot(steps, series("acc_last"), label="token accuracy (last step)")
+    ax.plot(steps, series("solved_last"), label="answers exact (last step, teacher-forced)")
+    for r in evals:
+        ax.scatter([r["step"]], [r["pass@2"]], color="k", marker="x")
+    if evals:
+        ax.scatter([], [], color="k", marker="x", label="eval pass@2")
+    ax.set_title("accuracy")
+    ax.legend()
+    axes[1][0].plot(steps, series("tok_per_s"))
+    axes[1][0].set_title("training tokens / s")
+    axes[1][1].plot(steps, series("active_experts"))
+    axes[1][1].set_title("active FFN experts per token")
+    axes[1][2].plot(steps, series("halt_step"))
+    axes[1][2].set_title("mean halting step (inference rule)")
+    for a in axes.flat:
+        a.set_xlabel("step")
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    return [save_figure(fig, out_dir / "curves.png")]

@@ -21,8 +21,8 @@ path, same recursion and ACT.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -80,7 +80,20 @@ class DecodeState:
     steps: torch.Tensor  # (B,) steps per sample, fixed at prefill
     q_halt: torch.Tensor  # (S, B) halting logits seen at prefill
     q_continue: torch.Tensor
-    extra: dict[str, Any] = field(default_factory=dict)
+
+    def keep(self, idx: torch.Tensor) -> "DecodeState":
+        """Only the batch rows ``idx`` (sorted) go on: caches shrink, rows are renumbered. Used to drop finished
+        sequences from a decoding batch so that they stop costing compute."""
+        B = self.pos.shape[0]
+        new_index = torch.full((B,), -1, dtype=torch.long, device=idx.device)
+        new_index[idx] = torch.arange(idx.numel(), device=idx.device)
+        rows, caches = [], []
+        for r, c in zip(self.rows, self.caches):
+            sel = torch.nonzero(new_index[r] >= 0, as_tuple=True)[0]
+            c.k, c.v = c.k[sel], c.v[sel]
+            rows.append(new_index[r[sel]])
+            caches.append(c)
+        return DecodeState(rows, caches, self.pos[idx], self.steps[idx], self.q_halt[:, idx], self.q_continue[:, idx])
 
 
 class DynTRMBlock(nn.Module):
@@ -139,7 +152,7 @@ class ArcTransformer(nn.Module):
         # Branch outputs shrink with the number of residual additions (2 per step), as in GPT-2 / nanochat.
         out_std = 1.0 / math.sqrt(cfg.d_model * 2 * cfg.max_steps)
         nn.init.normal_(self.embed.weight, std=1.0)
-        nn.init.normal_(self.lm_head.weight, std=1.0 / math.sqrt(cfg.d_model))
+        nn.init.normal_(self.lm_head.weight, std=0.02)  # start near the uniform distribution
         for norm in (self.block.norm1, self.block.norm2, self.block.halt_norm, self.norm):
             nn.init.ones_(norm.weight)
         if self.attn_expert_library is not None:
@@ -285,6 +298,8 @@ class ArcTransformer(nn.Module):
         if int(pos.max()) >= state.caches[0].k.shape[2]:
             raise ValueError("decode ran past the KV cache capacity chosen at prefill (max_new)")
         for s, (rows, cache) in enumerate(zip(state.rows, state.caches)):
+            if rows.numel() == 0:  # every sample that needed this step has left the batch
+                break
             p = pos[rows]
             cos, sin = self.rope.at(p[:, None])
             keys = torch.arange(cache.k.shape[2], device=p.device)

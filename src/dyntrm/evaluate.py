@@ -1,0 +1,346 @@
+"""Evaluation and inference (DESIGN §5): constrained KV-cached decoding, augmentation voting, pass@k.
+
+For every test input the model decodes under K views (dihedral x colour permutation), each answer is mapped back
+with the view's exact inverse, identical grids vote together, and candidates are ranked by votes, then by their
+best mean token log-probability, then by their bytes (so the order is total and deterministic). ARC's official
+metric is pass@2: a test input is solved when one of the first two attempts equals the target exactly; a task
+scores the fraction of its test inputs solved; a set scores the mean over tasks.
+
+Decoding is batched across views and tasks by a token budget, uses the per-step KV caches and the ACT step count
+decided at the prompt's end, and is constrained to well-formed grids: only colours, row separators and ``END`` can
+be emitted, every row has the width of the first, at most 30 x 30. Nothing is ever sized from the target.
+Scoring functions work on plain integer arrays.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .data.arc import MAX_SIDE, N_COLOURS
+from .data.augment import Augmentation, views
+from .data.batching import padded
+from .data.dataset import EvalItem
+from .data.tokens import END, PAD, ROW, GridDecodeError, tokens_to_grid
+
+MAX_ANSWER = MAX_SIDE * MAX_SIDE + (MAX_SIDE - 1) + 1  # 30 rows of 30, 29 separators, END
+
+
+# ------------------------------------------------------------------------------------------------ decoding
+
+class GridConstraint:
+    """Per-sample state machine over generated tokens that only allows well-formed grids (vectorised)."""
+
+    def __init__(self, batch: int, vocab: int, device: torch.device):
+        self.vocab = vocab
+        self.row_w = torch.zeros(batch, dtype=torch.long, device=device)  # cells in the current row
+        self.first_w = torch.zeros(batch, dtype=torch.long, device=device)  # width of row 0 (0: row 0 still open)
+        self.rows = torch.ones(batch, dtype=torch.long, device=device)  # rows started
+        self.done = torch.zeros(batch, dtype=torch.bool, device=device)
+
+    def allowed(self) -> torch.Tensor:
+        """(B, V) bool: what each sample may emit next."""
+        B = self.done.shape[0]
+        width_cap = torch.where(self.first_w > 0, self.first_w, torch.full_like(self.first_w, MAX_SIDE))
+        row_full = (self.first_w == 0) | (self.row_w == self.first_w)
+        colour = ~self.done & (self.row_w < width_cap)
+        close_row = ~self.done & (self.row_w > 0) & row_full
+        mask = torch.zeros(B, self.vocab, dtype=torch.bool, device=self.done.device)
+        mask[:, :N_COLOURS] = colour[:, None]
+        mask[:, ROW] = close_row & (self.rows < MAX_SIDE)
+        mask[:, END] = close_row
+        mask[:, PAD] = self.done  # finished samples idle on padding
+        return mask
+
+    def update(self, tok: torch.Tensor) -> None:
+        is_colour = tok < N_COLOURS
+        is_row = (tok == ROW) & ~self.done
+        self.row_w = torch.where(is_colour & ~self.done, self.row_w + 1, self.row_w)
+        self.first_w = torch.where(is_row & (self.first_w == 0), self.row_w, self.first_w)
+        self.rows = self.rows + is_row.long()
+        self.row_w = torch.where(is_row, torch.zeros_like(self.row_w), self.row_w)
+        self.done = self.done | (tok == END)
+
+
+@dataclass
+class Generation:
+    tokens: list[int]  # generated tokens up to and including END (when reached)
+    grid: np.ndarray | None  # None when the tokens are not a well-formed grid (unconstrained decoding only)
+    logprob: float  # sum of token log-probabilities (under the constrained distribution when constrained)
+    steps: int  # recursion steps used (ACT)
+
+    @property
+    def mean_logprob(self) -> float:
+        return self.logprob / max(len(self.tokens), 1)
+
+
+@torch.no_grad()
+def generate(model, prompts: Sequence[np.ndarray], *, max_new: int = MAX_ANSWER, constrain: bool = True,
+             temperature: float = 0.0, top_k: int = 0, steps: torch.Tensor | None = None,
+             generator: torch.Generator | None = None, compact: float = 0.5) -> list[Generation]:
+    """Decode one answer per prompt (token arrays ending with the query's OUT), as one batch.
+
+    Greedy by default; ``temperature > 0`` samples (optionally from the ``top_k`` most likely tokens). Samples that
+    finish leave the batch once the finished fraction exceeds ``compact``.
+    """
+    device = next(model.parameters()).device
+    B = len(prompts)
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    T = int(lengths.max())
+    if T + max_new > model.cfg.max_positions:
+        max_new = model.cfg.max_positions - T
+        if max_new < 2:
+            raise ValueError(f"prompt of {T} tokens leaves no room to answer within model.max_positions")
+    tokens = torch.full((B, T), PAD, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = torch.as_tensor(p, device=device)
+    logits, state = model.prefill(tokens, lengths, max_new, steps=steps)
+    con = GridConstraint(B, logits.shape[-1], device)
+    alive = torch.arange(B, device=device)  # original index of each row still in the batch
+    out_tok = torch.full((B, max_new), PAD, dtype=torch.long, device=device)
+    n_out = torch.zeros(B, dtype=torch.long, device=device)
+    logprob = torch.zeros(B, dtype=torch.float64, device=device)
+    steps_used = state.steps.clone()
+    for t in range(max_new):
+        lg = logits.float()
+        if constrain:
+            lg = lg.masked_fill(~con.allowed(), float("-inf"))
+        else:
+            lg[:, PAD] = float("-inf")
+        logp = torch.log_softmax(lg, -1)
+        if temperature > 0:
+            z = lg / temperature
+            if top_k > 0:
+                kth = torch.topk(z, min(top_k, z.shape[-1]), -1).values[:, -1:]
+                z = z.masked_fill(z < kth, float("-inf"))
+            tok = torch.multinomial(torch.softmax(z, -1), 1, generator=generator)[:, 0]
+        else:
+            tok = lg.argmax(-1)
+        tok = torch.where(con.done, torch.full_like(tok, PAD), tok)
+        live = ~con.done
+        logprob[alive[live]] += logp[live].gather(1, tok[live, None])[:, 0].double()
+        out_tok[alive[live], n_out[alive[live]]] = tok[live]
+        n_out[alive[live]] += 1
+        con.update(tok)
+        if not constrain:  # unconstrained: stop at END or when a row runs past the limits
+            con.done |= (con.rows > MAX_SIDE) | (con.row_w > MAX_SIDE)
+        if bool(con.done.all()):
+            break
+        if t + 1 == max_new:
+            break
+        if float(con.done.float().mean()) > compact:
+            keep = torch.nonzero(~con.done, as_tuple=True)[0]
+            state = state.keep(keep)
+            alive, tok = alive[keep], tok[keep]
+            for name in ("row_w", "first_w", "rows", "done"):
+                setattr(con, name, getattr(con, name)[keep])
+        logits = model.decode(tok, state)
+    results = []
+    for i in range(B):
+        toks = out_tok[i, :n_out[i]].tolist()
+        try:
+            grid = tokens_to_grid(toks[:-1]) if toks and toks[-1] == END else None
+        except GridDecodeError:
+            grid = None
+        results.append(Generation(toks, grid, float(logprob[i]), int(steps_used[i])))
+    return results
+
+
+def generate_batched(model, prompts: Sequence[np.ndarray], *, tokens_per_batch: int = 32768, **kw
+                     ) -> list[Generation]:
+    """:func:`generate` over prompts grouped by length into batches of about ``tokens_per_batch`` prompt +
+    answer-capacity tokens. Results come back in the input order."""
+    max_new = kw.get("max_new", MAX_ANSWER)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    results: list[Generation | None] = [None] * len(prompts)
+    i = 0
+    while i < len(order):
+        j = i + 1
+        while j < len(order) and (j - i + 1) * (padded(len(prompts[order[j]])) + max_new) <= tokens_per_batch:
+            j += 1
+        idx = order[i:j]
+        for k, g in zip(idx, generate(model, [prompts[k] for k in idx], **kw)):
+            results[k] = g
+        i = j
+    return results  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------------------------ voting
+
+def grid_key(g: np.ndarray) -> bytes:
+    return bytes(g.shape) + np.ascontiguousarray(g, dtype=np.uint8).tobytes()
+
+
+@dataclass
+class Ranked:
+    grid: np.ndarray
+    votes: int
+    best_mean_logprob: float
+
+
+def vote(candidates: Sequence[tuple[np.ndarray | None, float]]) -> list[Ranked]:
+    """Group identical grids; rank by votes, then best mean log-probability, then grid bytes (deterministic).
+
+    ``candidates`` are (grid or None, mean token log-probability); None (a failed decode) casts no vote."""
+    groups: dict[bytes, Ranked] = {}
+    for grid, lp in candidates:
+        if grid is None:
+            continue
+        k = grid_key(grid)
+        if k in groups:
+            groups[k].votes += 1
+            groups[k].best_mean_logprob = max(groups[k].best_mean_logprob, lp)
+        else:
+            groups[k] = Ranked(np.asarray(grid), 1, lp)
+    return sorted(groups.values(), key=lambda r: (-r.votes, -r.best_mean_logprob, grid_key(r.grid)))
+
+
+def attempts(ranked: Sequence[Ranked], k: int = 2) -> list[np.ndarray]:
+    """The first k attempts; with fewer candidates the last one repeats (ARC's format wants k grids); with none,
+    a 1x1 zero grid stands in (it scores like a miss unless the target is exactly that)."""
+    grids = [r.grid for r in ranked[:k]]
+    if not grids:
+        grids = [np.zeros((1, 1), np.uint8)]
+    while len(grids) < k:
+        grids.append(grids[-1])
+    return grids
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+
+def solved(attempt_grids: Sequence[np.ndarray], target: np.ndarray, k: int) -> bool:
+    target = np.asarray(target)
+    return any(np.array_equal(np.asarray(a), target) for a in attempt_grids[:k])
+
+
+def score(submission: dict[str, list[dict[str, Any]]], targets: dict[str, list[np.ndarray]]) -> dict[str, Any]:
+    """pass@1 and pass@2 of an ARC Prize submission ``{task: [{"attempt_1": g, "attempt_2": g}, ...]}``
+    against ``{task: [target grid per test input]}``: per task the fraction of test inputs solved, overall the
+    mean over tasks. A task missing from the submission scores 0."""
+    per_task = {}
+    for tid, tgts in targets.items():
+        entries = submission.get(tid, [])
+        p1 = p2 = 0
+        for i, tgt in enumerate(tgts):
+            if i >= len(entries):
+                continue
+            a = [np.asarray(entries[i]["attempt_1"]), np.asarray(entries[i]["attempt_2"])]
+            p1 += solved(a, tgt, 1)
+            p2 += solved(a, tgt, 2)
+        per_task[tid] = {"pass@1": p1 / len(tgts), "pass@2": p2 / len(tgts)}
+    n = max(len(per_task), 1)
+    return {"pass@1": sum(t["pass@1"] for t in per_task.values()) / n,
+            "pass@2": sum(t["pass@2"] for t in per_task.values()) / n, "tasks": per_task}
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+@dataclass
+class ItemResult:
+    item: EvalItem
+    ranked: list[Ranked]
+    candidates: list[tuple[np.ndarray | None, float]]
+    steps: list[int]
+    attempts: list[np.ndarray] = field(default_factory=list)
+
+
+def evaluate_items(model, items: Sequence[EvalItem], *, n_views: int = 8, seed: int = 0,
+                   tokens_per_batch: int = 32768, max_len: int | None = None, **gen_kw) -> tuple[list[ItemResult], dict]:
+    """Decode every item under ``n_views`` views, un-augment, vote. Returns per-item results and timing stats.
+
+    Items whose prompt exceeds ``max_len`` tokens are not decoded (no attempt: counted as unsolved and reported).
+    """
+    prompts, owners = [], []
+    skipped = 0
+    for i, it in enumerate(items):
+        vs = views(n_views, seed=seed + i)
+        encs = [(v, it.prompt(v)) for v in vs]
+        if max_len is not None and any(len(e) > max_len for _, e in encs):
+            skipped += 1
+            continue
+        for v, e in encs:
+            prompts.append(e.tokens)
+            owners.append((i, v))
+    t0 = time.perf_counter()
+    gens = generate_batched(model, prompts, tokens_per_batch=tokens_per_batch, **gen_kw)
+    seconds = time.perf_counter() - t0
+    per_item: list[list[tuple[Augmentation, Generation]]] = [[] for _ in items]
+    for (i, v), g in zip(owners, gens):
+        per_item[i].append((v, g))
+    results = []
+    for it, gs in zip(items, per_item):
+        cands = [(None if g.grid is None else v.invert_grid(g.grid), g.mean_logprob) for v, g in gs]
+        ranked = vote(cands)
+        results.append(ItemResult(it, ranked, cands, [g.steps for _, g in gs], attempts(ranked)))
+    n_tok = sum(len(g.tokens) for g in gens)
+    stats = {"decode_seconds": seconds, "decode_tokens": n_tok, "decode_tokens_per_s": n_tok / max(seconds, 1e-9),
+             "mean_steps": float(np.mean([g.steps for g in gens])) if gens else 0.0, "sequences": len(gens),
+             "skipped_over_max_len": skipped, "views": n_views}
+    return results, stats
+
+
+def submission_of(results: Sequence[ItemResult]) -> dict[str, list[dict[str, Any]]]:
+    """ARC Prize format: one entry per test input, in order."""
+    sub: dict[str, list] = {}
+    for r in sorted(results, key=lambda r: (r.item.task_id, r.item.index)):
+        a1, a2 = r.attempts[0], r.attempts[1]
+        sub.setdefault(r.item.task_id, []).append({"attempt_1": a1.tolist(), "attempt_2": a2.tolist()})
+    return sub
+
+
+def metrics_of(results: Sequence[ItemResult], stats: dict) -> dict[str, Any]:
+    """pass@1 / pass@2 overall (mean over tasks) and per task, plus decoding statistics."""
+    targets: dict[str, list] = {}
+    for r in sorted(results, key=lambda r: (r.item.task_id, r.item.index)):
+        if r.item.target is not None:
+            targets.setdefault(r.item.task_id, []).append(r.item.target)
+    scored = score(submission_of(results), targets) if targets else {"pass@1": None, "pass@2": None, "tasks": {}}
+    for r in results:
+        t = scored["tasks"].get(r.item.task_id)
+        if t is not None:
+            t.setdefault("tests", []).append({
+                "index": r.item.index, "votes": [c.votes for c in r.ranked[:4]],
+                "solved@1": bool(r.item.target is not None and solved(r.attempts, r.item.target, 1)),
+                "solved@2": bool(r.item.target is not None and solved(r.attempts, r.item.target, 2)),
+                "mean_steps": float(np.mean(r.steps)) if r.steps else 0.0})
+    return {"pass@1": scored["pass@1"], "pass@2": scored["pass@2"], "n_tasks": len(scored["tasks"]),
+            "n_test_inputs": len(results), **stats, "tasks": scored["tasks"]}
+
+
+def split_items(cfg, split: str | None = None, limit: int | None = None) -> list[EvalItem]:
+    """The scored test inputs of a config's evaluation split (tasks filtered by ``data.max_side``)."""
+    from .data.arc import filter_max_side, load_source
+    from .data.dataset import eval_items
+
+    src = load_source(cfg.data.source)
+    name = split or cfg.data.eval_split
+    if name not in src.splits and len(src.splits) == 1:
+        name = next(iter(src.splits))  # a flat directory or a single file has one split: use it
+    items = eval_items(filter_max_side(src.split(name), cfg.data.max_side))
+    return items[:limit] if limit else items
+
+
+def evaluate_subset(trainer, metrics_path) -> dict[str, Any] | None:
+    """In-training evaluation: the EMA model, 1 view, the first ``train.eval_tasks`` test inputs of the eval split
+    (a fixed subset); appended to metrics.jsonl by rank 0 while the other ranks wait."""
+    from .train import append_jsonl
+
+    cfg, rt = trainer.cfg, trainer.rt
+    out = None
+    if rt.is_main:
+        items = split_items(cfg, limit=cfg.train.eval_tasks)
+        model = trainer.ema_model()
+        results, stats = evaluate_items(model, items, n_views=1, max_len=cfg.data.max_len)
+        m = metrics_of(results, stats)
+        out = {"kind": "eval", "step": trainer.state.step, "pass@1": m["pass@1"], "pass@2": m["pass@2"],
+               "n_test_inputs": m["n_test_inputs"], "mean_steps": m["mean_steps"],
+               "decode_tokens_per_s": m["decode_tokens_per_s"]}
+        append_jsonl(metrics_path, out)
+        rt.print0(f"eval @ step {out['step']}: pass@2 {out['pass@2']:.3f} on {out['n_test_inputs']} test inputs, "
+                  f"mean steps {out['mean_steps']:.2f}")
+    rt.barrier()
+    return out

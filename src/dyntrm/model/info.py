@@ -1,0 +1,59 @@
+"""Parameter and FLOP accounting for a model config (``dyntrm info``), derived from the shapes alone.
+
+FLOPs count multiply-adds as 2, forward only, per token and per recursion step. Attention scores depend on the
+context, so they are given for a stated context length (a causal token attends to (ctx+1)/2 keys on average).
+Tests check the parameter counts against an instantiated model.
+"""
+
+from __future__ import annotations
+
+from ..config import ModelConfig
+
+
+def model_info(cfg: ModelConfig, context: int = 1024) -> dict[str, float]:
+    d, H, dh, V, N = cfg.d_model, cfg.n_heads, cfg.d_head, cfg.vocab_size, cfg.max_steps
+    keys = (context + 1) / 2
+    common = {
+        "embedding": V * d,
+        "lm_head": V * d,
+        "norms": 4 * d,  # norm1, norm2, halt norm, final norm
+        "halt_head": 2 * d + 2,
+        "step_embedding": N * d if cfg.step_embedding else 0,
+    }
+    flops = {
+        "attention_scores": 2 * 2 * keys * d,  # q.k and p.v
+        "attention_out": 2 * d * d,
+        "lm_head": 2 * d * V,  # every step predicts (deep supervision)
+    }
+    if cfg.variant == "dyn":
+        E, F, Ef, Ff = cfg.attn_experts, cfg.attn_hidden_, cfg.ffn_experts, cfg.ffn_mult * d
+        params = {
+            "attn_library": E * 2 * dh * F,
+            "ffn_library": Ef * 2 * d * Ff,
+            "attn_routing": 3 * E * (dh + 1),
+            "attn_out": d * d,
+            "ffn_routing": Ef * (d + 1),
+            **common,
+        }
+        flops |= {
+            "attn_routing": H * 3 * 2 * dh * E,
+            "attn_library": H * E * 2 * 2 * dh * F,  # dense composition: every expert on every head
+            "attn_composition": H * 3 * 2 * E * dh,
+            "ffn_routing": 2 * d * Ef,
+            "ffn_experts": cfg.ffn_active * 2 * 2 * d * Ff,  # only the active experts run
+        }
+        inactive_ffn = (Ef - cfg.ffn_active) * 2 * d * Ff
+    else:
+        hidden = round(cfg.ffn_active * cfg.ffn_mult * d)
+        params = {"attn_qkv": 3 * d * d, "attn_out": d * d, "ffn": 2 * d * hidden, **common}
+        flops |= {"attn_qkv": 2 * 3 * d * d, "ffn": 2 * 2 * d * hidden}
+        inactive_ffn = 0
+    total = sum(params.values())
+    return {
+        "params_total": total,
+        **{f"params_{k}": v for k, v in params.items()},
+        "params_active_per_token": total - inactive_ffn,
+        "flops_per_token_step": sum(flops.values()),
+        **{f"flops_{k}": v for k, v in flops.items()},
+        "context": context,
+    }

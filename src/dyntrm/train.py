@@ -1,0 +1,508 @@
+"""Training (DESIGN §3.6, §4): build(), train_step(), train().
+
+Loss = deep-supervised LM loss (mean over recursion steps of the token-mean cross-entropy on output grids)
+     + act_weight · (BCE(q_halt, halt_t) + BCE(q_continue, continue_t))
+     + l1_coef · mean_tokens Σ_e w_e                              (DynMoE sparsity, coefficient adapted per step)
+
+with, per sample and step t, ``halt_t = 1[every answer token is predicted correctly at step t]`` and
+``continue_t = γ · max_{t' > t} halt_t'`` (0 at the last step). Every sum is normalised by the *global* count of
+its terms over all micro-batches and ranks, so 2 processes or 4 accumulated micro-batches give the same update as
+one process on the whole batch (tested). After the backward pass a routing shaper may add its own gradients
+(``shaping.kind``; ``none`` for now).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import checkpoint
+from .config import Config, to_dict
+from .data.arc import load_source
+from .data.batching import Batch
+from .data.dataset import Epoch, TrainingSet, training_items
+from .io import write_json
+from .model import ArcTransformer, ModelOutput
+from .runtime import Runtime
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (e.g. too many non-finite steps); its last checkpoint is intact."""
+
+
+@dataclass
+class TrainState:
+    """Everything besides tensors that a resumed run needs."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0  # next batch of the epoch
+    l1_coef: float = 0.0
+    bad_in_row: int = 0
+    bad_total: int = 0
+    tokens: int = 0
+    elapsed: float = 0.0
+
+
+# ------------------------------------------------------------------------------------------------ pieces
+
+def param_groups(model: nn.Module, cfg: Config) -> list[dict[str, Any]]:
+    """Computation (decayed matrices; undecayed norms, biases, embeddings) and routing (prototypes, gates)."""
+    decay, no_decay, routing = [], [], []
+    for name, p in model.named_parameters():
+        if name.endswith(".proto") or name.endswith(".gate"):
+            routing.append(p)
+        elif p.dim() >= 2 and "embed" not in name:
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    t = cfg.train
+    groups = [
+        {"name": "computation", "params": decay, "weight_decay": t.weight_decay, "lr_mult": 1.0},
+        {"name": "computation_no_decay", "params": no_decay, "weight_decay": 0.0, "lr_mult": 1.0},
+        {"name": "routing", "params": routing, "weight_decay": 0.0, "lr_mult": t.routing_lr_mult},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def lr_factor(cfg: Config, step: int, elapsed: float) -> float:
+    """Linear warm-up times cosine decay to ``min_lr_ratio``; progress by steps, or by time under a budget."""
+    t = cfg.train
+    progress = elapsed / t.time_budget_s if t.time_budget_s > 0 else step / t.steps
+    progress = min(max(progress, 0.0), 1.0)
+    cosine = t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return min(1.0, (step + 1) / max(t.warmup, 1)) * cosine
+
+
+class EMA:
+    """fp32 exponential moving average of the weights, with the usual early ramp ``(1 + n) / (10 + n)``."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for k, v in model.state_dict().items():
+            if k in self.shadow:
+                self.shadow[k].lerp_(v.detach().float(), 1 - d)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.shadow
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for k, v in state.items():
+            self.shadow[k].copy_(v)
+
+
+@dataclass
+class Norms:
+    """Global term counts of one optimizer step, divided by the world size (DDP averages gradients)."""
+
+    targets: torch.Tensor
+    samples: torch.Tensor
+    tokens: torch.Tensor
+
+
+def global_norms(micro: list[Batch], rt: Runtime) -> Norms:
+    counts = torch.tensor([[float(b.target[:, 1:].sum()), float(b.tokens.shape[0]), float(b.attention_mask.sum())]
+                           for b in micro], device=rt.device).sum(0)
+    rt.all_reduce_(counts)
+    counts = counts.clamp(min=1) / rt.world
+    return Norms(counts[0], counts[1], counts[2])
+
+
+def act_targets(correct_SB: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """halt_t = correct_t; continue_t = γ · max_{t' > t} halt_t' (0 at the last step)."""
+    halt = correct_SB.float()
+    later = torch.zeros_like(halt)
+    if halt.shape[0] > 1:
+        # reverse cumulative max over the steps after t
+        rev = torch.flip(halt[1:], [0]).cummax(0).values
+        later[:-1] = torch.flip(rev, [0])
+    return halt, gamma * later
+
+
+def compute_loss(out: ModelOutput, batch: Batch, cfg: Config, l1_coef: float, norms: Norms
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The training loss of one micro-batch (already scaled for accumulation and DDP) and its parts."""
+    t = cfg.train
+    S, B = out.logits.shape[:2]
+    V = out.logits.shape[-1]
+    sel_BT = batch.target[:, 1:]  # token t+1 is predicted at position t
+    tgt_M = batch.tokens[:, 1:][sel_BT]  # (M,)
+    logits_SMV = out.logits[:, :, :-1][:, sel_BT].float()  # only the positions that enter the loss
+    ce_SM = F.cross_entropy(logits_SMV.reshape(-1, V), tgt_M.repeat(S), reduction="none").view(S, -1)
+    ce_S = ce_SM.sum(1)
+    lm = (ce_S.mean() if t.deep_supervision else ce_S[-1]) / norms.targets
+
+    with torch.no_grad():
+        correct_SM = logits_SMV.argmax(-1) == tgt_M
+        b_of_M = torch.nonzero(sel_BT, as_tuple=True)[0]
+        ans_M = batch.answer[:, 1:][sel_BT]
+        wrong_SB = torch.zeros(S, B, device=ce_SM.device).index_add_(
+            1, b_of_M[ans_M], (~correct_SM[:, ans_M]).float())
+        halt_SB, cont_SB = act_targets(wrong_SB == 0, t.act_gamma)
+    bce = lambda q, y: F.binary_cross_entropy_with_logits(q.float(), y, reduction="sum")  # noqa: E731
+    act_halt = bce(out.q_halt, halt_SB) / (S * norms.samples)
+    act_cont = bce(out.q_continue, cont_SB) / (S * norms.samples)
+    n_real = batch.attention_mask.sum()
+    l1 = out.moe_l1 * (n_real / norms.tokens)
+    loss = lm + t.act_weight * (act_halt + act_cont) + l1_coef * l1
+
+    with torch.no_grad():
+        # the step at which inference would stop each sample (the halting rule on these q values)
+        fire_SB = torch.sigmoid(out.q_halt - out.q_continue) > cfg.model.halt_threshold
+        fire_SB[-1] = True
+        halt_step = fire_SB.float().argmax(0) + 1
+        parts = {
+            "lm": lm.detach(), "act_halt": act_halt.detach(), "act_continue": act_cont.detach(),
+            "l1": (out.moe_l1.detach() * (n_real / norms.tokens)),
+            # sums over this micro-batch; divided by the global counts when logged
+            "lm_first_sum": ce_S[0].detach(), "lm_last_sum": ce_S[-1].detach(),
+            "acc_last_sum": correct_SM[-1].float().sum(), "solved_last_sum": halt_SB[-1].sum(),
+            "halt_step_sum": halt_step.float().sum(), "active_sum": out.moe_active * n_real,
+        }
+    return loss, parts
+
+
+# ------------------------------------------------------------------------------------------------ the trainer
+
+class Trainer:
+    """What build() makes: the raw model (saved, evaluated), its DDP/compiled wrapper (trained), the optimizer,
+    the EMA, the data stream and the state."""
+
+    def __init__(self, cfg: Config, rt: Runtime, run_dir: str | Path | None = None, *, resume: bool = False,
+                 data: TrainingSet | None = None):
+        self.cfg, self.rt = cfg, rt
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        torch.manual_seed(cfg.train.seed)
+        self.model = ArcTransformer(cfg.model).to(rt.device)
+        self.net: nn.Module = self.model
+        if cfg.train.compile and rt.device.type == "cuda":
+            self.net = torch.compile(self.model)
+        if rt.distributed:
+            ids = [rt.device.index] if rt.device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), lr=cfg.train.lr,
+                                           betas=(cfg.train.beta1, cfg.train.beta2), fused=None)
+        self.ema = EMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+        self.state = TrainState(l1_coef=cfg.train.l1_init)
+        self.data = data if data is not None else self._training_set()
+        self.shaper = None  # routing shaping hook point (shaping.kind; "none" until SARS lands)
+        if resume:
+            self.restore(checkpoint.load(self.run_dir))
+
+    def _training_set(self) -> TrainingSet:
+        d = self.cfg.data
+        src = load_source(d.source)
+        items = training_items(src, train_splits=d.train_splits, demo_splits=d.demo_splits, eval_split=d.eval_split,
+                               max_side=d.max_side)
+        return TrainingSet(items, max_len=d.max_len, tokens_per_batch=d.tokens_per_batch, augment=d.augment,
+                           repeats=d.repeats, seed=self.cfg.train.seed, rank=self.rt.rank, world=self.rt.world)
+
+    # -------------------------------------------------------------------------------------- checkpoints
+
+    def save(self) -> Path | None:
+        if self.run_dir is None:
+            return None
+        if self.rt.is_main:
+            rng = {"torch": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                rng["cuda"] = torch.cuda.get_rng_state_all()
+            state = {"optimizer": self.optimizer.state_dict(), "rng": rng}
+            meta = checkpoint.meta_for(self.cfg, train_state=asdict(self.state))
+            path = checkpoint.save(self.run_dir, self.state.step, model_state=self.model.state_dict(),
+                                   ema_state=self.ema.state_dict() if self.ema else None, state=state, meta=meta,
+                                   keep=self.cfg.train.keep)
+        else:
+            path = None
+        self.rt.barrier()
+        return path
+
+    def restore(self, ckpt: dict[str, Any]) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        if self.ema is not None and ckpt["ema"] is not None:
+            self.ema.load_state_dict(ckpt["ema"])
+        self.optimizer.load_state_dict(ckpt["state"]["optimizer"])
+        torch.set_rng_state(ckpt["state"]["rng"]["torch"])
+        if "cuda" in ckpt["state"]["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["state"]["rng"]["cuda"])
+        self.state = TrainState(**ckpt["meta"]["train_state"])
+
+    # -------------------------------------------------------------------------------------- one step
+
+    def micro_batches(self, stream: Iterator[tuple[int, int, Epoch, Batch]]) -> tuple[list[Batch], tuple[int, int]]:
+        """The next ``accum`` batches and the data position after them (committed once the step succeeds)."""
+        out = []
+        pos = (self.state.epoch, self.state.batch)
+        for _ in range(self.cfg.train.accum):
+            epoch, b, _, batch = next(stream)
+            pos = (epoch, b + 1)
+            out.append(batch.to(self.rt.device))
+        return out, pos
+
+    def step(self, micro: list[Batch]) -> dict[str, float]:
+        """One optimizer step over ``micro`` batches. Returns logged metrics (global means)."""
+        cfg, rt, st = self.cfg, self.rt, self.state
+        self.net.train()
+        norms = global_norms(micro, rt)
+        sums: dict[str, torch.Tensor] = {}
+        for i, mb in enumerate(micro):
+            sync = contextlib.nullcontext()
+            if rt.distributed and i < len(micro) - 1:
+                sync = self.net.no_sync()
+            with sync:
+                with rt.autocast(cfg.train.bf16):
+                    out = self.net(mb.tokens, mb.attention_mask, mb.prompt_end)
+                    loss, parts = compute_loss(out, mb, cfg, st.l1_coef, norms)
+                loss.backward()
+            parts["loss"] = loss.detach()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0) + v.float()
+        # all-reduce the logged sums and the finiteness verdict in one go
+        keys = sorted(sums)
+        packed = torch.stack([sums[k] for k in keys])
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        gnorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else \
+            torch.zeros((), device=rt.device)
+        finite = torch.isfinite(packed).all() & torch.isfinite(gnorm)
+        packed = torch.cat([torch.where(torch.isfinite(packed), packed, torch.zeros_like(packed)),
+                            (~finite).float()[None]])
+        rt.all_reduce_(packed)
+        bad = bool(packed[-1] > 0)
+        g = dict(zip(keys, packed[:-1].tolist()))
+        # lm, act, l1 and loss arrive pre-divided by (global count / world): their all-reduced sum is world x mean
+        metrics = {k: g[k] / rt.world for k in ("loss", "lm", "act_halt", "act_continue", "l1")}
+        world_counts = {"targets": float(norms.targets) * rt.world, "samples": float(norms.samples) * rt.world,
+                        "tokens": float(norms.tokens) * rt.world}
+        metrics["lm_first"] = g["lm_first_sum"] / world_counts["targets"]
+        metrics["lm_last"] = g["lm_last_sum"] / world_counts["targets"]
+        metrics["acc_last"] = g["acc_last_sum"] / world_counts["targets"]
+        metrics["solved_last"] = g["solved_last_sum"] / world_counts["samples"]
+        metrics["halt_step"] = g["halt_step_sum"] / world_counts["samples"]
+        metrics["active_experts"] = g["active_sum"] / world_counts["tokens"]
+
+        lr_f = lr_factor(cfg, st.step, st.elapsed)
+        if bad:
+            st.bad_in_row += 1
+            st.bad_total += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            # the sums of a non-finite step are meaningless: log only that it was skipped
+            metrics = {"skipped": 1.0, "lr": cfg.train.lr * lr_f, "l1_coef": st.l1_coef, "tokens": 0.0}
+            if st.bad_in_row >= cfg.train.max_bad_steps:
+                raise TrainingStopped(f"{st.bad_in_row} non-finite steps in a row at step {st.step} "
+                                      f"(train.max_bad_steps={cfg.train.max_bad_steps}); the last checkpoint is intact")
+            return metrics
+        st.bad_in_row = 0
+        if self.shaper is not None:
+            metrics.update(self.shaper.after_backward(self))
+        if cfg.train.grad_clip > 0:
+            gnorm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.train.lr * group["lr_mult"] * lr_f
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model, st.step)
+        # ReMoE: move the L1 coefficient toward the sparsity target
+        if cfg.model.variant == "dyn":
+            f = cfg.train.l1_factor
+            st.l1_coef *= f if metrics["active_experts"] > cfg.model.ffn_active else 1.0 / f
+        st.tokens += int(world_counts["tokens"])
+        metrics.update(grad_norm=float(gnorm), lr=cfg.train.lr * lr_f, l1_coef=st.l1_coef, skipped=0.0,
+                       tokens=world_counts["tokens"])
+        return metrics
+
+    def ema_model(self) -> ArcTransformer:
+        """A copy of the model carrying the EMA weights (or the raw weights when EMA is off), in eval mode."""
+        m = ArcTransformer(self.cfg.model).to(self.rt.device)
+        state = self.ema.state_dict() if self.ema is not None else self.model.state_dict()
+        m.load_state_dict({k: v.to(self.model.state_dict()[k].dtype) for k, v in state.items()})
+        return m.eval()
+
+
+def build(cfg: Config, rt: Runtime, run_dir: str | Path | None = None, *, resume: bool = False) -> Trainer:
+    return Trainer(cfg, rt, run_dir, resume=resume)
+
+
+def write_run_files(run_dir: Path, cfg: Config) -> None:
+    write_json(run_dir / "config.json", to_dict(cfg))
+    write_json(run_dir / "run.json", checkpoint.run_info())
+
+
+class Reporter:
+    """Rank-0 progress: a live rich bar on a terminal, one plain line per log step otherwise (logs, CI)."""
+
+    FIELDS = ("loss", "lm", "act_halt", "l1", "lr", "tok/s", "active", "halt", "acc")
+
+    def __init__(self, rt: Runtime, total: int, start: int, live: bool | None = None):
+        import sys
+
+        self.enabled = rt.is_main
+        self.live = self.enabled and (sys.stdout.isatty() if live is None else live)
+        self.progress = None
+        if self.live:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                     TextColumn("{task.description}"))
+            self.task = self.progress.add_task("", total=total, completed=start)
+            self.progress.start()
+
+    @staticmethod
+    def line(m: dict[str, float], left_s: float) -> str:
+        g = lambda k: m.get(k, float("nan"))  # noqa: E731  (a window of skipped steps logs few keys)
+        text = (f"loss {g('loss'):.4f} (lm {g('lm'):.4f} act {g('act_halt') + g('act_continue'):.3f} "
+                f"l1 {g('l1'):.3f}) lr {g('lr'):.2e} {g('tok_per_s'):.0f} tok/s active {g('active_experts'):.2f} "
+                f"halt {g('halt_step'):.2f} acc {g('acc_last'):.3f} solved {g('solved_last'):.3f} "
+                f"left {left_s / 60:.1f} min")
+        if m.get("skipped_steps"):
+            text += f" | {m['skipped_steps']:.0f} non-finite steps skipped"
+        return text
+
+    def update(self, step: int, m: dict[str, float] | None, left_s: float) -> None:
+        if not self.enabled:
+            return
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step, description=self.line(m, left_s) if m else "")
+        elif m is not None:
+            print(f"step {step:6d} | {self.line(m, left_s)}", flush=True)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    import json
+
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, rt: Runtime | None = None,
+          live: bool | None = None, on_eval=None) -> tuple[Trainer, dict[str, float]]:
+    """The training loop: {step, log, eval every k, save every k}; Ctrl-C saves and stops cleanly.
+
+    ``on_eval(trainer, metrics_path)`` runs every ``train.eval_every`` steps. Returns the trainer and the last
+    logged metrics. Raises :class:`TrainingStopped` after too many non-finite steps (last checkpoint intact).
+    """
+    from .runtime import setup
+
+    rt = rt or setup(cfg.train.threads)
+    run_dir = Path(run_dir)
+    if rt.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_run_files(run_dir, cfg)
+    rt.barrier()
+    tr = build(cfg, rt, run_dir, resume=resume)
+    st, t = tr.state, cfg.train
+    metrics_path = run_dir / "metrics.jsonl"
+    stream = tr.data.iterate(st.epoch, st.batch)
+    reporter = Reporter(rt, t.steps, st.step, live)
+    last: dict[str, float] = {}
+    seen_epoch = -1
+    window_tokens, window_time, window_metrics = 0.0, 0.0, []
+    interrupted = InterruptFlag()
+    try:
+        while st.step < t.steps:
+            t0 = now()
+            micro, pos = tr.micro_batches(stream)
+            if pos[0] != seen_epoch and rt.is_main:
+                plan = tr.data.epoch(pos[0])
+                append_jsonl(metrics_path, {"kind": "epoch", "step": st.step, "epoch": st.epoch,
+                                            "sequences": plan.total, "skipped_over_max_len": plan.skipped,
+                                            "dropped_batches": plan.dropped, "batches": len(plan) * rt.world})
+                if plan.skipped:
+                    rt.print0(f"epoch {st.epoch}: {plan.skipped} of {plan.total} sequences exceed "
+                              f"data.max_len={cfg.data.max_len} and were skipped")
+                seen_epoch = pos[0]
+            m = tr.step(micro)
+            dt = now() - t0
+            st.elapsed += dt
+            st.step += 1
+            st.epoch, st.batch = pos
+            window_tokens += m.get("tokens", 0.0)
+            window_time += dt
+            window_metrics.append(m)
+            stop = t.time_budget_s > 0 and st.elapsed >= t.time_budget_s
+            if rt.distributed:  # rank 0's clock decides the budget; any rank's Ctrl-C stops all at this step
+                flags = torch.tensor([float(stop) if rt.is_main else 0.0, float(interrupted.set)], device=rt.device)
+                rt.all_reduce_(flags, torch.distributed.ReduceOp.MAX)
+                stop, interrupted.set = bool(flags[0]), bool(flags[1])
+            if interrupted.set:
+                reporter.close()
+                rt.print0(f"interrupted after step {st.step}: saving a checkpoint")
+                tr.save()
+                raise KeyboardInterrupt
+            if st.step % t.log_every == 0 or st.step == t.steps or stop:
+                last = window_mean(window_metrics)
+                last.update(step=st.step, epoch=st.epoch, tok_per_s=window_tokens / max(window_time, 1e-9),
+                            elapsed_s=st.elapsed, tokens_seen=st.tokens, skipped_steps=st.bad_total)
+                if rt.is_main:
+                    append_jsonl(metrics_path, {"kind": "train", **last})
+                reporter.update(st.step, last, time_left(st, cfg, window_time / len(window_metrics)))
+                window_tokens, window_time, window_metrics = 0.0, 0.0, []
+            if on_eval is not None and t.eval_every and st.step % t.eval_every == 0:
+                on_eval(tr, metrics_path)
+            if t.save_every and st.step % t.save_every == 0:
+                tr.save()
+            if stop:
+                break
+    finally:
+        reporter.close()
+        interrupted.restore()
+    tr.save()
+    return tr, last
+
+
+def window_mean(window: list[dict[str, float]]) -> dict[str, float]:
+    """Per key, the mean over the steps of the window that logged it (skipped steps log fewer keys)."""
+    keys = dict.fromkeys(k for m in window for k in m)
+    return {k: sum(m[k] for m in window if k in m) / sum(k in m for m in window) for k in keys}
+
+
+class InterruptFlag:
+    """The first Ctrl-C (SIGINT) asks the loop to stop after the current step, save and exit; a second one
+    interrupts at once. Only installed in the main thread."""
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self.set = False
+        self._old = None
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.set:
+            raise KeyboardInterrupt
+        self.set = True
+
+    def restore(self) -> None:
+        import signal
+
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+            self._old = None
+
+
+def time_left(st: TrainState, cfg: Config, step_seconds: float) -> float:
+    if cfg.train.time_budget_s > 0:
+        return max(0.0, cfg.train.time_budget_s - st.elapsed)
+    return (cfg.train.steps - st.step) * step_seconds
+
+
+def now() -> float:
+    return time.perf_counter()

@@ -1,0 +1,229 @@
+"""Training: loss pieces by hand, exact resume, atomic checkpoints, faults, DDP and accumulation equivalence,
+golden losses."""
+
+import json
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from dyntrm import checkpoint
+from dyntrm.config import from_dict, to_dict
+from dyntrm.data.batching import collate
+from dyntrm.runtime import Runtime
+from dyntrm.train import Trainer, TrainingStopped, act_targets, lr_factor, train
+from helpers import ASSETS, CPU, debug_cfg, params
+
+
+def test_act_targets_by_hand():
+    # steps x samples: sample 0 correct at steps 2 and 3 (of 4), sample 1 never, sample 2 only at step 1
+    correct = torch.tensor([[0, 0, 0], [0, 0, 1], [1, 0, 0], [1, 0, 0]], dtype=torch.bool)
+    halt, cont = act_targets(correct, gamma=0.9)
+    assert halt.tolist() == correct.float().tolist()
+    # continue_t = 0.9 * max over later steps
+    want = torch.tensor([[0.9, 0, 0.9], [0.9, 0, 0], [0.9, 0, 0], [0, 0, 0]])
+    torch.testing.assert_close(cont, want)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = debug_cfg("train.steps=100", "train.warmup=10", "train.min_lr_ratio=0.1")
+    f = [lr_factor(cfg, s, 0.0) for s in range(100)]
+    assert f[0] == pytest.approx(0.1 * (0.1 + 0.9 * 0.5 * (1 + 1)), rel=1e-6)  # (1/10) x cosine(0)
+    assert max(f) <= 1.0 and f[99] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(0.99 * 3.14159265)).item()), rel=1e-4)
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))  # decays monotonically after warm-up
+
+
+def test_loss_falls_and_run_directory(tmp_path):
+    cfg = debug_cfg("train.steps=30")
+    tr, last = train(cfg, tmp_path, rt=CPU, live=False)
+    records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["lm"] for r in records if r["kind"] == "train"]
+    assert losses[-1] < 0.8 * losses[0]
+    assert any(r["kind"] == "epoch" for r in records)
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["steps"] == 30
+    assert "git" in json.loads((tmp_path / "run.json").read_text())
+    ck = checkpoint.load(tmp_path)
+    assert ck["meta"]["step"] == 30 and not any(k.startswith(("module.", "_orig_mod.")) for k in ck["model"])
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def _explode_at(monkeypatch, n, exc):
+    real = Trainer.step
+    calls = {"n": 0}
+
+    def step(self, micro):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise exc
+        return real(self, micro)
+
+    monkeypatch.setattr(Trainer, "step", step)
+    return real
+
+
+def _ctrl_c_during(monkeypatch, n):
+    """A real SIGINT delivered while step n runs."""
+    import signal
+
+    real = Trainer.step
+    calls = {"n": 0}
+
+    def step(self, micro):
+        calls["n"] += 1
+        if calls["n"] == n:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self, micro)
+
+    monkeypatch.setattr(Trainer, "step", step)
+    return real
+
+
+def test_exact_resume_after_interrupt_and_after_a_crash(tmp_path, monkeypatch):
+    cfg = debug_cfg("train.steps=8", "train.save_every=3")
+    straight, _ = train(cfg, tmp_path / "a", rt=CPU, live=False)
+    # Ctrl-C during step 5: the step finishes, a checkpoint of step 5 is saved, the run stops, then resumes
+    real = _ctrl_c_during(monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "b", rt=CPU, live=False)
+    monkeypatch.setattr(Trainer, "step", real)
+    assert checkpoint.load(tmp_path / "b")["meta"]["step"] == 5
+    resumed, _ = train(cfg, tmp_path / "b", rt=CPU, live=False, resume=True)
+    # a crash during step 5 without any save: resume from the periodic checkpoint of step 3
+    _explode_at(monkeypatch, 5, Boom())
+    with pytest.raises(Boom):
+        train(cfg, tmp_path / "c", rt=CPU, live=False)
+    monkeypatch.setattr(Trainer, "step", real)
+    assert checkpoint.load(tmp_path / "c")["meta"]["step"] == 3
+    crashed, _ = train(cfg, tmp_path / "c", rt=CPU, live=False, resume=True)
+    want = params(straight.model)
+    for other in (resumed, crashed):
+        got = params(other.model)
+        assert all(torch.equal(want[k], got[k]) for k in want), "parameters differ after resume"
+        assert all(torch.equal(straight.ema.shadow[k], other.ema.shadow[k]) for k in want)
+        assert other.state.step == straight.state.step and other.state.l1_coef == straight.state.l1_coef
+        assert (other.state.epoch, other.state.batch) == (straight.state.epoch, straight.state.batch)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    cfg = debug_cfg("train.steps=2")
+    tr, _ = train(cfg, tmp_path, rt=CPU, live=False)
+    good = checkpoint.latest(tmp_path)
+    tr.state.step = 99
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_file", broken)
+    with pytest.raises(OSError):
+        tr.save()
+    assert checkpoint.latest(tmp_path) == good
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", good.name]
+    assert checkpoint.load(tmp_path)["meta"]["step"] == 2
+
+
+def test_checkpoint_never_unpickles_objects(tmp_path):
+    cfg = debug_cfg("train.steps=1")
+    train(cfg, tmp_path, rt=CPU, live=False)
+    ck = checkpoint.latest(tmp_path)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    torch.save({"optimizer": Evil()}, ck / "state.pt")
+    with pytest.raises(Exception, match="[Ww]eights only|Unsupported|GLOBAL"):
+        checkpoint.load(tmp_path)
+
+
+def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
+    import dyntrm.train as T
+
+    cfg = debug_cfg("train.steps=10", "train.max_bad_steps=3", "train.save_every=2")
+    real = T.compute_loss
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        loss, parts = real(*a, **k)
+        calls["n"] += 1
+        if calls["n"] in (3, 5, 6, 7):  # one isolated bad step, then three in a row
+            loss = loss * float("nan")
+        return loss, parts
+
+    monkeypatch.setattr(T, "compute_loss", poisoned)
+    with pytest.raises(TrainingStopped, match="3 non-finite steps in a row"):
+        train(cfg, tmp_path, rt=CPU, live=False)
+    ck = checkpoint.load(tmp_path)  # the last good checkpoint is intact and finite
+    assert ck["meta"]["step"] == 6
+    assert ck["meta"]["train_state"]["bad_total"] >= 2
+    assert all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+def _first_batches(cfg, n):
+    tr = Trainer(cfg, CPU)
+    plan = tr.data.epoch(0)
+    seqs = [s for b in plan.batches for _, s in b][:n]
+    return seqs
+
+
+def _ddp_worker(rank, world, init_file, cfg_dict, seqs, out_path):
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        cfg = from_dict(cfg_dict)
+        tr = Trainer(cfg, Runtime(torch.device("cpu"), rank, world))
+        per = len(seqs) // world
+        mine = seqs[rank * per:(rank + 1) * per]
+        for _ in range(2):
+            tr.step([collate(mine)])
+        if rank == 0:
+            torch.save(params(tr.model), out_path)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_processes_equal_one_on_the_same_global_batch(tmp_path):
+    cfg = debug_cfg("train.grad_clip=0.5")  # clipping too: it must see the all-reduced gradient
+    seqs = _first_batches(cfg, 4)
+    one = Trainer(cfg, CPU)
+    for _ in range(2):
+        one.step([collate(seqs)])
+    init = tempfile.mktemp(dir=tmp_path)
+    out = tmp_path / "ddp.pt"
+    mp.spawn(_ddp_worker, args=(2, init, to_dict(cfg), seqs, str(out)), nprocs=2, join=True)
+    two = torch.load(out, weights_only=True)
+    for k, v in params(one.model).items():
+        torch.testing.assert_close(two[k], v, rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
+
+
+def test_accumulation_equals_one_big_batch():
+    cfg = debug_cfg()
+    seqs = _first_batches(cfg, 4)
+    big = Trainer(cfg, CPU)
+    m_big = big.step([collate(seqs)])
+    acc = Trainer(debug_cfg("train.accum=2"), CPU)
+    m_acc = acc.step([collate(seqs[:1]), collate(seqs[1:])])  # unequal halves: normalisation must be global
+    assert m_acc["loss"] == pytest.approx(m_big["loss"], rel=1e-5)
+    for k, v in params(big.model).items():
+        torch.testing.assert_close(params(acc.model)[k], v, rtol=1e-5, atol=1e-6)
+
+
+GOLDEN = ASSETS / "golden_losses.json"
+
+
+def test_golden_losses(tmp_path):
+    """The first 10 losses of `debug` on tests/assets/tasks. Regenerate only on purpose:
+    DYNTRM_REGEN_GOLDEN=1 pytest tests/test_train.py -k golden (and say why in the commit)."""
+    cfg = debug_cfg("train.steps=10", "train.threads=1")
+    tr = Trainer(cfg, CPU)
+    stream = tr.data.iterate()
+    losses = [tr.step(tr.micro_batches(stream)[0])["loss"] for _ in range(10)]
+    if os.environ.get("DYNTRM_REGEN_GOLDEN"):
+        GOLDEN.write_text(json.dumps({"config": "tests/helpers.py debug_cfg + train.steps=10",
+                                      "losses": losses}, indent=2) + "\n")
+    want = json.loads(GOLDEN.read_text())["losses"]
+    assert losses == pytest.approx(want, rel=1e-4, abs=1e-5)

@@ -31,38 +31,63 @@ def make(seed=0, dtype=torch.float64, **kw):
 
 # ---------------------------------------------------------------------------------------------- libraries
 
-def test_library_equals_per_expert_modules():
-    torch.manual_seed(0)
-    E, d_in, hid, d_out = 5, 6, 7, 4
+def _library(E=5, d_in=6, hid=7, d_out=4, seed=0):
+    torch.manual_seed(seed)
     mlps = [ExpertMLP(d_in, hid, d_out).double() for _ in range(E)]
     lib = ExpertLibrary(E, d_in, hid, d_out).double()
     lib.load_experts(mlps)
-    x = torch.randn(11, d_in, dtype=torch.float64)
-    out_END, a_ENF = lib.dense(x)
+    return lib, mlps
+
+
+def test_library_equals_per_expert_modules():
+    lib, mlps = _library()
+    x = torch.randn(11, 6, dtype=torch.float64)
+    out_END = lib.dense(x)
     for e, m in enumerate(mlps):
         torch.testing.assert_close(out_END[e], m(x), rtol=0, atol=1e-12)
-        torch.testing.assert_close(a_ENF[e], m.w1(x), rtol=0, atol=1e-12)
+        torch.testing.assert_close(lib.expert(e, x), m(x), rtol=0, atol=1e-12)
     # grouped: rows sorted by expert, including an expert with no rows
     counts = torch.tensor([3, 0, 4, 1, 3])
     got = lib.grouped(x, counts)
-    e_of_row = torch.repeat_interleave(torch.arange(E), counts)
+    e_of_row = torch.repeat_interleave(torch.arange(5), counts)
     ref = torch.stack([mlps[e](x[i]) for i, e in enumerate(e_of_row.tolist())])
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
 
 
-def test_library_gradients_match_modules():
-    torch.manual_seed(1)
-    E, d = 4, 5
-    mlps = [ExpertMLP(d, 3, d).double() for _ in range(E)]
-    lib = ExpertLibrary(E, d, 3, d).double()
-    lib.load_experts(mlps)
-    x = torch.randn(9, d, dtype=torch.float64)
-    w = torch.rand(9, E, dtype=torch.float64)
-    (lib.dense(x)[0] * w.T[:, :, None]).sum().backward()
-    sum(m(x).mul(w[:, e:e + 1]).sum() for e, m in enumerate(mlps)).backward()
-    for e, m in enumerate(mlps):
-        torch.testing.assert_close(lib.w1.grad[e], m.w1.weight.grad.T)
-        torch.testing.assert_close(lib.w2.grad[e], m.w2.weight.grad.T)
+@pytest.mark.parametrize("chunk", [4, 1024])  # several chunks, and one
+def test_compose_equals_per_expert_loop_with_gradients(chunk):
+    lib, mlps = _library(seed=1)
+    x = torch.randn(11, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.relu(torch.randn(11, 3, 5, dtype=torch.float64)).requires_grad_()  # zeros included
+    got = lib.compose(x, w, chunk=chunk)
+    ref = torch.stack([sum(w[:, c, e:e + 1] * m(x) for e, m in enumerate(mlps)) for c in range(3)], 1)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+    g = torch.randn_like(got)
+    grads = torch.autograd.grad(got, [x, w, lib.w1, lib.w2], g)
+    params = [p for m in mlps for p in (m.w1.weight, m.w2.weight)]
+    ref_grads = torch.autograd.grad(ref, [x, w, *params], g)
+    torch.testing.assert_close(grads[0], ref_grads[0])
+    torch.testing.assert_close(grads[1], ref_grads[1])
+    for e in range(5):
+        torch.testing.assert_close(grads[2][e], ref_grads[2 + 2 * e].T)
+        torch.testing.assert_close(grads[3][e], ref_grads[3 + 2 * e].T)
+
+
+def test_grouped_mm_path_equals_loop_in_float32(monkeypatch):
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch._grouped_mm not in this torch")
+    lib, _ = _library(d_in=8, hid=12, seed=2)  # the kernel needs 16-byte row strides
+    lib = lib.float()
+    x = torch.randn(11, 8)
+    counts = torch.tensor([3, 0, 4, 1, 3])
+    seen = []
+    real = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda a, b, offs: (seen.append(offs.tolist()), real(a, b, offs=offs))[1])
+    got = lib.grouped(x, counts)
+    assert seen == [[3, 3, 7, 8, 11]] * 2  # both GEMMs, expert 1 has an empty group
+    monkeypatch.setattr(torch, "_grouped_mm", None)
+    monkeypatch.delattr(torch, "_grouped_mm")
+    torch.testing.assert_close(got, lib.grouped(x, counts), rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- DynSIHA+

@@ -76,13 +76,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: "StepContext"
     return o.transpose(1, 2)
 
 
-def compose(h_ND: torch.Tensor, w_CNE: torch.Tensor, lib: ExpertLibrary) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense composition: ``out[c, n] = Σ_e w[c, n, e] · Expert_e(h[n])``. Returns it (C, N, d) and the experts'
-    pre-activations ``a_ENF`` (for SARS)."""
-    out_END, a_ENF = lib.dense(h_ND)
-    return torch.einsum("cne,end->cnd", w_CNE, out_END), a_ENF
-
-
 class DynSIHA(nn.Module):
     """Routers (P_c, g_c for c in q, k, v) and the output projection; the experts are the global library."""
 
@@ -99,23 +92,23 @@ class DynSIHA(nn.Module):
         nn.init.normal_(self.out.weight, std=out_std)
 
     def logits(self, h_ND: torch.Tensor) -> torch.Tensor:
-        """Routing logits r_c for all three of q, k, v: (N, d) -> (3, N, E)."""
+        """Routing logits r_c for q, k and v at once: (N, d) -> (N, 3, E)."""
         r = h_ND @ self.proto.reshape(3 * self.n_experts, self.d_head).T / math.sqrt(self.d_head)
-        return r.view(-1, 3, self.n_experts).transpose(0, 1) - self.gate[:, None, :]
+        return r.view(-1, 3, self.n_experts) - self.gate
 
     def forward(self, h_BTD: torch.Tensor, lib: ExpertLibrary, ctx: "StepContext") -> torch.Tensor:
         B, T, D = h_BTD.shape
         H, d = self.n_heads, self.d_head
         h_ND = h_BTD.reshape(B * T * H, d)  # one row per (token, head)
-        r_CNE = self.logits(h_ND)
-        w_CNE = F.relu(r_CNE)
-        qkv_CNd, a_ENF = compose(h_ND, w_CNE, lib)
+        r_NCE = self.logits(h_ND)
+        w_NCE = F.relu(r_NCE)
+        qkv_NCd = lib.compose(h_ND, w_NCE)  # Q, K, V = Σ_e w_c[e] · Expert_e(h), experts run once
         if ctx.tap is not None:
             valid = None if ctx.valid_flat is None else ctx.valid_flat.repeat_interleave(H)
             for c, name in enumerate(QKV):
-                ctx.tap(ctx.step, name, x=h_ND, logits=r_CNE[c], weights=w_CNE[c], out=qkv_CNd[c], valid=valid,
-                        library=lib, pre_act=a_ENF)
-        q, k, v = qkv_CNd.view(3, B, T, H, d).unbind(0)
+                ctx.tap(ctx.step, name, x=h_ND, logits=r_NCE[:, c], weights=w_NCE[:, c], out=qkv_NCd[:, c],
+                        valid=valid, library=lib)
+        q, k, v = qkv_NCd.view(B, T, H, 3, d).unbind(3)
         o = attend(q, k, v, ctx)
         return self.out(o.reshape(B, T, D))
 

@@ -150,7 +150,7 @@ def generate(model, prompts: Sequence[np.ndarray], *, max_new: int = MAX_ANSWER,
     return results
 
 
-def generate_batched(model, prompts: Sequence[np.ndarray], *, tokens_per_batch: int = 32768, **kw
+def generate_batched(model, prompts: Sequence[np.ndarray], *, tokens_per_batch: int = 131072, **kw
                      ) -> list[Generation]:
     """:func:`generate` over prompts grouped by length into batches of about ``tokens_per_batch`` prompt +
     answer-capacity tokens. Results come back in the input order."""
@@ -249,7 +249,7 @@ class ItemResult:
 
 
 def evaluate_items(model, items: Sequence[EvalItem], *, n_views: int = 8, seed: int = 0,
-                   tokens_per_batch: int = 32768, max_len: int | None = None, **gen_kw) -> tuple[list[ItemResult], dict]:
+                   tokens_per_batch: int = 131072, max_len: int | None = None, **gen_kw) -> tuple[list[ItemResult], dict]:
     """Decode every item under ``n_views`` views, un-augment, vote. Returns per-item results and timing stats.
 
     Items whose prompt exceeds ``max_len`` tokens are not decoded (no attempt: counted as unsolved and reported).

@@ -67,7 +67,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: "StepContext"
             ctx.cache.fill(k, v)
         else:
             ctx.cache.write(k, v, ctx.decode_pos)
-            k, v = ctx.cache.k, ctx.cache.v  # (B, H, capacity, d); the mask hides unwritten positions
+            L = ctx.attn.mask.shape[-1]  # keys up to the furthest position in the batch; the mask does the rest
+            k, v = ctx.cache.k[:, :, :L], ctx.cache.v[:, :, :L]
             o = F.scaled_dot_product_attention(q.transpose(1, 2), k.to(q.dtype), v.to(q.dtype),
                                                attn_mask=ctx.attn.mask)
             return o.transpose(1, 2)

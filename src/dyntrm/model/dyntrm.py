@@ -295,14 +295,15 @@ class ArcTransformer(nn.Module):
         x0 = self.embed(token)[:, None, :]  # (B, 1, D)
         x = x0
         pos = state.pos
-        if int(pos.max()) >= state.caches[0].k.shape[2]:
+        length = int(pos.max()) + 1  # one host sync per token: attention then reads only the keys in use
+        if length > state.caches[0].k.shape[2]:
             raise ValueError("decode ran past the KV cache capacity chosen at prefill (max_new)")
+        keys = torch.arange(length, device=pos.device)
         for s, (rows, cache) in enumerate(zip(state.rows, state.caches)):
             if rows.numel() == 0:  # every sample that needed this step has left the batch
                 break
             p = pos[rows]
             cos, sin = self.rope.at(p[:, None])
-            keys = torch.arange(cache.k.shape[2], device=p.device)
             mask = AttnMask(False, (keys[None, :] <= p[:, None])[:, None, None, :])
             ctx = StepContext(s, cos, sin, mask, None, cache, p, tap)
             xa = self._step_input(x[rows], x0[rows], s)

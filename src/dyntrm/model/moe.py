@@ -42,10 +42,12 @@ class DynMoE(nn.Module):
         self.gate = nn.Parameter(torch.empty(n_experts))  # g
 
     def init_weights(self) -> None:
-        # With unit-RMS h and unit-normal prototypes, r + g ~ N(0, 1): a gate at the (1 - k/E) quantile makes
-        # k experts active per token on average from the first step.
+        # With unit-RMS h and unit-normal prototypes, r + g ~ N(0, 1): a gate at the (1 - a/E) quantile makes a
+        # experts active per token on average. Start at twice the target (at most half the library), as ReMoE
+        # starts dense: a ReLU router whose expert is inactive gets no gradient for it, so starting at the
+        # target lets experts die before the L1 controller can act; the controller then pulls sparsity down.
         nn.init.normal_(self.proto, std=1.0)
-        q = 1.0 - self.target_active / self.n_experts
+        q = 1.0 - min(2 * self.target_active, self.n_experts / 2) / self.n_experts
         nn.init.constant_(self.gate, math.sqrt(2.0) * torch.erfinv(torch.tensor(2 * q - 1)).item())
 
     def logits(self, h_ND: torch.Tensor) -> torch.Tensor:

@@ -165,11 +165,11 @@ def bench_early_exit(cfg, tokens: int, n_rounds: int) -> dict:
     return {"times": t, "N": N}
 
 
-def bench_train_step(cfg, n_rounds: int) -> dict:
+def bench_train_step(cfg, n_rounds: int, tokens_per_batch: int) -> dict:
     from dyntrm.runtime import Runtime
     from dyntrm.train import Trainer
 
-    cfg.data.max_side, cfg.data.max_len, cfg.data.tokens_per_batch = 10, 1024, 8192
+    cfg.data.max_side, cfg.data.max_len, cfg.data.tokens_per_batch = 10, 1024, tokens_per_batch
     tr = Trainer(cfg, Runtime(torch.device("cpu")))
     plan = tr.data.epoch(0)
     batch = max((plan.batch(i, tr.data.items) for i in range(len(plan))), key=lambda b: b.n_tokens)
@@ -188,12 +188,12 @@ def main() -> None:
     q = args.quick
     torch.manual_seed(0)
     cfg = preset("tiny")
-    rate = matmul_rate(1024 if q else 2048, 3 if q else 7)
+    rate = matmul_rate(2048, 5 if q else 9)
     att = bench_attention(cfg, 1024 if q else 4096, 3 if q else 9)
     moe = bench_moe(cfg, 2048 if q else 4096, 3 if q else 9)
     cache = bench_cache(cfg, 300, 6 if q else None)
     ee = bench_early_exit(cfg, 512 if q else 2048, 3 if q else 7)
-    step = bench_train_step(cfg, 2 if q else 5)
+    step = bench_train_step(cfg, 2 if q else 5, 4096 if q else 8192)
 
     ta, tm, te = att["times"], moe["times"], ee["times"]
     N = ee["N"]

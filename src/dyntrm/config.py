@@ -95,7 +95,14 @@ class TrainConfig:
 
 @dataclass
 class ShapingConfig:
-    kind: Literal["none"] = opt("none", "routing shaper")
+    kind: Literal["sars", "fars", "none"] = opt("sars", "routing shaper: sars (surprise-aware meta loss), fars "
+                                                        "(Fisher-aware cost term) or none")
+    meta_weight: float = opt(0.1, "SARS: weight of the meta loss (mean routing entropy after goodness shaping)")
+    meta_only: bool = opt(False, "SARS: routing parameters learn from the meta loss only (no main-loss gradient; "
+                                 "the DynMoE L1 controller then cannot act)")
+    token_rate: float = opt(0.25, "SARS: fraction of real tokens per module whose learning cost enters the meta "
+                                  "loss (an unbiased estimate; 1 = all)")
+    fars_weight: float = opt(0.01, "FARS: weight of the Fisher-aware routing cost term")
 
 
 @dataclass
@@ -263,6 +270,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.ema_decay={t.ema_decay}: must be in [0, 1)")
     if t.l1_factor < 1:
         raise ConfigError(f"train.l1_factor={t.l1_factor}: must be >= 1")
+    if not 0 < cfg.shaping.token_rate <= 1:
+        raise ConfigError(f"shaping.token_rate={cfg.shaping.token_rate}: must be in (0, 1]")
     d = cfg.data
     if d.max_len < 8:
         raise ConfigError(f"data.max_len={d.max_len}: must be at least 8")

@@ -32,6 +32,7 @@ from .data.dataset import Epoch, TrainingSet, training_items
 from .io import write_json
 from .model import ArcTransformer, ModelOutput
 from .runtime import Runtime
+from .shaping import make_shaper
 
 
 class TrainingStopped(RuntimeError):
@@ -198,7 +199,7 @@ class Trainer:
         self.ema = EMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
         self.state = TrainState(l1_coef=cfg.train.l1_init)
         self.data = data if data is not None else self._training_set()
-        self.shaper = None  # routing shaping hook point (shaping.kind; "none" until SARS lands)
+        self.shaper = make_shaper(cfg, self.model, rt, self.optimizer)  # shaping.kind: sars, fars or none
         if resume:
             self.restore(checkpoint.load(self.run_dir))
 
@@ -263,12 +264,17 @@ class Trainer:
                 sync = self.net.no_sync()
             with sync:
                 with rt.autocast(cfg.train.bf16):
-                    out = self.net(mb.tokens, mb.attention_mask, mb.prompt_end)
+                    out = self.net(mb.tokens, mb.attention_mask, mb.prompt_end, tap=self.shaper.tap())
                     loss, parts = compute_loss(out, mb, cfg, st.l1_coef, norms)
+                    extra = self.shaper.extra_loss(norms)
+                    if extra is not None:
+                        loss = loss + extra
                 loss.backward()
+            self.shaper.after_backward(norms)
             parts["loss"] = loss.detach()
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0) + v.float()
+        shaping = self.shaper.finish()  # SARS: meta gradients (all-reduced) join the routing gradients here
         # all-reduce the logged sums and the finiteness verdict in one go
         keys = sorted(sums)
         packed = torch.stack([sums[k] for k in keys])
@@ -304,8 +310,7 @@ class Trainer:
                                       f"(train.max_bad_steps={cfg.train.max_bad_steps}); the last checkpoint is intact")
             return metrics
         st.bad_in_row = 0
-        if self.shaper is not None:
-            metrics.update(self.shaper.after_backward(self))
+        metrics.update(shaping)
         if cfg.train.grad_clip > 0:
             gnorm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
         for group in self.optimizer.param_groups:
@@ -466,10 +471,17 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, rt: Runtime
     return tr, last
 
 
-def window_mean(window: list[dict[str, float]]) -> dict[str, float]:
-    """Per key, the mean over the steps of the window that logged it (skipped steps log fewer keys)."""
-    keys = dict.fromkeys(k for m in window for k in m)
-    return {k: sum(m[k] for m in window if k in m) / sum(k in m for m in window) for k in keys}
+def window_mean(window: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per key, the mean over the steps of the window that logged it (skipped steps log fewer keys); lists
+    (per-expert usage) are averaged element-wise."""
+    out: dict[str, Any] = {}
+    for k in dict.fromkeys(k for m in window for k in m):
+        vals = [m[k] for m in window if k in m]
+        if isinstance(vals[0], list):
+            out[k] = [sum(col) / len(vals) for col in zip(*vals)]
+        else:
+            out[k] = sum(vals) / len(vals)
+    return out
 
 
 class InterruptFlag:

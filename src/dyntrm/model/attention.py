@@ -104,11 +104,10 @@ class DynSIHA(nn.Module):
         r_NCE = self.logits(h_ND)
         w_NCE = F.relu(r_NCE)
         qkv_NCd = lib.compose(h_ND, w_NCE)  # Q, K, V = Σ_e w_c[e] · Expert_e(h), experts run once
-        if ctx.tap is not None:
+        if ctx.tap is not None:  # one call for q, k, v: ``out`` is the tensor on the loss path
             valid = None if ctx.valid_flat is None else ctx.valid_flat.repeat_interleave(H)
-            for c, name in enumerate(QKV):
-                ctx.tap(ctx.step, name, x=h_ND, logits=r_NCE[:, c], weights=w_NCE[:, c], out=qkv_NCd[:, c],
-                        valid=valid, library=lib)
+            ctx.tap(ctx.step, "attn", x=h_ND, logits=r_NCE, weights=w_NCE, out=qkv_NCd, valid=valid, library=lib,
+                    router=self, channels=QKV)
         q, k, v = qkv_NCd.view(B, T, H, 3, d).unbind(3)
         o = attend(q, k, v, ctx)
         return self.out(o.reshape(B, T, D))

@@ -68,7 +68,7 @@ class DynMoE(nn.Module):
         y_ND = torch.zeros_like(h_ND).index_add_(0, n_idx, out_MD.to(h_ND.dtype))
         if ctx.tap is not None:
             ctx.tap(ctx.step, "ffn", x=h_ND, logits=r_NE, weights=w_NE, out=y_ND, valid=ctx.valid_flat,
-                    library=lib, pairs=(e_idx, n_idx))
+                    library=lib, router=self)
         stats = MoEStats(w_NE.sum(), (w_NE > 0).sum().detach().to(w_NE.dtype), counts_E.detach())
         return y_ND.view(B, T, D), stats
 

@@ -1,0 +1,235 @@
+"""SARS: Surprise-Aware Routing Shaping (DESIGN §3.7), verified against autograd.
+
+During the main forward/backward, every routed module (the Q, K, V compositions and the FFN router) at every
+recursion step is *captured*, keyed explicitly by ``(step, module)``: its expert inputs and routing weights on a
+random subset of real tokens, and, from a hook on the composed output, the loss gradient ``delta`` there. From
+these the **learning cost** of each (token, expert) pair is computed by hand with the chain rule -- the L2 norm of
+the gradient that the token sends into all of the expert's parameters -- without materialising any per-sample
+gradient. Then
+
+    goodness = norm(routing logits) - norm(learning cost)        (norm: divide by the max |.| over experts)
+    L_meta   = meta_weight * mean_{modules, tokens} H(softmax_e(r' + stopgrad(goodness)))
+
+with ``r'`` the routing logits recomputed from the *detached* captured inputs, so the meta graph is local and
+cheap. A separate backward of ``L_meta`` yields gradients for the routing parameters only; under DDP they are
+averaged across ranks in :func:`all_reduce_meta_grads`, then added to the main gradients.
+
+The captures are released as soon as the meta loss is built: nothing grows across steps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .base import Routed, Shaper, recompute_logits
+
+
+# ------------------------------------------------------------------------------------------------ pure maths
+
+def silu_grad(a: torch.Tensor) -> torch.Tensor:
+    """d silu(a) / da = sigmoid(a) * (1 + a * (1 - sigmoid(a)))."""
+    s = torch.sigmoid(a)
+    return s * (1 + a * (1 - s))
+
+
+def learning_cost(x: torch.Tensor, w: torch.Tensor, delta: torch.Tensor, w1: torch.Tensor,
+                  w2: torch.Tensor) -> torch.Tensor:
+    """Per (token, expert), the L2 norm of the gradient that token n sends into all parameters of expert e.
+
+    For ``y = Σ_e w[:, e] · (silu(x @ w1[e]) @ w2[e])`` with upstream gradient ``delta = dL/dy``:
+
+    - ``g_out = w_e · δ``; the gradient of ``w2[e]`` from token n is ``silu(a_e) ⊗ g_out`` (rank one), so
+      ``‖∇w2_e‖ = |w_e| · ‖silu(a_e)‖ · ‖δ‖``;
+    - ``g_hid = (w2[e] g_out) ⊙ silu'(a_e)``; the gradient of ``w1[e]`` is ``x ⊗ g_hid``, so
+      ``‖∇w1_e‖ = ‖g_hid‖ · ‖x‖``;
+    - cost = ``sqrt(‖∇w1_e‖² + ‖∇w2_e‖²)``, with ``a_e = x @ w1[e]``.
+
+    Shapes: x (N, d_in), w (N, E), delta (N, d_out), w1 (E, d_in, F), w2 (E, F, d_out) -> (N, E). Only pairs with
+    ``w != 0`` are computed (the cost is exactly 0 elsewhere), as grouped matmuls when few are active.
+    """
+    N, E = w.shape
+    out = torch.zeros(N, E, dtype=x.dtype, device=x.device)
+    active = w != 0
+    n_pairs = int(active.sum())
+    if n_pairs == 0:
+        return out
+    x_norm2 = (x * x).sum(-1)  # (N,)
+    d_norm2 = (delta * delta).sum(-1)
+    if n_pairs > 0.25 * N * E:  # dense: every expert on every row, in two batched GEMMs
+        a_ENF = torch.matmul(x, w1)  # (E, N, F)
+        u_ENF = torch.matmul(delta, w2.transpose(1, 2))  # (E, N, F): w2[e] @ δ
+        s2 = F.silu(a_ENF).pow(2).sum(-1)  # (E, N)
+        h2 = (u_ENF * silu_grad(a_ENF)).pow(2).sum(-1)
+        cost = torch.sqrt(d_norm2 * s2 + x_norm2 * h2).T  # (N, E)
+        return cost * w.abs()
+    # sparse: gather the active (token, expert) pairs sorted by expert, one small GEMM pair per expert
+    e_idx, n_idx = torch.nonzero(active.T, as_tuple=True)
+    counts = torch.bincount(e_idx, minlength=E).tolist()
+    xs, ds = x[n_idx], delta[n_idx]
+    s2_parts, h2_parts = [], []
+    for e, (xe, de) in enumerate(zip(torch.split(xs, counts), torch.split(ds, counts))):
+        if counts[e]:
+            a = xe @ w1[e]
+            s2_parts.append(F.silu(a).pow(2).sum(-1))
+            h2_parts.append(((de @ w2[e].T) * silu_grad(a)).pow(2).sum(-1))
+    s2, h2 = torch.cat(s2_parts), torch.cat(h2_parts)
+    cost = w[n_idx, e_idx].abs() * torch.sqrt(d_norm2[n_idx] * s2 + x_norm2[n_idx] * h2)
+    out[n_idx, e_idx] = cost.to(out.dtype)
+    return out
+
+
+def max_abs_norm(t: torch.Tensor) -> torch.Tensor:
+    """Divide each row by its maximum absolute value over the experts (last dim); an all-zero row stays zero.
+    Exactly scale-invariant (no epsilon): learning costs are tiny (~1e-8) and scale with the loss normalisation,
+    which differs between one process and DDP ranks."""
+    m = t.abs().amax(-1, keepdim=True)
+    return torch.where(m > 0, t / torch.where(m > 0, m, torch.ones_like(m)), torch.zeros_like(t))
+
+
+def goodness(logits: torch.Tensor, cost: torch.Tensor) -> torch.Tensor:
+    """``norm(routing logits) - norm(learning cost)``: high where the router already wants an expert and the
+    expert would learn little from the token (low surprise)."""
+    return max_abs_norm(logits) - max_abs_norm(cost)
+
+
+def entropy_of_softmax(z: torch.Tensor) -> torch.Tensor:
+    logp = torch.log_softmax(z, -1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+# ------------------------------------------------------------------------------------------------ capture
+
+@dataclass
+class Capture:
+    """One (step, module) capture: sampled rows of the expert inputs and routing, and their learning cost."""
+
+    x: torch.Tensor  # (n, d_in), detached
+    w: torch.Tensor  # (n, E), detached routing weights
+    logits: torch.Tensor  # (n, E), detached routing logits of the forward
+    rows: torch.Tensor  # (n,) indices into the module's rows
+    router: Any
+    channel: int
+    library: Any
+    cost: torch.Tensor | None = None  # (n, E), filled by the backward hook
+    delta: torch.Tensor | None = None  # (n, d_out), kept only for tests (keep_delta)
+
+
+class SARS(Shaper):
+    kind = "sars"
+
+    def __init__(self, cfg, model, rt, optimizer=None, *, keep_delta: bool = False):
+        super().__init__(cfg, model, rt, optimizer)
+        self.keep_delta = keep_delta
+        self.captures: dict[tuple[int, str], Capture] = {}
+        self.meta_grads = [torch.zeros_like(p) for p in self.routed_params]
+        self.meta_loss_sum: Any = 0.0
+        self.sums: dict[str, Any] = {}
+        self.micro = 0  # micro-batches since the last finish()
+        # token subsampling draws from the global torch RNG, which checkpoints save: resume stays exact
+
+    def observe(self, step: int, name: str, **t: Any) -> None:
+        r = self._routed(step, name, t)
+        self.stats.add(r)
+        if not torch.is_grad_enabled():
+            return
+        rows = self._sample(r)
+        x = r.x.detach()[rows]
+        for c, ch in enumerate(r.names):
+            key = (step, ch)
+            if key in self.captures:
+                raise RuntimeError(f"SARS captured {key} twice in one micro-batch")
+            self.captures[key] = Capture(x, r.weights.detach()[rows, c], r.logits.detach()[rows, c], rows,
+                                         r.router, c, r.library)
+        r.out.register_hook(self._hook(step, r.names, rows))
+
+    def _sample(self, r: Routed) -> torch.Tensor:
+        """Real rows, each kept with probability ``token_rate`` (an unbiased estimate of the mean)."""
+        n = r.x.shape[0]
+        valid = torch.ones(n, dtype=torch.bool, device=r.x.device) if r.valid is None else r.valid
+        rate = self.cfg.shaping.token_rate
+        if rate < 1.0:
+            valid = valid & (torch.rand(n, device=r.x.device) < rate)
+        return torch.nonzero(valid, as_tuple=True)[0]
+
+    def _hook(self, step: int, names: tuple[str, ...], rows: torch.Tensor):
+        def hook(grad: torch.Tensor) -> None:
+            g = grad.detach()
+            if g.dim() == 2:
+                g = g[:, None]
+            g = g[rows]
+            for c, ch in enumerate(names):  # the gradient of *this* module's output, stored under its own key
+                cap = self.captures[(step, ch)]
+                delta = g[:, c]
+                lib = cap.library
+                cap.cost = learning_cost(cap.x, cap.w, delta.to(cap.x.dtype), lib.w1.detach(), lib.w2.detach())
+                if self.keep_delta:
+                    cap.delta = delta
+        return hook
+
+    def after_backward(self, norms) -> None:
+        """Build this micro-batch's meta loss from its captures, backward it into the routing parameters only,
+        and release the captures."""
+        if not self.captures:
+            return
+        s = self.cfg.shaping
+        n_modules = self.cfg.model.max_steps * 4
+        H = self.cfg.model.n_heads
+        terms = []
+        for (step, name), cap in self.captures.items():
+            if cap.cost is None:
+                raise RuntimeError(f"SARS: no gradient reached module {name} at step {step}")
+            good = goodness(cap.logits, cap.cost)
+            r_new = recompute_logits(cap.router, cap.x, cap.channel)  # graph: routing parameters only
+            ent = entropy_of_softmax(r_new + good)
+            # global mean over tokens (x rate: the subsample's expected size), mean over modules; x world because
+            # the meta gradients are averaged across ranks afterwards
+            rows_global = float(norms.tokens) * self.rt.world * (H if name != "ffn" else 1) * s.token_rate
+            terms.append(ent.sum() * (self.rt.world / (rows_global * n_modules)))
+            with torch.no_grad():  # logged means over modules (kept on the device until finish())
+                for k, v in (("goodness", good.mean()), ("cost", cap.cost.sum() / (cap.w > 0).sum().clamp(min=1)),
+                             ("meta_entropy", ent.mean())):
+                    self.sums[k] = self.sums.get(k, 0.0) + v.detach() / len(self.captures)
+        meta = s.meta_weight * torch.stack(terms).sum()
+        grads = torch.autograd.grad(meta, self.routed_params, allow_unused=True)
+        for buf, g in zip(self.meta_grads, grads):
+            if g is not None:
+                buf.add_(g)
+        self.meta_loss_sum = self.meta_loss_sum + meta.detach()
+        self.micro += 1
+        self.captures.clear()
+
+    def finish(self) -> dict[str, Any]:
+        """Average the meta gradients across ranks, add them to the routing parameters' gradients."""
+        m = super().finish()
+        if self.cfg.shaping.meta_only:  # routing parameters learn from the meta loss alone
+            for p in self.routed_params:
+                p.grad = None
+        all_reduce_meta_grads(self.meta_grads, self.rt)
+        norm2 = float(sum(g.pow(2).sum() for g in self.meta_grads))
+        for p, g in zip(self.routed_params, self.meta_grads):
+            p.grad = g.clone() if p.grad is None else p.grad.add_(g)
+            g.zero_()
+        micro = max(self.micro, 1)
+        m.update({"meta_loss": float(self.meta_loss_sum), "meta_grad_norm": math.sqrt(norm2),
+                  **{k: float(v) / micro for k, v in self.sums.items()}})
+        self.meta_loss_sum, self.sums, self.micro = 0.0, {}, 0
+        return m
+
+
+def all_reduce_meta_grads(grads: list[torch.Tensor], rt) -> None:
+    """The one hand-written gradient all-reduce of the project: the meta gradients come from a backward outside
+    DDP's hooks, so they are averaged across ranks here."""
+    if not rt.distributed or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    rt.all_reduce_(flat)
+    flat /= rt.world
+    i = 0
+    for g in grads:
+        g.copy_(flat[i:i + g.numel()].view_as(g))
+        i += g.numel()

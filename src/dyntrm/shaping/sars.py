@@ -49,26 +49,57 @@ def learning_cost(x: torch.Tensor, w: torch.Tensor, delta: torch.Tensor, w1: tor
       ``‖∇w1_e‖ = ‖g_hid‖ · ‖x‖``;
     - cost = ``sqrt(‖∇w1_e‖² + ‖∇w2_e‖²)``, with ``a_e = x @ w1[e]``.
 
-    Shapes: x (N, d_in), w (N, E), delta (N, d_out), w1 (E, d_in, F), w2 (E, F, d_out) -> (N, E). Only pairs with
-    ``w != 0`` are computed (the cost is exactly 0 elsewhere), as grouped matmuls when few are active.
+    Shapes: x (N, d_in), w (N, E), delta (N, d_out), w1 (E, d_in, F), w2 (E, F, d_out) -> (N, E). The cost is
+    exactly 0 where ``w == 0``; when few weights are non-zero only those pairs are computed.
     """
-    N, E = w.shape
-    out = torch.zeros(N, E, dtype=x.dtype, device=x.device)
-    active = w != 0
+    return learning_costs(x, w[:, None], delta[:, None], w1, w2)[:, 0]
+
+
+def learning_costs(x: torch.Tensor, w_NCE: torch.Tensor, delta_NCd: torch.Tensor, w1: torch.Tensor,
+                   w2: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """:func:`learning_cost` for C weightings of the same experts on the same inputs (Q, K and V share the
+    attention library and h): the pre-activations are computed once and reused. -> (N, C, E)."""
+    N, C, E = w_NCE.shape
+    active = w_NCE != 0
     n_pairs = int(active.sum())
+    out = torch.zeros(N, C, E, dtype=x.dtype, device=x.device)
     if n_pairs == 0:
         return out
-    x_norm2 = (x * x).sum(-1)  # (N,)
-    d_norm2 = (delta * delta).sum(-1)
-    if n_pairs > 0.25 * N * E:  # dense: every expert on every row, in two batched GEMMs
-        a_ENF = torch.matmul(x, w1)  # (E, N, F)
-        u_ENF = torch.matmul(delta, w2.transpose(1, 2))  # (E, N, F): w2[e] @ δ
-        s2 = F.silu(a_ENF).pow(2).sum(-1)  # (E, N)
-        h2 = (u_ENF * silu_grad(a_ENF)).pow(2).sum(-1)
-        cost = torch.sqrt(d_norm2 * s2 + x_norm2 * h2).T  # (N, E)
-        return cost * w.abs()
-    # sparse: gather the active (token, expert) pairs sorted by expert, one small GEMM pair per expert
-    e_idx, n_idx = torch.nonzero(active.T, as_tuple=True)
+    if n_pairs > 0.25 * N * C * E:
+        return _dense_costs(x, w_NCE, delta_NCd, w1, w2, chunk)
+    for c in range(C):  # sparse (the FFN: ~2 of 16 active): only the active pairs, grouped by expert
+        out[:, c] = _sparse_cost(x, w_NCE[:, c], delta_NCd[:, c], w1, w2)
+    return out
+
+
+def _dense_costs(x, w_NCE, delta_NCd, w1, w2, chunk):
+    """Every expert on every row as big GEMMs, in row chunks so the (chunk, E, F) intermediates stay small."""
+    N, C, E = w_NCE.shape
+    d_in, F_ = w1.shape[1], w1.shape[2]
+    w1_cat = w1.transpose(0, 1).reshape(d_in, E * F_)  # a = x @ w1_cat: all experts in one GEMM
+    w2_catT = w2.reshape(E * F_, -1).T  # u = δ @ w2_catT: (w2[e] δ) for all experts in one GEMM
+    out = torch.empty(N, C, E, dtype=x.dtype, device=x.device)
+    for i in range(0, N, chunk):
+        xs = x[i:i + chunk]
+        a = (xs @ w1_cat).view(-1, E, F_)
+        s2 = torch.linalg.vector_norm(F.silu(a), dim=-1).pow(2)  # ‖silu(a_e)‖²  (n, E)
+        sp = silu_grad(a) if C == 1 else torch.ops.aten.silu_backward(torch.ones_like(a), a)  # silu'(a), shared
+        x2 = xs.pow(2).sum(-1, keepdim=True)
+        for c in range(C):
+            d = delta_NCd[i:i + chunk, c]
+            u = (d @ w2_catT).view(-1, E, F_)  # w2[e] δ for every expert
+            h2 = torch.linalg.vector_norm(u.mul_(sp), dim=-1).pow(2)  # ‖(w2[e] δ) ⊙ silu'(a_e)‖²
+            out[i:i + chunk, c] = w_NCE[i:i + chunk, c].abs() * torch.sqrt(d.pow(2).sum(-1, keepdim=True) * s2
+                                                                           + x2 * h2)
+    return out
+
+
+def _sparse_cost(x, w, delta, w1, w2):
+    N, E = w.shape
+    out = torch.zeros(N, E, dtype=x.dtype, device=x.device)
+    e_idx, n_idx = torch.nonzero((w != 0).T, as_tuple=True)  # pairs sorted by expert
+    if e_idx.numel() == 0:
+        return out
     counts = torch.bincount(e_idx, minlength=E).tolist()
     xs, ds = x[n_idx], delta[n_idx]
     s2_parts, h2_parts = [], []
@@ -78,7 +109,7 @@ def learning_cost(x: torch.Tensor, w: torch.Tensor, delta: torch.Tensor, w1: tor
             s2_parts.append(F.silu(a).pow(2).sum(-1))
             h2_parts.append(((de @ w2[e].T) * silu_grad(a)).pow(2).sum(-1))
     s2, h2 = torch.cat(s2_parts), torch.cat(h2_parts)
-    cost = w[n_idx, e_idx].abs() * torch.sqrt(d_norm2[n_idx] * s2 + x_norm2[n_idx] * h2)
+    cost = w[n_idx, e_idx].abs() * torch.sqrt(ds.pow(2).sum(-1) * s2 + xs.pow(2).sum(-1) * h2)
     out[n_idx, e_idx] = cost.to(out.dtype)
     return out
 
@@ -162,13 +193,15 @@ class SARS(Shaper):
             if g.dim() == 2:
                 g = g[:, None]
             g = g[rows]
-            for c, ch in enumerate(names):  # the gradient of *this* module's output, stored under its own key
-                cap = self.captures[(step, ch)]
-                delta = g[:, c]
-                lib = cap.library
-                cap.cost = learning_cost(cap.x, cap.w, delta.to(cap.x.dtype), lib.w1.detach(), lib.w2.detach())
+            # the gradient of *this* module's output, stored under its own (step, channel) keys
+            caps = [self.captures[(step, ch)] for ch in names]
+            lib, x = caps[0].library, caps[0].x
+            w = torch.stack([cap.w for cap in caps], 1)
+            costs = learning_costs(x, w, g.to(x.dtype), lib.w1.detach(), lib.w2.detach())
+            for c, cap in enumerate(caps):
+                cap.cost = costs[:, c]
                 if self.keep_delta:
-                    cap.delta = delta
+                    cap.delta = g[:, c]
         return hook
 
     def after_backward(self, norms) -> None:

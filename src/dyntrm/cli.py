@@ -184,6 +184,44 @@ def cmd_predict(args: argparse.Namespace) -> None:
     console.print(msg)
 
 
+def cmd_inspect(args: argparse.Namespace) -> None:
+    import numpy as np
+    import torch
+
+    from .checkpoint import load_model
+    from .data.dataset import eval_items
+    from .data.tokens import IN, OUT
+    from .evaluate import generate
+    from .viz import RoutingRecorder, draw_pairs, plot_halting, plot_routing
+
+    model, cfg, ckpt = load_model(args.checkpoint)
+    task = load_source(args.source).find(args.task_id)
+    items = eval_items([task])
+    if not 0 <= args.test < len(items):
+        raise ArcDataError(f"test index {args.test} out of range: the task has {len(items)} test inputs",
+                           task=task.id)
+    item = items[args.test]
+    prompt = item.prompt()
+    gen = generate(model, [prompt.tokens])[0]
+    seq = np.concatenate([prompt.tokens, np.array(gen.tokens, dtype=np.int64)])
+    rec = RoutingRecorder(cfg.model.n_heads)
+    pe = torch.tensor([prompt.prompt_end])
+    with torch.no_grad():
+        model(torch.from_numpy(seq)[None], prompt_end=pe, halt=True, steps=torch.tensor([gen.steps]), tap=rec)
+        full = model(torch.from_numpy(prompt.tokens)[None], prompt_end=pe)  # every step, for the halting curve
+    marks = [(i, "in" if t == IN else "out") for i, t in enumerate(seq.tolist()) if t in (IN, OUT)]
+    segments = [(start, end, label) for (start, label), (end, _) in zip(marks, marks[1:] + [(len(seq), "")])]
+    out = Path(args.out)
+    paths = plot_routing(rec, out, title=f"{task.id} test {args.test}: routing per recursion step "
+                                         f"({gen.steps} of {cfg.model.max_steps} steps run)", segments=segments)
+    paths.append(plot_halting(full.q_halt[:, 0].numpy(), full.q_continue[:, 0].numpy(), cfg.model.halt_threshold,
+                              gen.steps, out / "halting.png"))
+    paths.append(draw_pairs([("test", [("input", item.input), ("target", item.target), ("prediction", gen.grid)])],
+                            out / "answer.png", title=f"{task.id} (checkpoint {ckpt.name})"))
+    for p in paths:
+        console.print(f"wrote {p}")
+
+
 def cmd_plot(args: argparse.Namespace) -> None:
     from .viz import plot_run
 
@@ -305,6 +343,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--out", default=None, help="answers file (default TASK_ID.answers.json)")
     pr.set_defaults(func=cmd_predict)
+
+    ins = sub.add_parser("inspect", help="pictures of one task's routing per step and module, and of halting")
+    ins.add_argument("checkpoint", metavar="CHECKPOINT")
+    ins.add_argument("source", help="arc1, arc2, a task directory or a task file")
+    ins.add_argument("task_id")
+    ins.add_argument("--test", type=int, default=0, help="which test input of the task")
+    ins.add_argument("--out", default="inspect", help="output directory")
+    ins.set_defaults(func=cmd_inspect)
 
     pl = sub.add_parser("plot", help="PNG curves from a run's metrics.jsonl")
     pl.add_argument("run_dir")

@@ -135,4 +135,120 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
         a.set_xlabel("step")
         a.grid(alpha=0.3)
     fig.tight_layout()
-    return [save_figure(fig, out_dir / "curves.png")]
+    return [save_figure(fig, out_dir / "curves.png"), *plot_usage(run_dir, out_dir)]
+
+
+# ------------------------------------------------------------------------------------------------ routing
+
+class RoutingRecorder:
+    """A model tap that keeps each (step, module)'s routing weights of a single sequence: attention as
+    (T, heads, E) per q/k/v, the FFN as (T, E)."""
+
+    def __init__(self, n_heads: int):
+        self.n_heads = n_heads
+        self.weights: dict[tuple[int, str], np.ndarray] = {}
+
+    def __call__(self, step: int, name: str, **t) -> None:
+        w = t["weights"].detach().float().cpu()
+        if name == "attn":
+            w = w.reshape(-1, self.n_heads, *w.shape[1:])  # (T, H, 3, E)
+            for c, ch in enumerate(t["channels"]):
+                self.weights[(step, ch)] = w[:, :, c].numpy()
+        else:
+            self.weights[(step, name)] = w.numpy()
+
+    @property
+    def steps(self) -> int:
+        return 1 + max(s for s, _ in self.weights) if self.weights else 0
+
+
+def plot_routing(rec: RoutingRecorder, out_dir: str | os.PathLike, title: str = "",
+                 segments: Sequence[tuple[int, int, str]] = ()) -> list[Path]:
+    """routing.png: per step (rows) and module (q, k, v, ffn), the mean routing weight of every expert (per head
+    for attention); ffn_tokens.png: per step, each token's strongest FFN expert."""
+    out_dir = Path(out_dir)
+    S = rec.steps
+    fig, axes = plt.subplots(S, 4, figsize=(16, 1.6 * S + 1), squeeze=False)
+    for s in range(S):
+        for c, name in enumerate(("q", "k", "v", "ffn")):
+            ax = axes[s][c]
+            w = rec.weights.get((s, name))
+            if w is None:
+                ax.axis("off")
+                continue
+            m = w.mean(0) if w.ndim == 3 else w.mean(0, keepdims=True)  # (H, E) or (1, E)
+            ax.imshow(m, aspect="auto", cmap="viridis", interpolation="nearest")
+            ax.set_yticks(range(m.shape[0]))
+            ax.set_yticklabels([f"h{h}" for h in range(m.shape[0])] if name != "ffn" else ["ffn"], fontsize=6)
+            ax.set_xticks([])
+            if s == 0:
+                ax.set_title(f"{name}: mean weight per expert", fontsize=9)
+            if c == 0:
+                ax.set_ylabel(f"step {s + 1}", fontsize=9)
+    fig.suptitle(title or "routing per recursion step")
+    fig.tight_layout()
+    paths = [save_figure(fig, out_dir / "routing.png")]
+
+    ffn = [rec.weights[(s, "ffn")] for s in range(S) if (s, "ffn") in rec.weights]
+    if ffn:
+        top = np.stack([np.where(w.max(1) > 0, w.argmax(1), -1) for w in ffn])  # (S, T); -1: no expert active
+        fig, ax = plt.subplots(figsize=(min(30, 4 + top.shape[1] / 25), 1 + 0.4 * len(ffn)))
+        n_e = ffn[0].shape[1]
+        cmap = matplotlib.colormaps["tab20"].resampled(n_e + 1)
+        ax.imshow(top + 1, aspect="auto", cmap=cmap, vmin=0, vmax=n_e, interpolation="nearest")
+        ax.set_yticks(range(len(ffn)))
+        ax.set_yticklabels([f"step {s + 1}" for s in range(len(ffn))], fontsize=7)
+        for start, end, label in segments:
+            ax.axvline(start - 0.5, color="w", linewidth=0.6)
+            ax.text((start + end) / 2, -0.7, label, ha="center", fontsize=6)
+        ax.set_xlabel("token position (colour: strongest FFN expert; white: none active)")
+        paths.append(save_figure(fig, out_dir / "ffn_tokens.png"))
+    return paths
+
+
+def plot_halting(q_halt: np.ndarray, q_continue: np.ndarray, threshold: float, steps: int,
+                 path: str | os.PathLike) -> Path:
+    p = 1 / (1 + np.exp(-(q_halt - q_continue)))
+    fig, ax = plt.subplots(figsize=(5, 3))
+    xs = np.arange(1, len(p) + 1)
+    ax.plot(xs, p, marker="o")
+    ax.axhline(threshold, color="r", linestyle="--", label=f"threshold {threshold:g}")
+    ax.axvline(steps, color="k", linestyle=":", label=f"halts after step {steps}")
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("recursion step")
+    ax.set_ylabel("sigmoid(q_halt - q_continue)")
+    ax.legend(fontsize=7)
+    ax.set_title("halting decision (read at the prompt's end)", fontsize=9)
+    return save_figure(fig, path)
+
+
+def plot_usage(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Expert usage over training: for q, k, v and the FFN, the fraction of tokens for which each expert is
+    active at each logged step (heatmaps), and the routing entropy. Does specialisation emerge?"""
+    train = [r for r in read_metrics(run_dir) if r.get("kind") == "train" and "usage_ffn" in r]
+    if not train:
+        return []
+    out_dir = Path(out_dir or Path(run_dir) / "plots")
+    steps = [r["step"] for r in train]
+    fig, axes = plt.subplots(2, 3, figsize=(16, 7))
+    for ax, name in zip(axes.flat, ("q", "k", "v", "ffn")):
+        u = np.array([r[f"usage_{name}"] for r in train]).T  # (E, logs)
+        im = ax.imshow(u, aspect="auto", cmap="magma", interpolation="nearest", vmin=0,
+                       extent=(steps[0] - 0.5, steps[-1] + 0.5, u.shape[0] - 0.5, -0.5))
+        ax.set_title(f"{name}: fraction of tokens using each expert")
+        ax.set_xlabel("step")
+        ax.set_ylabel("expert")
+        fig.colorbar(im, ax=ax, fraction=0.04)
+    ax = axes.flat[4]
+    for name in ("q", "k", "v", "ffn"):
+        ax.plot(steps, [r.get(f"entropy_{name}", np.nan) for r in train], label=name)
+    ax.set_title("routing entropy (nats, normalised weights)")
+    ax.legend()
+    ax = axes.flat[5]
+    for name in ("q", "k", "v", "ffn"):
+        ax.plot(steps, [r.get(f"active_{name}", np.nan) for r in train], label=name)
+    ax.set_title("active experts per token")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    return [save_figure(fig, out_dir / "usage.png")]

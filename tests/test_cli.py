@@ -1,0 +1,69 @@
+"""The command line end to end on the `debug` preset: train -> eval / predict / inspect / plot, errors."""
+
+import json
+
+import pytest
+
+from dyntrm.cli import main
+from helpers import TASKS
+
+TRAIN = ["train", "--preset", "debug", "--source", str(TASKS), "--set", "data.train_splits=",
+         "--set", "data.demo_splits=all", "--set", "data.eval_split=all", "--set", "train.warmup=1"]
+
+
+def test_help_lists_the_subcommands(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("data", "show", "train", "eval", "predict", "inspect", "plot", "info", "demo"):
+        assert cmd in out
+
+
+def test_unknown_override_is_an_error_listing_valid_keys(capsys):
+    assert main([*TRAIN, "--set", "model.widht=3"]) == 2
+    out = capsys.readouterr().out
+    assert "unknown config key 'model.widht'" in out and "model.d_model" in out and "Traceback" not in out
+    assert main([*TRAIN, "--set", "model.d_model=abc"]) == 2
+    assert "model.d_model='abc'" in capsys.readouterr().out
+
+
+def test_leaky_split_configuration_is_refused(capsys, tmp_path):
+    assert main(["train", "--preset", "debug", "--source", str(TASKS), "--set", "data.train_splits=all",
+                 "--set", "data.eval_split=all", "--out", str(tmp_path)]) == 2
+    assert "would be trained on" in capsys.readouterr().out
+
+
+def test_train_then_eval_predict_inspect_plot_resume(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main([*TRAIN, "--out", str(run), "--set", "train.steps=3"]) == 0
+    assert (run / "checkpoints" / "step_0000003" / "model.safetensors").exists()
+
+    assert main(["eval", str(run), "--views", "2", "--out", str(tmp_path / "ev")]) == 0
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert set(metrics) >= {"pass@1", "pass@2", "tasks", "mean_steps", "decode_tokens_per_s"}
+    assert len(metrics["tasks"]) == 6
+    sub = json.loads((tmp_path / "ev" / "submission.json").read_text())
+    assert set(sub) == set(metrics["tasks"]) and all(set(e[0]) == {"attempt_1", "attempt_2"} for e in sub.values())
+    assert "<table" in (tmp_path / "ev" / "report.html").read_text()
+
+    answers = tmp_path / "answers.json"
+    assert main(["predict", str(run), str(TASKS / "flip_lr.json"), "--views", "1", "--out", str(answers)]) == 0
+    assert list(json.loads(answers.read_text())) == ["flip_lr"]
+    assert "pass@2" in capsys.readouterr().out  # the file has test outputs, so it is scored
+
+    assert main(["inspect", str(run), str(TASKS), "identity", "--out", str(tmp_path / "ins")]) == 0
+    assert {p.name for p in (tmp_path / "ins").iterdir()} >= {"routing.png", "halting.png", "answer.png"}
+    assert main(["plot", str(run)]) == 0
+    assert (run / "plots" / "curves.png").exists() and (run / "plots" / "usage.png").exists()
+
+    # resume continues the same run to a larger step count
+    assert main(["train", "--resume", str(run), "--set", "train.steps=5"]) == 0
+    steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()
+             if json.loads(l)["kind"] == "train"]
+    assert steps[-1] == 5
+
+
+def test_eval_of_a_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+    assert main(["eval", str(tmp_path)]) == 2
+    assert "no complete checkpoint" in capsys.readouterr().out

@@ -180,3 +180,11 @@ def test_sampling_is_reproducible_and_stays_well_formed():
     b = generate(m, p, temperature=1.0, top_k=4, generator=torch.Generator().manual_seed(0))
     assert [g.tokens for g in a] == [g.tokens for g in b]
     assert all(g.grid is not None for g in a)
+
+
+def test_per_sample_side_limits_hold():
+    m = _random_model(11, bias_token=3)  # pushes toward colours: grids grow as large as allowed
+    prompts = [np.array([11, 13, 1, OUT])] * 3
+    gens = generate(m, prompts, max_sides=[1, 4, 30])
+    assert gens[0].grid.shape == (1, 1)
+    assert max(gens[1].grid.shape) <= 4 and max(gens[2].grid.shape) <= 30

@@ -159,7 +159,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     m, _ = run_eval(model, cfg, items, out, n_views=args.views, seed=args.seed, title=f"dyntrm eval: {ckpt_dir}",
                  extra={"checkpoint": str(ckpt_dir), "source": cfg.data.source,
                         "split": args.split or cfg.data.eval_split},
-                 temperature=args.temperature, top_k=args.top_k)
+                 temperature=args.temperature, top_k=args.top_k, cap_to_prompt=args.cap_to_prompt)
     console.print(f"pass@1 {m['pass@1']:.4f}  pass@2 {m['pass@2']:.4f} over {m['n_tasks']} tasks "
                   f"({m['n_test_inputs']} test inputs, {args.views} views); mean ACT steps {m['mean_steps']:.2f}; "
                   f"{m['decode_tokens_per_s']:.0f} decode tok/s -> {out}/report.html")
@@ -333,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0, help="seed of the views' colour permutations")
     ev.add_argument("--temperature", type=float, default=0.0, help="> 0 samples instead of greedy decoding")
     ev.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens")
+    ev.add_argument("--cap-to-prompt", action="store_true",
+                    help="limit answers to the largest grid side in their prompt (bounds decoding cost; a heuristic)")
     ev.add_argument("--out", default=None, help="output directory (default RUN/eval-SPLIT)")
     ev.set_defaults(func=cmd_eval)
 

@@ -35,8 +35,11 @@ MAX_ANSWER = MAX_SIDE * MAX_SIDE + (MAX_SIDE - 1) + 1  # 30 rows of 30, 29 separ
 class GridConstraint:
     """Per-sample state machine over generated tokens that only allows well-formed grids (vectorised)."""
 
-    def __init__(self, batch: int, vocab: int, device: torch.device):
+    def __init__(self, batch: int, vocab: int, device: torch.device, max_side: torch.Tensor | None = None):
         self.vocab = vocab
+        # per-sample limit on rows and columns (default 30)
+        self.max_side = torch.full((batch,), MAX_SIDE, dtype=torch.long, device=device) if max_side is None \
+            else max_side.to(device).clamp(1, MAX_SIDE)
         self.row_w = torch.zeros(batch, dtype=torch.long, device=device)  # cells in the current row
         self.first_w = torch.zeros(batch, dtype=torch.long, device=device)  # width of row 0 (0: row 0 still open)
         self.rows = torch.ones(batch, dtype=torch.long, device=device)  # rows started
@@ -45,13 +48,13 @@ class GridConstraint:
     def allowed(self) -> torch.Tensor:
         """(B, V) bool: what each sample may emit next."""
         B = self.done.shape[0]
-        width_cap = torch.where(self.first_w > 0, self.first_w, torch.full_like(self.first_w, MAX_SIDE))
+        width_cap = torch.where(self.first_w > 0, self.first_w, self.max_side)
         row_full = (self.first_w == 0) | (self.row_w == self.first_w)
         colour = ~self.done & (self.row_w < width_cap)
         close_row = ~self.done & (self.row_w > 0) & row_full
         mask = torch.zeros(B, self.vocab, dtype=torch.bool, device=self.done.device)
         mask[:, :N_COLOURS] = colour[:, None]
-        mask[:, ROW] = close_row & (self.rows < MAX_SIDE)
+        mask[:, ROW] = close_row & (self.rows < self.max_side)
         mask[:, END] = close_row
         mask[:, PAD] = self.done  # finished samples idle on padding
         return mask
@@ -81,11 +84,13 @@ class Generation:
 @torch.no_grad()
 def generate(model, prompts: Sequence[np.ndarray], *, max_new: int = MAX_ANSWER, constrain: bool = True,
              temperature: float = 0.0, top_k: int = 0, steps: torch.Tensor | None = None,
-             generator: torch.Generator | None = None, compact: float = 0.5) -> list[Generation]:
+             generator: torch.Generator | None = None, compact: float = 0.5,
+             max_sides: Sequence[int] | None = None) -> list[Generation]:
     """Decode one answer per prompt (token arrays ending with the query's OUT), as one batch.
 
     Greedy by default; ``temperature > 0`` samples (optionally from the ``top_k`` most likely tokens). Samples that
-    finish leave the batch once the finished fraction exceeds ``compact``.
+    finish leave the batch once the finished fraction exceeds ``compact``. ``max_sides`` optionally limits each
+    answer's rows and columns (default 30).
     """
     device = next(model.parameters()).device
     B = len(prompts)
@@ -99,7 +104,8 @@ def generate(model, prompts: Sequence[np.ndarray], *, max_new: int = MAX_ANSWER,
     for i, p in enumerate(prompts):
         tokens[i, :len(p)] = torch.as_tensor(p, device=device)
     logits, state = model.prefill(tokens, lengths, max_new, steps=steps)
-    con = GridConstraint(B, logits.shape[-1], device)
+    con = GridConstraint(B, logits.shape[-1], device,
+                         None if max_sides is None else torch.tensor(list(max_sides), dtype=torch.long))
     alive = torch.arange(B, device=device)  # original index of each row still in the batch
     out_tok = torch.full((B, max_new), PAD, dtype=torch.long, device=device)
     n_out = torch.zeros(B, dtype=torch.long, device=device)
@@ -136,7 +142,7 @@ def generate(model, prompts: Sequence[np.ndarray], *, max_new: int = MAX_ANSWER,
             keep = torch.nonzero(~con.done, as_tuple=True)[0]
             state = state.keep(keep)
             alive, tok = alive[keep], tok[keep]
-            for name in ("row_w", "first_w", "rows", "done"):
+            for name in ("row_w", "first_w", "rows", "done", "max_side"):
                 setattr(con, name, getattr(con, name)[keep])
         logits = model.decode(tok, state)
     results = []
@@ -155,6 +161,7 @@ def generate_batched(model, prompts: Sequence[np.ndarray], *, tokens_per_batch: 
     """:func:`generate` over prompts grouped by length into batches of about ``tokens_per_batch`` prompt +
     answer-capacity tokens. Results come back in the input order."""
     max_new = kw.get("max_new", MAX_ANSWER)
+    sides = kw.pop("max_sides", None)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[Generation | None] = [None] * len(prompts)
     i = 0
@@ -163,7 +170,8 @@ def generate_batched(model, prompts: Sequence[np.ndarray], *, tokens_per_batch: 
         while j < len(order) and (j - i + 1) * (padded(len(prompts[order[j]])) + max_new) <= tokens_per_batch:
             j += 1
         idx = order[i:j]
-        for k, g in zip(idx, generate(model, [prompts[k] for k in idx], **kw)):
+        part = None if sides is None else [sides[k] for k in idx]
+        for k, g in zip(idx, generate(model, [prompts[k] for k in idx], max_sides=part, **kw)):
             results[k] = g
         i = j
     return results  # type: ignore[return-value]
@@ -248,13 +256,23 @@ class ItemResult:
     attempts: list[np.ndarray] = field(default_factory=list)
 
 
+def prompt_max_side(item: EvalItem) -> int:
+    """The largest side of any grid in the prompt (demonstrations and test input): invariant under every view."""
+    grids = [item.input] + [g for p in item.demos for g in (p.input, p.output)]
+    return max(max(g.shape) for g in grids)
+
+
 def evaluate_items(model, items: Sequence[EvalItem], *, n_views: int = 8, seed: int = 0,
-                   tokens_per_batch: int = 131072, max_len: int | None = None, **gen_kw) -> tuple[list[ItemResult], dict]:
+                   tokens_per_batch: int = 131072, max_len: int | None = None, cap_to_prompt: bool = False,
+                   **gen_kw) -> tuple[list[ItemResult], dict]:
     """Decode every item under ``n_views`` views, un-augment, vote. Returns per-item results and timing stats.
 
     Items whose prompt exceeds ``max_len`` tokens are not decoded (no attempt: counted as unsolved and reported).
+    ``cap_to_prompt`` limits each answer to the largest grid side seen in its prompt (a heuristic read from the
+    demonstrations, never the target; it bounds the cost of decoding from a barely trained model and can miss
+    answers larger than every prompt grid).
     """
-    prompts, owners = [], []
+    prompts, owners, sides = [], [], []
     skipped = 0
     for i, it in enumerate(items):
         vs = views(n_views, seed=seed + i)
@@ -265,7 +283,10 @@ def evaluate_items(model, items: Sequence[EvalItem], *, n_views: int = 8, seed: 
         for v, e in encs:
             prompts.append(e.tokens)
             owners.append((i, v))
+            sides.append(prompt_max_side(it))
     t0 = time.perf_counter()
+    if cap_to_prompt:
+        gen_kw["max_sides"] = sides
     gens = generate_batched(model, prompts, tokens_per_batch=tokens_per_batch, **gen_kw)
     seconds = time.perf_counter() - t0
     per_item: list[list[tuple[Augmentation, Generation]]] = [[] for _ in items]
@@ -279,7 +300,7 @@ def evaluate_items(model, items: Sequence[EvalItem], *, n_views: int = 8, seed: 
     n_tok = sum(len(g.tokens) for g in gens)
     stats = {"decode_seconds": seconds, "decode_tokens": n_tok, "decode_tokens_per_s": n_tok / max(seconds, 1e-9),
              "mean_steps": float(np.mean([g.steps for g in gens])) if gens else 0.0, "sequences": len(gens),
-             "skipped_over_max_len": skipped, "views": n_views}
+             "skipped_over_max_len": skipped, "views": n_views, "cap_to_prompt": cap_to_prompt}
     return results, stats
 
 

@@ -179,7 +179,7 @@ def compute_loss(out: ModelOutput, batch: Batch, cfg: Config, l1_coef: float, no
 # ------------------------------------------------------------------------------------------------ the trainer
 
 class Trainer:
-    """What build() makes: the raw model (saved, evaluated), its DDP/compiled wrapper (trained), the optimizer,
+    """What build() makes: the raw model (saved, evaluated), its DDP wrapper (trained), the optimizer,
     the EMA, the data stream and the state."""
 
     def __init__(self, cfg: Config, rt: Runtime, run_dir: str | Path | None = None, *, resume: bool = False,
@@ -190,7 +190,9 @@ class Trainer:
         self.model = ArcTransformer(cfg.model).to(rt.device)
         self.net: nn.Module = self.model
         if cfg.train.compile and rt.device.type == "cuda":
-            self.net = torch.compile(self.model)
+            # Compile the block in place: it is re-entered N times with the same shapes, the recursion and the
+            # data-dependent expert dispatch stay eager, and state_dict keys keep no "_orig_mod." prefix.
+            self.model.block.compile()
         if rt.distributed:
             ids = [rt.device.index] if rt.device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.net, device_ids=ids)

@@ -39,11 +39,6 @@ class Routed:
     router: Any  # module with .logits(x) -> (N, C, E) or (N, E)
 
 
-def recompute_logits(router: Any, x: torch.Tensor, channel: int) -> torch.Tensor:
-    r = router.logits(x)
-    return r[:, channel] if r.dim() == 3 else r
-
-
 @dataclass
 class RoutingStats:
     """Sums over a training step, kept on the device (no host sync until logged)."""

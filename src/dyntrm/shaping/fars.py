@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .base import Shaper, recompute_logits
+from .base import Shaper
 
 
 class FARS(Shaper):
@@ -22,7 +22,7 @@ class FARS(Shaper):
 
     def __init__(self, cfg, model, rt, optimizer=None):
         super().__init__(cfg, model, rt, optimizer)
-        self.captures: list[tuple[str, torch.Tensor, Any, int, Any]] = []
+        self.captures: list[tuple[tuple[str, ...], torch.Tensor, Any, Any]] = []  # one per routed call
         self.sums: dict[str, Any] = {}
         self.micro = 0
 
@@ -31,8 +31,7 @@ class FARS(Shaper):
         self.stats.add(r)
         if torch.is_grad_enabled():
             x = r.x.detach() if r.valid is None else r.x.detach()[r.valid]
-            for c, ch in enumerate(r.names):
-                self.captures.append((ch, x, r.router, c, r.library))
+            self.captures.append((r.names, x, r.router, r.library))
 
     @torch.no_grad()
     def expert_cost(self, lib) -> torch.Tensor:
@@ -55,11 +54,12 @@ class FARS(Shaper):
         H = self.cfg.model.n_heads
         costs: dict[int, torch.Tensor] = {}
         terms = []
-        for name, x, router, c, lib in self.captures:
+        for names, x, router, lib in self.captures:
             cost = costs.setdefault(id(lib), self.expert_cost(lib))
-            w = F.relu(recompute_logits(router, x, c))
+            r = router.logits(x)  # routing of every channel (q, k, v) from one GEMM
+            w = F.relu(r if r.dim() == 3 else r[:, None])  # (n, C, E)
             p = w / w.sum(-1, keepdim=True).clamp(min=1e-12)
-            rows_global = float(norms.tokens) * self.rt.world * (H if name != "ffn" else 1)
+            rows_global = float(norms.tokens) * self.rt.world * (H if names != ("ffn",) else 1)
             terms.append((p @ cost).sum() * (self.rt.world / (rows_global * n_modules)))
         self.captures.clear()
         loss = self.cfg.shaping.fars_weight * torch.stack(terms).sum()

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .base import Routed, Shaper, recompute_logits
+from .base import Routed, Shaper
 
 
 # ------------------------------------------------------------------------------------------------ pure maths
@@ -213,11 +213,16 @@ class SARS(Shaper):
         n_modules = self.cfg.model.max_steps * 4
         H = self.cfg.model.n_heads
         terms = []
+        recomputed: dict[tuple[int, int], torch.Tensor] = {}  # q, k, v share one routing GEMM per step
         for (step, name), cap in self.captures.items():
             if cap.cost is None:
                 raise RuntimeError(f"SARS: no gradient reached module {name} at step {step}")
             good = goodness(cap.logits, cap.cost)
-            r_new = recompute_logits(cap.router, cap.x, cap.channel)  # graph: routing parameters only
+            key = (step, id(cap.router))
+            if key not in recomputed:  # graph: routing parameters only (the inputs are detached)
+                r = cap.router.logits(cap.x)
+                recomputed[key] = r if r.dim() == 3 else r[:, None]
+            r_new = recomputed[key][:, cap.channel]
             ent = entropy_of_softmax(r_new + good)
             # global mean over tokens (x rate: the subsample's expected size), mean over modules; x world because
             # the meta gradients are averaged across ranks afterwards

@@ -73,7 +73,7 @@ def test_epoch_is_deterministic_reshuffled_and_counts_skips():
     # 3 pairs of 3x4 -> 4x3 plus a 3x4 -> 2x2 pair: every sequence is over 60 tokens, so all are skipped and counted
     ts = TrainingSet(items, max_len=60, tokens_per_batch=256, seed=1)
     assert ts.epoch(0).skipped == ts.epoch(0).total == 12 and ts.epoch(0).batches == []
-    with pytest.raises(ValueError, match="exceed max_len=60"):
+    with pytest.raises(ValueError, match="exceed data.max_len=60"):
         next(ts.iterate())
 
 

@@ -197,6 +197,8 @@ def _ddp_worker(rank, world, init_file, cfg_dict, seqs, out_path):
         if rank == 0:
             torch.save({"params": params(tr.model), **{f"grads{i}.{k}": v for i, g in enumerate(grads)
                                                          for k, v in g.items()}}, out_path)
+        del tr  # DDP's reducer must go before its process group, or gloo aborts the process at exit
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 

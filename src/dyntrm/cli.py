@@ -105,16 +105,20 @@ def resolve_config(args: argparse.Namespace):
 def cmd_train(args: argparse.Namespace) -> None:
     import time
 
+    from .runtime import setup, teardown
     from .train import train
 
     cfg = resolve_config(args)
     run_dir = Path(args.resume or args.out or f"runs/{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    rt = setup(cfg.train.threads)  # torchrun-aware: one process per rank
     try:
-        _, last = train(cfg, run_dir, resume=bool(args.resume), on_eval=eval_hook(cfg))
+        trainer, last = train(cfg, run_dir, resume=bool(args.resume), rt=rt, on_eval=eval_hook(cfg))
     except KeyboardInterrupt:
-        console.print(f"stopped: checkpoint saved in {run_dir}; continue with `dyntrm train --resume {run_dir}`")
+        rt.print0(f"stopped: checkpoint saved in {run_dir}; continue with `dyntrm train --resume {run_dir}`")
         raise SystemExit(130)
-    console.print(f"done: step {last.get('step')}, loss {last.get('loss', float('nan')):.4f}; run in {run_dir}")
+    del trainer  # DDP's reducer must go before its process group, or gloo aborts the process at exit
+    teardown()
+    rt.print0(f"done: step {last.get('step')}, loss {last.get('loss', float('nan')):.4f}; run in {run_dir}")
 
 
 def eval_hook(cfg):

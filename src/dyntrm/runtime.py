@@ -83,4 +83,5 @@ def setup(threads: int = 0) -> Runtime:
 
 def teardown() -> None:
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # ranks leave together: gloo can abort a rank torn down while a peer still works
         dist.destroy_process_group()

@@ -135,8 +135,13 @@ class TrainingSet:
         while True:
             plan = self.epoch(epoch)
             if not plan.batches:
-                raise ValueError(f"epoch {epoch} has no batch on rank {self.rank}: {plan.skipped} of {plan.total} "
-                                 f"sequences exceed max_len={self.max_len}")
+                from ..config import ConfigError
+
+                if plan.dropped:
+                    raise ConfigError(f"an epoch makes {plan.dropped} batch(es) for {self.world} ranks, and every "
+                                      f"rank needs one: lower data.tokens_per_batch or raise data.repeats")
+                raise ConfigError(f"epoch {epoch} has no batch: {plan.skipped} of {plan.total} sequences exceed "
+                                  f"data.max_len={self.max_len}")
             while b < len(plan):
                 yield epoch, b, plan, plan.batch(b, self.items)
                 b += 1

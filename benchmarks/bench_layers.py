@@ -232,7 +232,7 @@ def main() -> None:
         frac = fig[f"early_exit_{n}_of_{N}_time_frac"]
         rows.append([f"early exit after {n} of {N} steps", f"{te[f'n={n}'] * 1e3:.0f} / {te[f'n={N}'] * 1e3:.0f} ms",
                      f"{frac:.3f} of full (n/N = {n / N:.3f})", f"goal <= {1.1 * n / N:.3f}"])
-    rows.append([f"tiny training step {step['shape']}", f"{step['seconds']:.2f} s",
+    rows.append([f"tiny training step {step['shape']} (default: SARS at token_rate 0.25)", f"{step['seconds']:.2f} s",
                  f"{fig['train_step_tokens_per_s']:.0f} tok/s, {fig['train_step_frac_of_matmul']:.0%} of matmul rate",
                  ""])
     text = table(["measurement", "time", "figure", "note"], rows)

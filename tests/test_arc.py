@@ -47,13 +47,15 @@ def test_arc_repo_layout(tmp_path):
 
 
 def test_kaggle_pair(tmp_path):
-    ch = {"t1": {"train": GOOD["train"], "test": [{"input": [[1]]}, {"input": [[2]]}]}}
+    demos = [{"input": [[i]], "output": [[i, i]]} for i in range(3)]  # more demonstrations than test inputs
+    ch = {"t1": {"train": demos, "test": [{"input": [[1]]}, {"input": [[2]]}]}}
     (tmp_path / "arc-agi_evaluation_challenges.json").write_text(json.dumps(ch))
     (tmp_path / "arc-agi_evaluation_solutions.json").write_text(json.dumps({"t1": [[[3]], [[4]]]}))
     (tmp_path / "arc-agi_test_challenges.json").write_text(json.dumps(ch))  # no solutions: outputs unknown
     src = load_source(tmp_path)
     t = src.split("eval")[0]
     assert [p.output.tolist() for p in t.test] == [[[3]], [[4]]]
+    assert [p.output.tolist() for p in t.train] == [[[i, i]] for i in range(3)]  # demonstrations untouched
     assert all(p.output is None for p in src.split("test")[0].test)
 
 

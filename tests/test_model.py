@@ -216,6 +216,8 @@ def test_causality():
 @pytest.mark.parametrize("variant", ["dyn", "dense"])
 def test_padded_batch_equals_each_sample_alone(variant):
     m = make(seed=7, variant=variant)
+    with torch.no_grad():  # the halt head starts at zero weights: make q_halt depend on the input
+        m.block.halt.weight.normal_(0, 1.0)
     lengths = [13, 6, 9]
     seqs = [torch.randint(0, 17, (n,)) for n in lengths]
     T = max(lengths)
@@ -233,8 +235,10 @@ def test_padded_batch_equals_each_sample_alone(variant):
         n = len(s)
         torch.testing.assert_close(out_r.logits[:, i, :n], alone.logits[:, 0], rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(out_l.logits[:, i, T - n:], alone.logits[:, 0], rtol=1e-9, atol=1e-9)
+        # the halt head reads the last real token by default, wherever the padding is
         torch.testing.assert_close(out_r.q_halt[:, i], alone.q_halt[:, 0])
         torch.testing.assert_close(out_l.q_halt[:, i], alone.q_halt[:, 0])
+    assert out_r.q_halt[:, 0].std() > 0 and not torch.allclose(out_r.q_halt[:, 0], out_r.q_halt[:, 1])
 
 
 def test_gradients_reach_the_first_step_from_the_last():

@@ -254,3 +254,31 @@ def test_golden_losses(tmp_path):
                                       "losses": losses}, indent=2) + "\n")
     want = json.loads(GOLDEN.read_text())["losses"]
     assert losses == pytest.approx(want, rel=1e-4, abs=1e-5)
+
+
+def test_evaluation_inside_training_is_logged(tmp_path):
+    cfg = debug_cfg("train.steps=4", "train.eval_every=2", "train.eval_tasks=2")
+    train(cfg, tmp_path, rt=CPU, live=False)
+    evals = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()
+             if json.loads(l)["kind"] == "eval"]
+    assert [e["step"] for e in evals] == [2, 4]
+    assert all(e["n_test_inputs"] == 2 and 0 <= e["pass@2"] <= 1 for e in evals)
+
+
+def test_resume_refuses_a_changed_model_or_data(tmp_path):
+    from dyntrm.config import ConfigError
+
+    train(debug_cfg("train.steps=2"), tmp_path, rt=CPU, live=False)
+    before = (tmp_path / "config.json").read_text()
+    with pytest.raises(ConfigError, match="data.max_len"):
+        train(debug_cfg("train.steps=4", "data.max_len=256"), tmp_path, rt=CPU, live=False, resume=True)
+    assert (tmp_path / "config.json").read_text() == before  # a refused resume touches nothing
+    tr, _ = train(debug_cfg("train.steps=3"), tmp_path, rt=CPU, live=False, resume=True)  # train.* may change
+    assert tr.state.step == 3
+
+
+def test_saving_a_step_twice_keeps_the_complete_checkpoint(tmp_path):
+    tr, _ = train(debug_cfg("train.steps=2"), tmp_path, rt=CPU, live=False)
+    first = checkpoint.latest(tmp_path)
+    mtime = (first / "model.safetensors").stat().st_mtime_ns
+    assert tr.save() == first and (first / "model.safetensors").stat().st_mtime_ns == mtime

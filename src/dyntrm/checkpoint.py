@@ -63,6 +63,9 @@ def save(run_dir: str | os.PathLike, step: int, *, model_state: dict[str, torch.
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:07d}"
     final = root / name
+    if (final / COMPLETE).exists():  # this step is saved already (e.g. stopped right after a periodic save):
+        write_text(root / LATEST, name + "\n")  # the state is the same, so keep the files and move the pointer
+        return final
     tmp = root / f".tmp_{name}_{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -75,10 +78,8 @@ def save(run_dir: str | os.PathLike, step: int, *, model_state: dict[str, torch.
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        if final.exists():  # re-saving the same step (e.g. interrupted right after a periodic save)
-            old = root / f".old_{name}_{os.getpid()}"
-            os.replace(final, old)
-            shutil.rmtree(old, ignore_errors=True)
+        if final.exists():  # an incomplete leftover of a crashed save
+            shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
     finally:

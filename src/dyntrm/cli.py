@@ -13,7 +13,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from .config import ConfigError
+from .config import MAX_ANSWER_TOKENS, ConfigError
 from .data.arc import ArcDataError, load_source
 from .data.dataset import LeakageError
 from .train import TrainingStopped as TrainingStoppedError
@@ -112,22 +112,13 @@ def cmd_train(args: argparse.Namespace) -> None:
     run_dir = Path(args.resume or args.out or f"runs/{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
     rt = setup(cfg.train.threads)  # torchrun-aware: one process per rank
     try:
-        trainer, last = train(cfg, run_dir, resume=bool(args.resume), rt=rt, on_eval=eval_hook(cfg))
+        trainer, last = train(cfg, run_dir, resume=bool(args.resume), rt=rt)
     except KeyboardInterrupt:
         rt.print0(f"stopped: checkpoint saved in {run_dir}; continue with `dyntrm train --resume {run_dir}`")
         raise SystemExit(130)
     del trainer  # DDP's reducer must go before its process group, or gloo aborts the process at exit
     teardown()
     rt.print0(f"done: step {last.get('step')}, loss {last.get('loss', float('nan')):.4f}; run in {run_dir}")
-
-
-def eval_hook(cfg):
-    """In-training evaluation on a small fixed subset (train.eval_every), logged to metrics.jsonl."""
-    if not cfg.train.eval_every:
-        return None
-    from .evaluate import evaluate_subset
-
-    return evaluate_subset
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -139,8 +130,7 @@ def run_eval(model, cfg, items, out_dir: Path, *, n_views: int, seed: int = 0, t
     from .io import write_json
     from .report import write_report
 
-    results, stats = evaluate_items(model, items, n_views=n_views, seed=seed, max_len=cfg.model.max_positions,
-                                    **gen_kw)
+    results, stats = evaluate_items(model, items, n_views=n_views, seed=seed, **gen_kw)
     metrics = {**metrics_of(results, stats), **(extra or {})}
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "metrics.json", metrics)
@@ -152,7 +142,7 @@ def run_eval(model, cfg, items, out_dir: Path, *, n_views: int, seed: int = 0, t
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from .checkpoint import load_model
-    from .evaluate import split_items
+    from .evaluate import score_line, split_items
     from .runtime import pick_device
 
     model, cfg, ckpt_dir = load_model(args.checkpoint, device=pick_device())
@@ -164,8 +154,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
                  extra={"checkpoint": str(ckpt_dir), "source": cfg.data.source,
                         "split": args.split or cfg.data.eval_split},
                  temperature=args.temperature, top_k=args.top_k, cap_to_prompt=args.cap_to_prompt)
-    console.print(f"pass@1 {m['pass@1']:.4f}  pass@2 {m['pass@2']:.4f} over {m['n_tasks']} tasks "
-                  f"({m['n_test_inputs']} test inputs, {args.views} views); mean ACT steps {m['mean_steps']:.2f}; "
+    console.print(f"{score_line(m)} ({m['n_test_inputs']} test inputs, {args.views} views); "
+                  f"mean ACT steps {m['mean_steps']:.2f}; "
                   f"{m['decode_tokens_per_s']:.0f} decode tok/s -> {out}/report.html")
 
 
@@ -206,6 +196,9 @@ def cmd_inspect(args: argparse.Namespace) -> None:
                            task=task.id)
     item = items[args.test]
     prompt = item.prompt()
+    if len(prompt) + MAX_ANSWER_TOKENS > cfg.model.max_positions:
+        raise ConfigError(f"task {task.id}: a prompt of {len(prompt)} tokens leaves no room for an answer within "
+                          f"model.max_positions={cfg.model.max_positions}")
     gen = generate(model, [prompt.tokens])[0]
     seq = np.concatenate([prompt.tokens, np.array(gen.tokens, dtype=np.int64)])
     rec = RoutingRecorder(cfg.model.n_heads)
@@ -252,7 +245,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     import shutil
     import time
 
-    from .evaluate import split_items
+    from .evaluate import score_line, split_items
     from .report import write_report
     from .train import train
     from .viz import plot_run
@@ -282,7 +275,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         summary[f"pass@2 ({views} views)"] = round(m["pass@2"], 4)
         summary[f"pass@1 ({views} views)"] = round(m["pass@1"], 4)
         summary[f"mean ACT steps ({views} views)"] = round(m["mean_steps"], 2)
-        console.print(f"{views} view(s): pass@1 {m['pass@1']:.4f} pass@2 {m['pass@2']:.4f} on {m['n_tasks']} tasks; "
+        console.print(f"{views} view(s): {score_line(m)}; "
                       f"mean ACT steps {m['mean_steps']:.2f}; {m['decode_tokens_per_s']:.0f} decode tok/s")
     summary["wall minutes"] = round((time.perf_counter() - t0) / 60, 2)
     curves = plot_run(out)

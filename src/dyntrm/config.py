@@ -13,6 +13,10 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
+from .data.batching import padded
+
+MAX_ANSWER_TOKENS = 30 * 30 + 29 + 1  # the largest answer: 30 rows of 30, 29 row separators, <end>
+
 
 def opt(default: Any, help: str) -> Any:
     """A dataclass field with a help string (tuples are stored as defaults, which is safe: they are immutable)."""
@@ -119,7 +123,7 @@ def _debug() -> Config:
     """Test-sized: d_model 32, 2 heads, 8 + 4 experts, 3 steps, 6x6 grids."""
     return Config(
         model=ModelConfig(d_model=32, n_heads=2, max_steps=3, attn_experts=8, ffn_experts=4, ffn_mult=2,
-                          ffn_active=1.0, max_positions=1024),
+                          ffn_active=1.0, max_positions=2048),
         data=DataConfig(max_side=6, max_len=512, tokens_per_batch=2048),
     )
 
@@ -260,14 +264,17 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.ffn_active={m.ffn_active} must be in (0, model.ffn_experts={m.ffn_experts}]")
     if m.max_steps < 1:
         raise ConfigError(f"model.max_steps={m.max_steps}: must be >= 1")
-    if m.max_positions < cfg.data.max_len:
-        raise ConfigError(f"model.max_positions={m.max_positions} < data.max_len={cfg.data.max_len}")
+    if m.max_positions < cfg.data.max_len + MAX_ANSWER_TOKENS:
+        raise ConfigError(f"model.max_positions={m.max_positions} must hold a data.max_len={cfg.data.max_len} prompt "
+                          f"plus a full 30x30 answer ({MAX_ANSWER_TOKENS} tokens)")
     t = cfg.train
     for name in ("steps", "accum", "log_every"):
         if getattr(t, name) < 1:
             raise ConfigError(f"train.{name}={getattr(t, name)}: must be >= 1")
     if not 0 <= t.ema_decay < 1:
         raise ConfigError(f"train.ema_decay={t.ema_decay}: must be in [0, 1)")
+    if t.l1_init <= 0:
+        raise ConfigError(f"train.l1_init={t.l1_init}: must be > 0 (the controller multiplies it)")
     if t.l1_factor < 1:
         raise ConfigError(f"train.l1_factor={t.l1_factor}: must be >= 1")
     if not 0 < cfg.shaping.token_rate <= 1:
@@ -275,7 +282,7 @@ def validate(cfg: Config) -> None:
     d = cfg.data
     if d.max_len < 8:
         raise ConfigError(f"data.max_len={d.max_len}: must be at least 8")
-    if d.tokens_per_batch < -(-d.max_len // 8) * 8:
+    if d.tokens_per_batch < padded(d.max_len):
         raise ConfigError(f"data.tokens_per_batch={d.tokens_per_batch} must be >= data.max_len={d.max_len}")
     if not 1 <= d.max_side <= 30:
         raise ConfigError(f"data.max_side={d.max_side}: must be in 1..30")

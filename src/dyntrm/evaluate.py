@@ -21,13 +21,14 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from .config import MAX_ANSWER_TOKENS
 from .data.arc import MAX_SIDE, N_COLOURS
 from .data.augment import Augmentation, views
 from .data.batching import padded
 from .data.dataset import EvalItem
 from .data.tokens import END, PAD, ROW, GridDecodeError, tokens_to_grid
 
-MAX_ANSWER = MAX_SIDE * MAX_SIDE + (MAX_SIDE - 1) + 1  # 30 rows of 30, 29 separators, END
+MAX_ANSWER = MAX_ANSWER_TOKENS  # 30 rows of 30, 29 separators, END
 
 
 # ------------------------------------------------------------------------------------------------ decoding
@@ -96,10 +97,9 @@ def generate(model, prompts: Sequence[np.ndarray], *, max_new: int = MAX_ANSWER,
     B = len(prompts)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     T = int(lengths.max())
-    if T + max_new > model.cfg.max_positions:
-        max_new = model.cfg.max_positions - T
-        if max_new < 2:
-            raise ValueError(f"prompt of {T} tokens leaves no room to answer within model.max_positions")
+    if T + max_new > model.cfg.max_positions:  # evaluate_items skips such prompts; a direct call is a mistake
+        raise ValueError(f"a prompt of {T} tokens plus {max_new} answer tokens exceeds model.max_positions="
+                         f"{model.cfg.max_positions}")
     tokens = torch.full((B, T), PAD, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         tokens[i, :len(p)] = torch.as_tensor(p, device=device)
@@ -161,7 +161,8 @@ def generate_batched(model, prompts: Sequence[np.ndarray], *, tokens_per_batch: 
     """:func:`generate` over prompts grouped by length into batches of about ``tokens_per_batch`` prompt +
     answer-capacity tokens. Results come back in the input order."""
     max_new = kw.get("max_new", MAX_ANSWER)
-    sides = kw.pop("max_sides", None)
+    sides = kw.pop("max_sides", None)  # per-prompt options follow their prompts into the batches
+    steps = kw.pop("steps", None)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[Generation | None] = [None] * len(prompts)
     i = 0
@@ -171,7 +172,8 @@ def generate_batched(model, prompts: Sequence[np.ndarray], *, tokens_per_batch: 
             j += 1
         idx = order[i:j]
         part = None if sides is None else [sides[k] for k in idx]
-        for k, g in zip(idx, generate(model, [prompts[k] for k in idx], max_sides=part, **kw)):
+        part_steps = None if steps is None else torch.as_tensor(steps)[idx]
+        for k, g in zip(idx, generate(model, [prompts[k] for k in idx], max_sides=part, steps=part_steps, **kw)):
             results[k] = g
         i = j
     return results  # type: ignore[return-value]
@@ -267,17 +269,22 @@ def evaluate_items(model, items: Sequence[EvalItem], *, n_views: int = 8, seed: 
                    **gen_kw) -> tuple[list[ItemResult], dict]:
     """Decode every item under ``n_views`` views, un-augment, vote. Returns per-item results and timing stats.
 
-    Items whose prompt exceeds ``max_len`` tokens are not decoded (no attempt: counted as unsolved and reported).
+    Items whose prompt leaves no room for a full answer within ``model.max_positions`` (or exceeds ``max_len``) are
+    not decoded: no attempt, counted as unsolved, and reported as ``skipped_over_max_len``.
     ``cap_to_prompt`` limits each answer to the largest grid side seen in its prompt (a heuristic read from the
     demonstrations, never the target; it bounds the cost of decoding from a barely trained model and can miss
     answers larger than every prompt grid).
     """
     prompts, owners, sides = [], [], []
     skipped = 0
+    room = getattr(getattr(model, "cfg", None), "max_positions", None)  # (tests pass stand-ins without a cfg)
+    limits = [x for x in (max_len, None if room is None else room - gen_kw.get("max_new", MAX_ANSWER))
+              if x is not None]
+    limit = min(limits) if limits else None
     for i, it in enumerate(items):
         vs = views(n_views, seed=seed + i)
         encs = [(v, it.prompt(v)) for v in vs]
-        if max_len is not None and any(len(e) > max_len for _, e in encs):
+        if limit is not None and any(len(e) > limit for _, e in encs):
             skipped += 1
             continue
         for v, e in encs:
@@ -332,6 +339,13 @@ def metrics_of(results: Sequence[ItemResult], stats: dict) -> dict[str, Any]:
             "n_test_inputs": len(results), **stats, "tasks": scored["tasks"]}
 
 
+def score_line(m: dict[str, Any]) -> str:
+    """One-line summary of :func:`metrics_of` output; a split without targets has no score, only a submission."""
+    if m["pass@2"] is None:
+        return f"no targets in these {m['n_test_inputs']} test inputs: submission only"
+    return f"pass@1 {m['pass@1']:.4f} pass@2 {m['pass@2']:.4f} over {m['n_tasks']} tasks"
+
+
 def split_items(cfg, split: str | None = None, limit: int | None = None) -> list[EvalItem]:
     """The scored test inputs of a config's evaluation split (tasks filtered by ``data.max_side``)."""
     from .data.arc import filter_max_side, load_source
@@ -361,7 +375,7 @@ def evaluate_subset(trainer, metrics_path) -> dict[str, Any] | None:
                "n_test_inputs": m["n_test_inputs"], "mean_steps": m["mean_steps"],
                "decode_tokens_per_s": m["decode_tokens_per_s"]}
         append_jsonl(metrics_path, out)
-        rt.print0(f"eval @ step {out['step']}: pass@2 {out['pass@2']:.3f} on {out['n_test_inputs']} test inputs, "
+        rt.print0(f"eval @ step {out['step']}: {score_line(m)} ({out['n_test_inputs']} test inputs), "
                   f"mean steps {out['mean_steps']:.2f}")
     rt.barrier()
     return out

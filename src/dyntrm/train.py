@@ -8,7 +8,7 @@ with, per sample and step t, ``halt_t = 1[every answer token is predicted correc
 ``continue_t = γ · max_{t' > t} halt_t'`` (0 at the last step). Every sum is normalised by the *global* count of
 its terms over all micro-batches and ranks, so 2 processes or 4 accumulated micro-batches give the same update as
 one process on the whole batch (tested). After the backward pass a routing shaper may add its own gradients
-(``shaping.kind``; ``none`` for now).
+(``shaping.kind``: SARS by default, FARS, or none).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint
-from .config import Config, to_dict
+from .config import Config, ConfigError, to_dict
 from .data.arc import load_source
 from .data.batching import Batch
 from .data.dataset import Epoch, TrainingSet, training_items
@@ -215,14 +215,22 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------- checkpoints
 
+    def rng_state(self) -> dict[str, torch.Tensor]:
+        rng = {"torch": torch.get_rng_state()}
+        if self.rt.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.rt.device)
+        return rng
+
     def save(self) -> Path | None:
         if self.run_dir is None:
             return None
+        # every rank's RNG (SARS subsamples tokens per rank), gathered to rank 0
+        rngs = [self.rng_state()]
+        if self.rt.distributed:
+            rngs = [None] * self.rt.world
+            torch.distributed.all_gather_object(rngs, {k: v.cpu() for k, v in self.rng_state().items()})
         if self.rt.is_main:
-            rng = {"torch": torch.get_rng_state()}
-            if torch.cuda.is_available():
-                rng["cuda"] = torch.cuda.get_rng_state_all()
-            state = {"optimizer": self.optimizer.state_dict(), "rng": rng}
+            state = {"optimizer": self.optimizer.state_dict(), "rng": rngs}
             meta = checkpoint.meta_for(self.cfg, train_state=asdict(self.state))
             path = checkpoint.save(self.run_dir, self.state.step, model_state=self.model.state_dict(),
                                    ema_state=self.ema.state_dict() if self.ema else None, state=state, meta=meta,
@@ -233,26 +241,39 @@ class Trainer:
         return path
 
     def restore(self, ckpt: dict[str, Any]) -> None:
+        import json
+
+        saved, now = ckpt["meta"]["config"], json.loads(json.dumps(to_dict(self.cfg)))
+        changed = [f"{sec}.{k}" for sec in ("model", "data") for k in now[sec] if saved[sec].get(k) != now[sec][k]]
+        if changed:  # the data position and the weights only mean something under the same model and data
+            raise ConfigError(f"{ckpt['dir']}: cannot resume with changed {', '.join(changed)} "
+                              f"(train.* and shaping.* may change on resume)")
         self.model.load_state_dict(ckpt["model"])
         if self.ema is not None and ckpt["ema"] is not None:
             self.ema.load_state_dict(ckpt["ema"])
         self.optimizer.load_state_dict(ckpt["state"]["optimizer"])
-        torch.set_rng_state(ckpt["state"]["rng"]["torch"])
-        if "cuda" in ckpt["state"]["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["state"]["rng"]["cuda"])
+        rngs = ckpt["state"]["rng"]
+        if len(rngs) != self.rt.world:  # another world size: exactness is off anyway; keep going, say so
+            self.rt.print0(f"resuming {len(rngs)} rank(s) as {self.rt.world}: random streams restart from rank 0's")
+        rng = rngs[self.rt.rank] if self.rt.rank < len(rngs) else rngs[0]
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and self.rt.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.rt.device)
         self.state = TrainState(**ckpt["meta"]["train_state"])
 
     # -------------------------------------------------------------------------------------- one step
 
-    def micro_batches(self, stream: Iterator[tuple[int, int, Epoch, Batch]]) -> tuple[list[Batch], tuple[int, int]]:
-        """The next ``accum`` batches and the data position after them (committed once the step succeeds)."""
-        out = []
+    def micro_batches(self, stream: Iterator[tuple[int, int, Epoch, Batch]]
+                      ) -> tuple[list[Batch], tuple[int, int], dict[int, Epoch]]:
+        """The next ``accum`` batches, the data position after them (committed once the step succeeds), and the
+        plans of the epochs they came from."""
+        out, plans = [], {}
         pos = (self.state.epoch, self.state.batch)
         for _ in range(self.cfg.train.accum):
-            epoch, b, _, batch = next(stream)
-            pos = (epoch, b + 1)
+            epoch, b, plan, batch = next(stream)
+            pos, plans[epoch] = (epoch, b + 1), plan
             out.append(batch.to(self.rt.device))
-        return out, pos
+        return out, pos, plans
 
     def step(self, micro: list[Batch]) -> dict[str, float]:
         """One optimizer step over ``micro`` batches. Returns logged metrics (global means)."""
@@ -331,8 +352,11 @@ class Trainer:
         return metrics
 
     def ema_model(self) -> ArcTransformer:
-        """A copy of the model carrying the EMA weights (or the raw weights when EMA is off), in eval mode."""
-        m = ArcTransformer(self.cfg.model).to(self.rt.device)
+        """A copy of the model carrying the EMA weights (or the raw weights when EMA is off), in eval mode.
+        Built under a forked RNG: evaluating must not move the training run's random stream."""
+        devices = [self.rt.device] if self.rt.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            m = ArcTransformer(self.cfg.model).to(self.rt.device)
         state = self.ema.state_dict() if self.ema is not None else self.model.state_dict()
         m.load_state_dict({k: v.to(self.model.state_dict()[k].dtype) for k, v in state.items()})
         return m.eval()
@@ -401,18 +425,22 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, rt: Runtime
           live: bool | None = None, on_eval=None) -> tuple[Trainer, dict[str, float]]:
     """The training loop: {step, log, eval every k, save every k}; Ctrl-C saves and stops cleanly.
 
-    ``on_eval(trainer, metrics_path)`` runs every ``train.eval_every`` steps. Returns the trainer and the last
-    logged metrics. Raises :class:`TrainingStopped` after too many non-finite steps (last checkpoint intact).
+    ``on_eval(trainer, metrics_path)`` runs every ``train.eval_every`` steps (default: the EMA model on a fixed
+    subset of the evaluation split, logged to metrics.jsonl). Returns the trainer and the last logged metrics.
+    Raises :class:`TrainingStopped` after too many non-finite steps (its last checkpoint intact).
     """
+    from .evaluate import evaluate_subset
     from .runtime import setup
+
+    on_eval = on_eval or evaluate_subset
 
     rt = rt or setup(cfg.train.threads)
     run_dir = Path(run_dir)
+    tr = build(cfg, rt, run_dir, resume=resume)  # a refused resume raises here, before any file is touched
     if rt.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_run_files(run_dir, cfg)
     rt.barrier()
-    tr = build(cfg, rt, run_dir, resume=resume)
     st, t = tr.state, cfg.train
     metrics_path = run_dir / "metrics.jsonl"
     stream = tr.data.iterate(st.epoch, st.batch)
@@ -424,16 +452,16 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, rt: Runtime
     try:
         while st.step < t.steps:
             t0 = now()
-            micro, pos = tr.micro_batches(stream)
-            if pos[0] != seen_epoch and rt.is_main:
-                plan = tr.data.epoch(pos[0])
-                append_jsonl(metrics_path, {"kind": "epoch", "step": st.step, "epoch": st.epoch,
-                                            "sequences": plan.total, "skipped_over_max_len": plan.skipped,
-                                            "dropped_batches": plan.dropped, "batches": len(plan) * rt.world})
-                if plan.skipped:
-                    rt.print0(f"epoch {st.epoch}: {plan.skipped} of {plan.total} sequences exceed "
-                              f"data.max_len={cfg.data.max_len} and were skipped")
-                seen_epoch = pos[0]
+            micro, pos, plans = tr.micro_batches(stream)
+            for epoch, plan in plans.items():
+                if epoch > seen_epoch and rt.is_main:  # first batch of an epoch (or of a resumed run)
+                    append_jsonl(metrics_path, {"kind": "epoch", "step": st.step, "epoch": epoch,
+                                                "sequences": plan.total, "skipped_over_max_len": plan.skipped,
+                                                "dropped_batches": plan.dropped, "batches": len(plan) * rt.world})
+                    if plan.skipped:
+                        rt.print0(f"epoch {epoch}: {plan.skipped} of {plan.total} sequences exceed "
+                                  f"data.max_len={cfg.data.max_len} and were skipped")
+                seen_epoch = max(seen_epoch, epoch)
             m = tr.step(micro)
             dt = now() - t0
             st.elapsed += dt
@@ -460,7 +488,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, rt: Runtime
                     append_jsonl(metrics_path, {"kind": "train", **last})
                 reporter.update(st.step, last, time_left(st, cfg, window_time / len(window_metrics)))
                 window_tokens, window_time, window_metrics = 0.0, 0.0, []
-            if on_eval is not None and t.eval_every and st.step % t.eval_every == 0:
+            if t.eval_every and st.step % t.eval_every == 0:
                 on_eval(tr, metrics_path)
             if t.save_every and st.step % t.save_every == 0:
                 tr.save()

@@ -154,7 +154,7 @@ def parse_task(obj: Any, *, task_id: str, file: str, solutions: list | None = No
             if "input" not in p:
                 raise ArcDataError("missing key 'input'", file=file, task=task_id, pair=where)
             output = p.get("output")
-            if solutions is not None:
+            if solutions is not None and kind == "test":  # Kaggle: test answers live in the solutions file
                 output = solutions[i]
             if output is None and kind == "train":
                 raise ArcDataError("missing key 'output'", file=file, task=task_id, pair=where)

@@ -92,12 +92,12 @@ def random_augmentation(rng: np.random.Generator, n_demos: int | None = None, *,
     return Augmentation(d, perm, ordr)
 
 
-def views(n: int, seed: int, n_demos: int | None = None) -> list[Augmentation]:
+def views(n: int, seed: int) -> list[Augmentation]:
     """``n`` deterministic evaluation views: the identity first, then the other dihedral transforms, each with
     a random colour permutation (demonstration order kept)."""
     rng = np.random.default_rng(seed)
     out = [Augmentation()]
     for i in range(1, n):
-        a = random_augmentation(rng, n_demos, order=False)
+        a = random_augmentation(rng, order=False)
         out.append(Augmentation(i % N_DIHEDRAL, a.colours, None))
     return out

@@ -82,8 +82,8 @@ class DecodeState:
     q_continue: torch.Tensor
 
     def keep(self, idx: torch.Tensor) -> "DecodeState":
-        """Only the batch rows ``idx`` (sorted) go on: caches shrink, rows are renumbered. Used to drop finished
-        sequences from a decoding batch so that they stop costing compute."""
+        """Only the batch rows ``idx`` go on, renumbered in that order: used to drop finished sequences from a
+        decoding batch so that they stop costing compute. The caches shrink *in place*: the old state is spent."""
         B = self.pos.shape[0]
         new_index = torch.full((B,), -1, dtype=torch.long, device=idx.device)
         new_index[idx] = torch.arange(idx.numel(), device=idx.device)
@@ -156,8 +156,8 @@ class ArcTransformer(nn.Module):
         for norm in (self.block.norm1, self.block.norm2, self.block.halt_norm, self.norm):
             nn.init.ones_(norm.weight)
         if self.attn_expert_library is not None:
-            # Q = Σ_e w_e·out_e sums ~E/2 active experts with E[w²] = 1/2 each: scale experts by √(2/E)·√(1/E')
-            # so composed Q, K, V start near unit RMS.
+            # Q = Σ_e w_e·out_e sums ~E/2 active experts with E[w²] = 1/2 each: w2 ~ N(0, (2/E)·(2/F)) (F the
+            # expert's hidden width; silu halves the variance of its unit-variance input) starts Q, K, V near unit RMS.
             n = cfg.attn_experts
             self.attn_expert_library.init_weights(out_std=math.sqrt(2.0 / n) * math.sqrt(2.0 / cfg.attn_hidden_))
             self.ffn_expert_library.init_weights(out_std=out_std * math.sqrt(cfg.d_model / (cfg.ffn_mult * cfg.d_model))
@@ -218,8 +218,8 @@ class ArcTransformer(nn.Module):
         """
         B, T = tokens.shape
         attn, valid = self._mask(attention_mask)
-        if prompt_end is None:
-            prompt_end = (attention_mask.long().sum(1) - 1 if attention_mask is not None
+        if prompt_end is None:  # the last real position of every row (right or left padding)
+            prompt_end = (T - 1 - attention_mask.flip(1).long().argmax(1) if attention_mask is not None
                           else torch.full((B,), T - 1, device=tokens.device))
         if attn.mask is None:
             cos, sin = self.rope.prefix(T)

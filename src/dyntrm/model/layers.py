@@ -52,6 +52,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
         cos, sin = cos[None, :, None, :], sin[None, :, None, :]
     else:
         cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    # rotate in (at least) fp32 even under bf16 autocast: long positions need the angles' precision
+    dt = torch.promote_types(x.dtype, torch.float32)
+    x1, x2 = x.to(dt).chunk(2, dim=-1)
+    cos, sin = cos.to(dt), sin.to(dt)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)

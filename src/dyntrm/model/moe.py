@@ -29,7 +29,6 @@ class MoEStats:
 
     l1: torch.Tensor  # Σ_tokens Σ_e w_e   (carries gradient: the sparsity penalty)
     active: torch.Tensor  # Σ_tokens #{e: w_e > 0}   (no gradient)
-    counts: torch.Tensor | None = None  # (E,) rows each expert received
 
 
 class DynMoE(nn.Module):
@@ -69,7 +68,7 @@ class DynMoE(nn.Module):
         if ctx.tap is not None:
             ctx.tap(ctx.step, "ffn", x=h_ND, logits=r_NE, weights=w_NE, out=y_ND, valid=ctx.valid_flat,
                     library=lib, router=self)
-        stats = MoEStats(w_NE.sum(), (w_NE > 0).sum().detach().to(w_NE.dtype), counts_E.detach())
+        stats = MoEStats(w_NE.sum(), (w_NE > 0).sum().detach().to(w_NE.dtype))
         return y_ND.view(B, T, D), stats
 
 

@@ -11,7 +11,8 @@ A shaper is called around each micro-batch of a training step::
 
 Every shaper (``none`` included) records routing statistics through its tap: active experts, the entropy of the
 normalised routing weights, and each expert's usage, per module kind (q, k, v, ffn), averaged over recursion steps
-and real tokens. Keys are explicit ``(step, module)`` pairs, never positions in a list.
+and real tokens. Keys are explicit ``(step, module)`` pairs, never positions in a list. Under DDP these logged
+statistics (and SARS's goodness / cost figures) are rank 0's own, not averaged over ranks; the gradients are.
 """
 
 from __future__ import annotations

@@ -24,7 +24,6 @@ class FARS(Shaper):
         super().__init__(cfg, model, rt, optimizer)
         self.captures: list[tuple[tuple[str, ...], torch.Tensor, Any, Any]] = []  # one per routed call
         self.sums: dict[str, Any] = {}
-        self.micro = 0
 
     def observe(self, step: int, name: str, **t: Any) -> None:
         r = self._routed(step, name, t)
@@ -64,11 +63,10 @@ class FARS(Shaper):
         self.captures.clear()
         loss = self.cfg.shaping.fars_weight * torch.stack(terms).sum()
         self.sums["fars_loss"] = self.sums.get("fars_loss", 0.0) + loss.detach()
-        self.micro += 1
         return loss
 
     def finish(self) -> dict[str, Any]:
         m = super().finish()
         m.update({k: float(v) for k, v in self.sums.items()})
-        self.sums, self.micro = {}, 0
+        self.sums = {}
         return m

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command_line, final_json, table, write_section  # noqa: E402
+from common import finish, table  # noqa: E402
 
 from dyntrm.config import preset  # noqa: E402
 from dyntrm.model import ArcTransformer  # noqa: E402
@@ -83,10 +83,7 @@ def main() -> None:
         rows.append([f"cached, every sample halting after {n} of {N} steps", f"{t:.2f} s", f"{tok / t:.0f}",
                      f"{t_cached / t:.2f} (ideal {N / n:.1f})"])
     text = table(["decoding (tokens/s include the prefill)", "time", "tokens/s", "speed vs cached, N steps"], rows)
-    print(text)
-    if not args.no_write:
-        write_section("decode", command_line(), text + ("\n\n(quick mode)" if q else ""))
-    final_json(fig)
+    finish("decode", text, fig, write=not args.no_write, note="(quick mode)" if q else "")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command_line, final_json, matmul_rate, rounds, table, write_section  # noqa: E402
+from common import finish, matmul_rate, rounds, table  # noqa: E402
 
 from dyntrm.config import preset  # noqa: E402
 from dyntrm.model import ArcTransformer  # noqa: E402
@@ -236,10 +236,7 @@ def main() -> None:
                  f"{fig['train_step_tokens_per_s']:.0f} tok/s, {fig['train_step_frac_of_matmul']:.0%} of matmul rate",
                  ""])
     text = table(["measurement", "time", "figure", "note"], rows)
-    print(text)
-    if not args.no_write:
-        write_section("layers", command_line(), text + ("\n\n(quick mode: small sizes, few rounds)" if q else ""))
-    final_json(fig)
+    finish("layers", text, fig, write=not args.no_write, note="(quick mode: small sizes, few rounds)" if q else "")
 
 
 if __name__ == "__main__":

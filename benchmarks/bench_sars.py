@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command_line, final_json, rounds, table, write_section  # noqa: E402
+from common import finish, rounds, table  # noqa: E402
 
 from dyntrm.config import apply_overrides, preset  # noqa: E402
 from dyntrm.runtime import Runtime  # noqa: E402
@@ -51,11 +51,7 @@ def main() -> None:
         note = "goal <= 1.3x (default token_rate 0.25)" if k == "sars@0.25" else ""
         rows.append([k.replace("@", ", token_rate="), f"{t[k]:.2f} s", f"{t[k] / base:.2f}x", note])
     text = table(["tiny training step, batch " + f"{list(batch.tokens.shape)}", "time", "vs none", "note"], rows)
-    print(text)
-    if not args.no_write:
-        write_section("sars", command_line(), text + ("\n\n(quick mode: small batch, few rounds)" if args.quick
-                                                      else ""))
-    final_json(fig)
+    finish("sars", text, fig, write=not args.no_write, note="(quick mode: small batch, few rounds)" if args.quick else "")
 
 
 if __name__ == "__main__":

@@ -89,5 +89,13 @@ def final_json(figures: dict) -> None:
     print(json.dumps(figures, sort_keys=True), flush=True)
 
 
+def finish(section: str, text: str, figures: dict, *, write: bool, note: str = "") -> None:
+    """Print the table, record it in BENCHMARKS.md (unless told not to), end with the JSON line."""
+    print(text)
+    if write:
+        write_section(section, command_line(), text + (f"\n\n{note}" if note else ""))
+    final_json(figures)
+
+
 def command_line() -> str:
     return "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])

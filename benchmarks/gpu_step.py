@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command_line, final_json, table, write_section  # noqa: E402
+from common import finish, table  # noqa: E402
 
 from dyntrm.config import apply_overrides, preset  # noqa: E402
 from dyntrm.model import ArcTransformer  # noqa: E402
@@ -78,10 +78,7 @@ def main() -> None:
             ["  tokens / s", f"{fig['base_tokens_per_s']:.0f}"],
             ["  model FLOP/s / bf16 matmul rate", f"{fig['base_frac_of_bf16_matmul']:.1%}"]]
     text = table([f"CUDA check on {fig['gpu']}", "figure"], rows)
-    print(text)
-    if not args.no_write:
-        write_section("gpu", command_line(), text)
-    final_json(fig)
+    finish("gpu", text, fig, write=not args.no_write)
 
 
 if __name__ == "__main__":

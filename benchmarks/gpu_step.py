@@ -1,12 +1,17 @@
 """CUDA figures: bf16 and torch.compile against fp32 eager on the same inputs, and a timed `base` training step
 (tokens/s, model FLOP/s as a fraction of this card's measured bf16 matmul rate). Run by gpu_check.sh.
 
-    python benchmarks/gpu_step.py [--no-write]
+    python benchmarks/gpu_step.py [--tokens-per-batch 16384] [--no-write]
+    python benchmarks/gpu_step.py --device cpu --preset debug --no-write   # smoke test of this script, no GPU
+
+Each figure is printed as soon as it is measured, so a run cut short still shows what it reached. A training batch
+that does not fit the card is halved until it does (reported in the table).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import time
 from pathlib import Path
@@ -23,61 +28,127 @@ from dyntrm.runtime import Runtime  # noqa: E402
 from dyntrm.train import Trainer  # noqa: E402
 
 
-def cuda_time(fn, reps: int) -> float:
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, reps: int, dev: torch.device) -> float:
+    """Median seconds of ``reps`` calls after one warm-up call (which also compiles)."""
     fn()
-    torch.cuda.synchronize()
+    sync(dev)
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        sync(dev)
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
 
 
+def say(**kw) -> None:
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in kw.items()), flush=True)
+
+
+def train_step_time(name: str, overrides: list[str], tokens: int, dev: torch.device, reps: int):
+    """Seconds per optimizer step of one training batch of about ``tokens`` tokens (halved on OOM)."""
+    while True:
+        tcfg = apply_overrides(preset(name), overrides + [f"data.tokens_per_batch={tokens}"])
+        tr = None
+        try:
+            tr = Trainer(tcfg, Runtime(dev))
+            plan = tr.data.epoch(0)
+            batch = max((plan.batch(i, tr.data.items) for i in range(min(len(plan), 8))), key=lambda b: b.n_tokens)
+            batch = batch.to(dev)
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            s = timed(lambda: tr.step([batch]), reps, dev)
+            peak = torch.cuda.max_memory_allocated() / 2 ** 30 if dev.type == "cuda" else float("nan")
+            return tcfg, batch, s, peak
+        except torch.cuda.OutOfMemoryError:
+            if tokens <= 1024:
+                raise
+            say(oom_at_tokens_per_batch=tokens)
+            tokens //= 2
+        finally:
+            del tr
+            gc.collect()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--preset", default="base")
+    ap.add_argument("--tokens-per-batch", type=int, default=16384)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
-    dev = torch.device("cuda")
-    n = 8192
-    a, b = torch.randn(n, n, device=dev, dtype=torch.bfloat16), torch.randn(n, n, device=dev, dtype=torch.bfloat16)
-    rate = 2 * n ** 3 / cuda_time(lambda: a @ b, 10)
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
+    if cuda:
+        assert torch.cuda.is_available(), "needs a CUDA device (or --device cpu for a smoke test)"
+    gpu = torch.cuda.get_device_name() if cuda else "cpu"
+    dt = torch.bfloat16 if cuda else torch.float32
+    n = 8192 if cuda else 512
+    a, b = torch.randn(n, n, device=dev, dtype=dt), torch.randn(n, n, device=dev, dtype=dt)
+    rate = 2 * n ** 3 / timed(lambda: a @ b, 10, dev)
+    del a, b
+    say(device=gpu, matmul_tflops=rate / 1e12)
 
     # parity on the same inputs: fp32 eager is the reference
-    cfg = preset("base")
+    cfg = preset(args.preset)
     torch.manual_seed(0)
     model = ArcTransformer(cfg.model).to(dev)
-    x = torch.randint(0, 17, (4, 1024), device=dev)
+    x = torch.randint(0, 17, (4, 1024 if cuda else 64), device=dev)
     with torch.no_grad():
         ref = model(x).logits.float()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
             bf16 = model(x).logits.float()
-        model.block.compile()
+        rel = lambda t: float((t - ref).norm() / ref.norm())  # noqa: E731
+        bf16_err = rel(bf16)
+        say(bf16_rel_err=bf16_err)
+        if cuda:
+            model.block.compile()
         compiled = model(x).logits.float()
-    rel = lambda t: float((t - ref).norm() / ref.norm())  # noqa: E731
+        compile_err = rel(compiled)
+        say(compile_rel_err=compile_err)
+    del model, ref, bf16, compiled
+    gc.collect()
 
-    # a timed base training step (bf16 autocast, compiled block)
-    tcfg = apply_overrides(preset("base"), ["data.max_side=30", "data.max_len=8192", "data.tokens_per_batch=65536",
-                                            "train.compile=true", "train.bf16=true"])
-    tr = Trainer(tcfg, Runtime(dev))
-    plan = tr.data.epoch(0)
-    batch = max((plan.batch(i, tr.data.items) for i in range(min(len(plan), 8))), key=lambda bt: bt.n_tokens)
-    batch = batch.to(dev)
-    step_s = cuda_time(lambda: tr.step([batch]), 5)
+    # timed training steps (SARS on, as the preset says): bf16 eager, then bf16 with the compiled block
+    base = ["data.max_side=30", f"train.bf16={str(cuda).lower()}"]
+    _, _, eager_s, eager_peak = train_step_time(args.preset, base + ["train.compile=false"],
+                                                args.tokens_per_batch, dev, args.reps)
+    say(eager_step_s=eager_s, eager_peak_gib=eager_peak)
+    try:
+        tcfg, batch, step_s, peak = train_step_time(args.preset, base + [f"train.compile={str(cuda).lower()}"],
+                                                    args.tokens_per_batch, dev, args.reps)
+    except Exception as e:  # report the eager figures rather than nothing, then fail
+        say(compiled_step_failed=f"{type(e).__name__}: {e}")
+        raise
     ctx = float(batch.attention_mask.sum(1).float().mean())
     flops = 3 * tcfg.model.max_steps * batch.n_tokens * model_info(tcfg.model, int(ctx))["flops_per_token_step"]
-    fig = {"gpu": torch.cuda.get_device_name(), "bf16_matmul_tflops": rate / 1e12,
-           "bf16_rel_err": rel(bf16), "compile_rel_err": rel(compiled),
-           "base_step_seconds": step_s, "base_tokens_per_s": batch.n_tokens / step_s,
-           "base_frac_of_bf16_matmul": flops / step_s / rate, "batch_shape": list(batch.tokens.shape)}
-    rows = [["bf16 matmul rate (reference)", f"{rate / 1e12:.0f} TFLOP/s"],
-            ["bf16 autocast vs fp32 eager, logits relative error", f"{fig['bf16_rel_err']:.2e}"],
-            ["compiled block vs fp32 eager, logits relative error", f"{fig['compile_rel_err']:.2e}"],
-            [f"base training step {fig['batch_shape']} (bf16, compiled block, SARS)", f"{step_s * 1e3:.0f} ms"],
-            ["  tokens / s", f"{fig['base_tokens_per_s']:.0f}"],
-            ["  model FLOP/s / bf16 matmul rate", f"{fig['base_frac_of_bf16_matmul']:.1%}"]]
-    text = table([f"CUDA check on {fig['gpu']}", "figure"], rows)
+    fig = {"gpu": gpu, "matmul_tflops": rate / 1e12, "bf16_rel_err": bf16_err, "compile_rel_err": compile_err,
+           "tokens_per_batch": tcfg.data.tokens_per_batch,
+           "batch_shape": list(batch.tokens.shape), "batch_tokens": batch.n_tokens,
+           "eager_step_seconds": eager_s, "step_seconds": step_s, "compile_speedup": eager_s / step_s,
+           "tokens_per_s": batch.n_tokens / step_s, "frac_of_matmul": flops / step_s / rate,
+           "peak_gib": peak, "shaping": tcfg.shaping.kind}
+    say(**{k: v for k, v in fig.items() if not isinstance(v, list)})
+    what = "bf16, compiled block" if cuda else "fp32 eager"
+    rows = [[f"{'bf16' if cuda else 'fp32'} matmul rate (reference, {n}^3)", f"{rate / 1e12:.1f} TFLOP/s"],
+            ["bf16 autocast vs fp32 eager, logits relative error", f"{bf16_err:.2e}"],
+            ["compiled block vs fp32 eager, logits relative error", f"{compile_err:.2e}"],
+            [f"{args.preset} training step, batch {fig['batch_shape']} ({fig['shaping']}), eager",
+             f"{eager_s * 1e3:.0f} ms"],
+            [f"{args.preset} training step, same batch, {what}", f"{step_s * 1e3:.0f} ms"],
+            ["  compiled / eager speed-up", f"{fig['compile_speedup']:.2f}x"],
+            ["  tokens / s", f"{fig['tokens_per_s']:.0f}"],
+            ["  model FLOP/s / matmul rate", f"{fig['frac_of_matmul']:.1%}"],
+            ["  peak GPU memory", f"{peak:.1f} GiB"]]
+    text = table([f"CUDA check on {gpu}", "figure"], rows)
     finish("gpu", text, fig, write=not args.no_write)
 
 

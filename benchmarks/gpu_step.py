@@ -77,12 +77,32 @@ def train_step_time(name: str, overrides: list[str], tokens: int, dev: torch.dev
                 torch.cuda.empty_cache()
 
 
+def parity(name: str, dev: torch.device) -> tuple[float, float]:
+    """Relative error of the logits under bf16 autocast and with the compiled block, fp32 eager the reference."""
+    cuda = dev.type == "cuda"
+    torch.manual_seed(0)
+    model = ArcTransformer(preset(name).model).to(dev)
+    x = torch.randint(0, 17, (4, 1024 if cuda else 64), device=dev)
+    with torch.no_grad():
+        ref = model(x).logits.float()
+        rel = lambda t: float((t.float() - ref).norm() / ref.norm())  # noqa: E731
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
+            bf16_err = rel(model(x).logits)
+        say(bf16_rel_err=bf16_err)
+        if cuda:
+            model.block.compile()
+        compile_err = rel(model(x).logits)
+        say(compile_rel_err=compile_err)
+    return bf16_err, compile_err
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--preset", default="base")
     ap.add_argument("--tokens-per-batch", type=int, default=16384)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--no-parity", action="store_true", help="skip the bf16 / compile parity check (timings only)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     dev = torch.device(args.device)
@@ -98,24 +118,9 @@ def main() -> None:
     say(device=gpu, matmul_tflops=rate / 1e12)
 
     # parity on the same inputs: fp32 eager is the reference
-    cfg = preset(args.preset)
-    torch.manual_seed(0)
-    model = ArcTransformer(cfg.model).to(dev)
-    x = torch.randint(0, 17, (4, 1024 if cuda else 64), device=dev)
-    with torch.no_grad():
-        ref = model(x).logits.float()
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
-            bf16 = model(x).logits.float()
-        rel = lambda t: float((t - ref).norm() / ref.norm())  # noqa: E731
-        bf16_err = rel(bf16)
-        say(bf16_rel_err=bf16_err)
-        if cuda:
-            model.block.compile()
-        compiled = model(x).logits.float()
-        compile_err = rel(compiled)
-        say(compile_rel_err=compile_err)
-    del model, ref, bf16, compiled
-    gc.collect()
+    bf16_err = compile_err = float("nan")
+    if not args.no_parity:
+        bf16_err, compile_err = parity(args.preset, dev)
 
     # timed training steps (SARS on, as the preset says): bf16 eager, then bf16 with the compiled block
     base = ["data.max_side=30", f"train.bf16={str(cuda).lower()}"]
@@ -141,7 +146,8 @@ def main() -> None:
     rows = [[f"{'bf16' if cuda else 'fp32'} matmul rate (reference, {n}^3)", f"{rate / 1e12:.1f} TFLOP/s"],
             ["bf16 autocast vs fp32 eager, logits relative error", f"{bf16_err:.2e}"],
             ["compiled block vs fp32 eager, logits relative error", f"{compile_err:.2e}"],
-            [f"{args.preset} training step, batch {fig['batch_shape']} ({fig['shaping']}), eager",
+            [f"{args.preset} training step, batch {fig['batch_shape']} ({fig['shaping']}), "
+             f"{'bf16 ' if cuda else ''}eager",
              f"{eager_s * 1e3:.0f} ms"],
             [f"{args.preset} training step, same batch, {what}", f"{step_s * 1e3:.0f} ms"],
             ["  compiled / eager speed-up", f"{fig['compile_speedup']:.2f}x"],

@@ -282,3 +282,31 @@ def test_saving_a_step_twice_keeps_the_complete_checkpoint(tmp_path):
     first = checkpoint.latest(tmp_path)
     mtime = (first / "model.safetensors").stat().st_mtime_ns
     assert tr.save() == first and (first / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_compiled_block_with_sars_equals_eager_and_never_traces_the_tap():
+    """torch.compile of the block (dynamo with the eager backend: same kernels, so results match) with SARS on:
+    identical training, and the routing tap always runs outside the traced graph (tracing it made dynamo guard on
+    the capture dict and recompile every step until its limit, seen on an H200)."""
+    import torch._dynamo
+
+    traced = []
+
+    def run(compiled: bool):
+        torch._dynamo.reset()
+        tr = Trainer(debug_cfg("shaping.kind=sars", "shaping.token_rate=1.0"), CPU)
+        observe = tr.shaper.observe
+        tr.shaper.observe = lambda *a, **k: (traced.append(torch.compiler.is_compiling()), observe(*a, **k))[1]
+        if compiled:
+            tr.model.block.compile(backend="eager")
+        stream = tr.data.iterate()
+        losses = [tr.step(tr.micro_batches(stream)[0])["lm"] for _ in range(3)]
+        return losses, params(tr.model)
+
+    eager_losses, eager_params = run(False)
+    losses, got = run(True)
+    torch._dynamo.reset()
+    assert traced and not any(traced)
+    torch.testing.assert_close(losses, eager_losses, rtol=1e-5, atol=1e-6)
+    for k in eager_params:
+        torch.testing.assert_close(got[k], eager_params[k], rtol=1e-4, atol=1e-5, msg=k)

@@ -134,10 +134,15 @@ def _tiny() -> Config:
 
 
 def _base() -> Config:
-    """GPU, TRM-sized: d_model 512, 8 heads; trains on the evaluation tasks' demonstrations too (TRM protocol)."""
+    """GPU, TRM-sized: d_model 512, 8 heads; trains on the evaluation tasks' demonstrations too (TRM protocol).
+
+    65536 tokens per optimizer step as 4 micro-batches of 16384: a 32768-token micro-batch peaked at 68 GiB on an
+    H200 (bf16, SARS; benchmarks/gpu_step.py), so one of 65536 would not fit an 80 GB H100.
+    """
     return Config(
         model=ModelConfig(d_model=512, n_heads=8),
-        data=DataConfig(max_len=8192, tokens_per_batch=65536, demo_splits=("eval",), eval_split="eval"),
+        data=DataConfig(max_len=8192, tokens_per_batch=16384, demo_splits=("eval",), eval_split="eval"),
+        train=TrainConfig(accum=4),
     )
 
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .experts import ExpertLibrary
-from .layers import apply_rope
+from .layers import apply_rope, call_tap
 
 if TYPE_CHECKING:
     from .dyntrm import StepContext
@@ -106,8 +106,8 @@ class DynSIHA(nn.Module):
         qkv_NCd = lib.compose(h_ND, w_NCE)  # Q, K, V = Σ_e w_c[e] · Expert_e(h), experts run once
         if ctx.tap is not None:  # one call for q, k, v: ``out`` is the tensor on the loss path
             valid = None if ctx.valid_flat is None else ctx.valid_flat.repeat_interleave(H)
-            ctx.tap(ctx.step, "attn", x=h_ND, logits=r_NCE, weights=w_NCE, out=qkv_NCd, valid=valid, library=lib,
-                    router=self, channels=QKV)
+            call_tap(ctx.tap, ctx.step, "attn", x=h_ND, logits=r_NCE, weights=w_NCE, out=qkv_NCd, valid=valid,
+                     library=lib, router=self, channels=QKV)
         q, k, v = qkv_NCd.view(B, T, H, 3, d).unbind(3)
         o = attend(q, k, v, ctx)
         return self.out(o.reshape(B, T, D))

@@ -85,6 +85,8 @@ class ExpertLibrary(nn.Module):
     def _grouped_mm_ok(self, dt: torch.dtype, cuda: bool) -> bool:
         if not hasattr(torch, "_grouped_mm") or dt != (torch.bfloat16 if cuda else torch.float32):
             return False
+        if not cuda and torch.compiler.is_compiling():  # the CPU kernel has no fake-tensor rule: dynamo cannot trace it
+            return False
         # the kernel wants every row stride to be a multiple of 16 bytes
         per16 = 128 // torch.finfo(dt).bits  # elements per 16 bytes
         return all(n % per16 == 0 for n in (self.d_in, self.hidden, self.d_out))

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .experts import ExpertLibrary, ExpertMLP
+from .layers import call_tap
 
 if TYPE_CHECKING:
     from .dyntrm import StepContext
@@ -66,8 +67,8 @@ class DynMoE(nn.Module):
         out_MD = out_MD * w_NE[n_idx, e_idx].unsqueeze(1).to(out_MD.dtype)
         y_ND = torch.zeros_like(h_ND).index_add_(0, n_idx, out_MD.to(h_ND.dtype))
         if ctx.tap is not None:
-            ctx.tap(ctx.step, "ffn", x=h_ND, logits=r_NE, weights=w_NE, out=y_ND, valid=ctx.valid_flat,
-                    library=lib, router=self)
+            call_tap(ctx.tap, ctx.step, "ffn", x=h_ND, logits=r_NE, weights=w_NE, out=y_ND, valid=ctx.valid_flat,
+                     library=lib, router=self)
         stats = MoEStats(w_NE.sum(), (w_NE > 0).sum().detach().to(w_NE.dtype))
         return y_ND.view(B, T, D), stats
 

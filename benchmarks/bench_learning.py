@@ -40,7 +40,7 @@ from dyntrm.data.arc import filter_max_side, load_source  # noqa: E402
 from dyntrm.data.batching import collate  # noqa: E402
 from dyntrm.data.dataset import eval_items  # noqa: E402
 from dyntrm.data.tokens import encode  # noqa: E402
-from dyntrm.evaluate import evaluate_items, metrics_of  # noqa: E402
+from dyntrm.evaluate import copy_input_reference, evaluate_items, metrics_of  # noqa: E402
 from dyntrm.model import ArcTransformer  # noqa: E402
 from dyntrm.model.info import model_info  # noqa: E402
 from dyntrm.runtime import Runtime  # noqa: E402
@@ -94,6 +94,7 @@ def run(variant: str, seed: int, minutes: float, items, views: int, workdir: Pat
     row = {"variant": variant, "seed": seed, "params": info["params_total"],
            "active_params": info["params_active_per_token"], "tokens_seen": last["tokens_seen"],
            "steps": last["step"], "final_train_loss": last["lm"], "pass@2": m["pass@2"], "pass@1": m["pass@1"],
+           "shape@1": m["shape@1"], "cells@1": m["cells@1"],
            "mean_halting_step": m["mean_steps"], "train_seconds": train_s, "eval_seconds": stats["decode_seconds"]}
     if cfg.model.variant == "dyn":
         torch.manual_seed(seed)
@@ -139,9 +140,13 @@ def main() -> None:
         main_rows.append([v, f"{r0['params'] / 1e6:.2f}M / {r0['active_params'] / 1e6:.2f}M",
                           f"{mean(v, 'tokens_seen') / 1e3:.0f}k", f"{mean(v, 'steps'):.0f}",
                           f"{mean(v, 'final_train_loss'):.3f}", f"{mean(v, 'pass@2'):.3f} ({per_seed})",
+                          f"{mean(v, 'shape@1'):.3f}", f"{mean(v, 'cells@1'):.3f}",
                           f"{mean(v, 'mean_halting_step'):.2f}"])
+    ref = copy_input_reference(items)
+    main_rows.append(["copy the test input (reference)", "-", "-", "-", "-", f"{ref['pass@2']:.3f}",
+                      f"{ref['shape@1']:.3f}", f"{ref['cells@1']:.3f}", "-"])
     text = table(["variant", "params total / active", "tokens seen", "steps", "final train LM loss",
-                  "pass@2 (per seed)", "mean halting step"], main_rows)
+                  "pass@2 (per seed)", "right shape", "cells right", "mean halting step"], main_rows)
     org_rows = []
     for v in args.variants:
         runs = [r for r in rows if r["variant"] == v and "profile_trained" in r]

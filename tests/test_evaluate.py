@@ -12,10 +12,10 @@ import dyntrm.evaluate as E
 from dyntrm.config import preset
 from dyntrm.data.arc import Pair, Task
 from dyntrm.data.augment import views
-from dyntrm.data.dataset import eval_items
+from dyntrm.data.dataset import EvalItem, eval_items
 from dyntrm.data.tokens import END, N_TOKENS, OUT, PAD, ROW, decode_answer
-from dyntrm.evaluate import (GridConstraint, attempts, evaluate_items, generate, metrics_of, score, submission_of,
-                             vote)
+from dyntrm.evaluate import (GridConstraint, attempts, copy_input_reference, evaluate_items, generate, metrics_of,
+                             score, submission_of, vote)
 from dyntrm.model import ArcTransformer
 
 G = lambda *rows: np.array(rows, dtype=np.uint8)  # noqa: E731
@@ -46,9 +46,29 @@ def test_pass_at_k_by_hand_with_several_test_inputs():
         # C missing from the submission: scores 0
     }
     s = score(sub, t)
-    assert s["tasks"]["A"] == {"pass@1": 0.5, "pass@2": 1.0}
-    assert s["tasks"]["B"] == {"pass@1": 0.0, "pass@2": 0.0} and s["tasks"]["C"]["pass@2"] == 0.0
+    assert s["tasks"]["A"] == {"pass@1": 0.5, "pass@2": 1.0, "shape@1": 1.0, "cells@1": 0.5}
+    assert s["tasks"]["B"] == {"pass@1": 0.0, "pass@2": 0.0, "shape@1": 1.0, "cells@1": 0.0}
+    assert s["tasks"]["C"]["pass@2"] == 0.0 and s["tasks"]["C"]["shape@1"] == 0.0
     assert s["pass@1"] == pytest.approx(0.5 / 3) and s["pass@2"] == pytest.approx(1 / 3)
+    assert s["shape@1"] == pytest.approx(2 / 3) and s["cells@1"] == pytest.approx(0.5 / 3)
+
+
+def test_partial_credit_by_hand():
+    target = G([1, 2], [3, 4])
+    sub = {"A": [{"attempt_1": [[1, 2], [3, 0]], "attempt_2": [[1, 2], [3, 4]]},  # 3 of 4 cells; solved at 2
+                 {"attempt_1": [[1, 2, 0], [3, 4, 0]], "attempt_2": [[0]]}]}  # wrong shape: 0 cells
+    s = score(sub, {"A": [target, target]})
+    assert s["tasks"]["A"] == {"pass@1": 0.0, "pass@2": 0.5, "shape@1": 0.5, "cells@1": 0.375}
+
+
+def test_copy_input_reference_by_hand():
+    demos = (Pair(G([0]), G([0])),)
+    items = [EvalItem("A", 0, demos, G([1, 2]), G([1, 2])),  # the answer is the input: solved
+             EvalItem("A", 1, demos, G([1, 2]), G([1, 0])),  # same shape, half the cells
+             EvalItem("B", 0, demos, G([5]), G([5, 5])),  # other shape
+             EvalItem("C", 0, demos, G([5]), None)]  # no target: not scored
+    ref = copy_input_reference(items)
+    assert ref == pytest.approx({"pass@1": 0.25, "pass@2": 0.25, "shape@1": 0.5, "cells@1": 0.375})
 
 
 def _tasks():

@@ -126,12 +126,14 @@ def cmd_train(args: argparse.Namespace) -> None:
 def run_eval(model, cfg, items, out_dir: Path, *, n_views: int, seed: int = 0, title: str = "evaluation",
              extra: dict | None = None, **gen_kw) -> tuple[dict, list]:
     """Evaluate items and write metrics.json, submission.json and report.html into ``out_dir``."""
-    from .evaluate import evaluate_items, metrics_of, submission_of
+    from .evaluate import copy_input_reference, evaluate_items, metrics_of, submission_of
     from .io import write_json
     from .report import write_report
 
     results, stats = evaluate_items(model, items, n_views=n_views, seed=seed, **gen_kw)
     metrics = {**metrics_of(results, stats), **(extra or {})}
+    if metrics["pass@2"] is not None:
+        metrics["reference_copy_input"] = copy_input_reference(items)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "metrics.json", metrics)
     write_json(out_dir / "submission.json", submission_of(results), indent=None)
@@ -274,6 +276,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
         evals[views] = (m, results)
         summary[f"pass@2 ({views} views)"] = round(m["pass@2"], 4)
         summary[f"pass@1 ({views} views)"] = round(m["pass@1"], 4)
+        summary[f"answers of the right shape ({views} views)"] = round(m["shape@1"], 4)
+        summary[f"cells right, diagnostic ({views} views)"] = round(m["cells@1"], 4)
+        ref = m["reference_copy_input"]
+        summary["reference: answering with the test input"] = (
+            f"pass@2 {ref['pass@2']:.4f}, right shape {ref['shape@1']:.4f}, cells right {ref['cells@1']:.4f}")
         summary[f"mean ACT steps ({views} views)"] = round(m["mean_steps"], 2)
         console.print(f"{views} view(s): {score_line(m)}; "
                       f"mean ACT steps {m['mean_steps']:.2f}; {m['decode_tokens_per_s']:.0f} decode tok/s")

@@ -227,24 +227,43 @@ def solved(attempt_grids: Sequence[np.ndarray], target: np.ndarray, k: int) -> b
     return any(np.array_equal(np.asarray(a), target) for a in attempt_grids[:k])
 
 
+def partial_credit(attempt: np.ndarray, target: np.ndarray) -> tuple[bool, float]:
+    """Diagnostics, not ARC's metric: whether ``attempt`` has the target's shape, and the fraction of the target's
+    cells it gets right (0 when the shape differs)."""
+    attempt, target = np.asarray(attempt), np.asarray(target)
+    if attempt.shape != target.shape:
+        return False, 0.0
+    return True, float((attempt == target).mean())
+
+
+DIAGNOSTICS = ("shape@1", "cells@1")  # partial credit of attempt 1, averaged like pass@k (per task, then tasks)
+
+
 def score(submission: dict[str, list[dict[str, Any]]], targets: dict[str, list[np.ndarray]]) -> dict[str, Any]:
     """pass@1 and pass@2 of an ARC Prize submission ``{task: [{"attempt_1": g, "attempt_2": g}, ...]}``
     against ``{task: [target grid per test input]}``: per task the fraction of test inputs solved, overall the
-    mean over tasks. A task missing from the submission scores 0."""
+    mean over tasks. A task missing from the submission scores 0.
+
+    Beside them, two diagnostics of attempt 1 that show progress long before exact answers appear (they are not
+    ARC's metric): ``shape@1``, the fraction of test inputs answered with the target's shape, and ``cells@1``, the
+    fraction of target cells right (a wrongly shaped answer scores 0)."""
+    keys = ("pass@1", "pass@2") + DIAGNOSTICS
     per_task = {}
     for tid, tgts in targets.items():
         entries = submission.get(tid, [])
-        p1 = p2 = 0
+        acc = dict.fromkeys(keys, 0.0)
         for i, tgt in enumerate(tgts):
             if i >= len(entries):
                 continue
             a = [np.asarray(entries[i]["attempt_1"]), np.asarray(entries[i]["attempt_2"])]
-            p1 += solved(a, tgt, 1)
-            p2 += solved(a, tgt, 2)
-        per_task[tid] = {"pass@1": p1 / len(tgts), "pass@2": p2 / len(tgts)}
+            acc["pass@1"] += solved(a, tgt, 1)
+            acc["pass@2"] += solved(a, tgt, 2)
+            shape_ok, cells = partial_credit(a[0], tgt)
+            acc["shape@1"] += shape_ok
+            acc["cells@1"] += cells
+        per_task[tid] = {k: v / len(tgts) for k, v in acc.items()}
     n = max(len(per_task), 1)
-    return {"pass@1": sum(t["pass@1"] for t in per_task.values()) / n,
-            "pass@2": sum(t["pass@2"] for t in per_task.values()) / n, "tasks": per_task}
+    return {**{k: sum(t[k] for t in per_task.values()) / n for k in keys}, "tasks": per_task}
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -326,7 +345,8 @@ def metrics_of(results: Sequence[ItemResult], stats: dict) -> dict[str, Any]:
     for r in sorted(results, key=lambda r: (r.item.task_id, r.item.index)):
         if r.item.target is not None:
             targets.setdefault(r.item.task_id, []).append(r.item.target)
-    scored = score(submission_of(results), targets) if targets else {"pass@1": None, "pass@2": None, "tasks": {}}
+    scored = score(submission_of(results), targets) if targets else {
+        **dict.fromkeys(("pass@1", "pass@2") + DIAGNOSTICS), "tasks": {}}
     for r in results:
         t = scored["tasks"].get(r.item.task_id)
         if t is not None:
@@ -335,15 +355,33 @@ def metrics_of(results: Sequence[ItemResult], stats: dict) -> dict[str, Any]:
                 "solved@1": bool(r.item.target is not None and solved(r.attempts, r.item.target, 1)),
                 "solved@2": bool(r.item.target is not None and solved(r.attempts, r.item.target, 2)),
                 "mean_steps": float(np.mean(r.steps)) if r.steps else 0.0})
-    return {"pass@1": scored["pass@1"], "pass@2": scored["pass@2"], "n_tasks": len(scored["tasks"]),
+    return {"pass@1": scored["pass@1"], "pass@2": scored["pass@2"], **{k: scored[k] for k in DIAGNOSTICS},
+            "n_tasks": len(scored["tasks"]),
             "n_test_inputs": len(results), **stats, "tasks": scored["tasks"]}
+
+
+def copy_input_reference(items: Sequence[EvalItem]) -> dict[str, Any]:
+    """The scores of the trivial answer "the test input itself" (both attempts), on the same items: the reference
+    beside which a model's pass@k and diagnostics are read."""
+    sub: dict[str, list] = {}
+    targets: dict[str, list] = {}
+    for it in sorted(items, key=lambda it: (it.task_id, it.index)):
+        if it.target is None:
+            continue
+        sub.setdefault(it.task_id, []).append({"attempt_1": it.input.tolist(), "attempt_2": it.input.tolist()})
+        targets.setdefault(it.task_id, []).append(it.target)
+    scored = score(sub, targets)
+    return {k: scored[k] for k in ("pass@1", "pass@2") + DIAGNOSTICS}
 
 
 def score_line(m: dict[str, Any]) -> str:
     """One-line summary of :func:`metrics_of` output; a split without targets has no score, only a submission."""
     if m["pass@2"] is None:
         return f"no targets in these {m['n_test_inputs']} test inputs: submission only"
-    return f"pass@1 {m['pass@1']:.4f} pass@2 {m['pass@2']:.4f} over {m['n_tasks']} tasks"
+    line = f"pass@1 {m['pass@1']:.4f} pass@2 {m['pass@2']:.4f} over {m['n_tasks']} tasks"
+    if m.get("shape@1") is not None:
+        line += f" (diagnostics: right shape {m['shape@1']:.3f}, cells right {m['cells@1']:.3f})"
+    return line
 
 
 def split_items(cfg, split: str | None = None, limit: int | None = None) -> list[EvalItem]:

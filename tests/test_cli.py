@@ -84,3 +84,23 @@ def test_torchrun_two_processes_end_to_end(tmp_path):
     assert (run / "checkpoints" / "step_0000004" / "model.safetensors").exists()
     lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines if l["kind"] == "train"] == [1, 2, 3, 4]  # rank 0 alone writes metrics
+
+
+def test_demo_end_to_end_on_the_debug_preset(tmp_path, capsys, monkeypatch):
+    """`make demo`'s job with the `debug` model on the hand-made tasks: trains, evaluates with 1 and 2 views, and
+    writes a report holding the scores, the diagnostics and the copy-the-input reference."""
+    import dyntrm.cli as cli
+    from helpers import debug_cfg
+
+    monkeypatch.setattr(cli, "demo_config", lambda minutes: debug_cfg("train.steps=3", "train.log_every=1"))
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--views", "1", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "1 view(s): pass@1" in text and "2 view(s): pass@1" in text and "right shape" in text
+    assert "reference, answering each test input with itself: pass@2" in text
+    for views in (1, 2):
+        m = json.loads((out / f"eval-{views}view" / "metrics.json").read_text())
+        assert set(m["reference_copy_input"]) == {"pass@1", "pass@2", "shape@1", "cells@1"}
+        assert 0 <= m["cells@1"] <= m["shape@1"] <= 1
+    report = (out / "report.html").read_text()
+    assert "answering with the test input" in report and "pass@2 (2 views)" in report

@@ -284,6 +284,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
         summary[f"mean ACT steps ({views} views)"] = round(m["mean_steps"], 2)
         console.print(f"{views} view(s): {score_line(m)}; "
                       f"mean ACT steps {m['mean_steps']:.2f}; {m['decode_tokens_per_s']:.0f} decode tok/s")
+    ref_line = summary["reference: answering with the test input"]
+    console.print(f"reference, answering each test input with itself: {ref_line}")
     summary["wall minutes"] = round((time.perf_counter() - t0) / 60, 2)
     curves = plot_run(out)
     results = evals[max(evals)][1]

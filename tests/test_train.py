@@ -13,7 +13,7 @@ from dyntrm import checkpoint
 from dyntrm.config import from_dict, to_dict
 from dyntrm.data.batching import collate
 from dyntrm.runtime import Runtime
-from dyntrm.train import Trainer, TrainingStopped, act_targets, lr_factor, train
+from dyntrm.train import Trainer, TrainingStopped, act_targets, lr_factor, next_l1_coef, train
 from helpers import ASSETS, CPU, debug_cfg, params
 
 
@@ -25,6 +25,19 @@ def test_act_targets_by_hand():
     # continue_t = 0.9 * max over later steps
     want = torch.tensor([[0.9, 0, 0.9], [0.9, 0, 0], [0.9, 0, 0], [0, 0, 0]])
     torch.testing.assert_close(cont, want)
+
+
+def test_l1_controller_by_hand():
+    f, floor, target = 2.0, 0.01, 2.0
+    # ReMoE (no floor): x f above the target, / f below, never negative
+    assert next_l1_coef(0.04, 3.0, target, f, None) == 0.08
+    assert next_l1_coef(0.04, 1.0, target, f, None) == 0.02
+    # two-sided: shrink toward the floor, then change sign and grow the other way, and back
+    seq, c = [], 0.04
+    for active in (1.0, 1.0, 1.0, 1.0, 1.0, 3.0, 3.0, 3.0, 3.0):
+        c = next_l1_coef(c, active, target, f, floor)
+        seq.append(c)
+    assert seq == pytest.approx([0.02, 0.01, -0.01, -0.02, -0.04, -0.02, -0.01, 0.01, 0.02])
 
 
 def test_lr_schedule_warmup_then_cosine():

@@ -86,6 +86,9 @@ class TrainConfig:
     act_gamma: float = opt(0.9, "continue target = gamma x max over later steps of halt targets")
     l1_init: float = opt(1e-2, "initial coefficient of the DynMoE L1 sparsity penalty")
     l1_factor: float = opt(1.2, "per step, the L1 coefficient is multiplied or divided by this toward the target")
+    l1_two_sided: bool = opt(True, "below the target the L1 coefficient may turn negative (magnitude >= l1_init), "
+                                   "rewarding activity; false: ReMoE's rule, coefficient >= 0, which cannot "
+                                   "raise activity that the main loss has pushed below the target")
     bf16: bool = opt(True, "bf16 autocast on CUDA (ignored on CPU, which runs fp32)")
     compile: bool = opt(False, "torch.compile the block (CUDA; off on CPU and in tests)")
     threads: int = opt(0, "CPU threads (0: torch's default; under torchrun: cores / local processes)")

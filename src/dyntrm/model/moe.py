@@ -4,7 +4,7 @@ Per token, ``r = h · Pᵀ/√d − g`` (prototypes ``P: (E, d)``, gates ``g: (E
 ``y = Σ_{e: w_e > 0} w_e · Expert_e(h)``. Only the active (token, expert) pairs are computed: pairs are sorted by
 expert and each expert runs on its own contiguous rows (a grouped GEMM on CUDA). A token with no active expert gets
 ``y = 0`` and passes through the residual. The L1 norm of ``w`` is returned for the sparsity penalty whose
-coefficient the trainer adapts toward ``ffn_active`` experts per token (ReMoE).
+coefficient the trainer adapts toward ``ffn_active`` experts per token (ReMoE, made two-sided: ``train.next_l1_coef``).
 """
 
 from __future__ import annotations

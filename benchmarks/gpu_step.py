@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import finish, table  # noqa: E402
 
-from dyntrm.config import apply_overrides, preset  # noqa: E402
+from dyntrm.config import ConfigError, apply_overrides, preset  # noqa: E402
 from dyntrm.model import ArcTransformer  # noqa: E402
 from dyntrm.model.info import model_info  # noqa: E402
 from dyntrm.runtime import Runtime  # noqa: E402
@@ -50,8 +50,14 @@ def say(**kw) -> None:
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in kw.items()), flush=True)
 
 
+def is_oom(e: BaseException) -> bool:
+    """Out of GPU memory, also when it arrives wrapped (inductor compiling or autotuning)."""
+    return isinstance(e, torch.cuda.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
+
+
 def train_step_time(name: str, overrides: list[str], tokens: int, dev: torch.device, reps: int):
-    """Seconds per optimizer step of one training batch of about ``tokens`` tokens (halved on OOM)."""
+    """Seconds per optimizer step of one training batch of about ``tokens`` tokens (halved on OOM while the
+    config still accepts the smaller batch)."""
     while True:
         tcfg = apply_overrides(preset(name), overrides + [f"data.tokens_per_batch={tokens}"])
         tr = None
@@ -65,9 +71,13 @@ def train_step_time(name: str, overrides: list[str], tokens: int, dev: torch.dev
             s = timed(lambda: tr.step([batch]), reps, dev)
             peak = torch.cuda.max_memory_allocated() / 2 ** 30 if dev.type == "cuda" else float("nan")
             return tcfg, batch, s, peak
-        except torch.cuda.OutOfMemoryError:
-            if tokens <= 1024:
+        except RuntimeError as e:
+            if not is_oom(e):
                 raise
+            try:
+                apply_overrides(preset(name), overrides + [f"data.tokens_per_batch={tokens // 2}"])
+            except ConfigError:
+                raise e from None  # no smaller batch holds the longest sequence
             say(oom_at_tokens_per_batch=tokens)
             tokens //= 2
         finally:
@@ -124,15 +134,16 @@ def main() -> None:
 
     # timed training steps (SARS on, as the preset says): bf16 eager, then bf16 with the compiled block
     base = ["data.max_side=30", f"train.bf16={str(cuda).lower()}"]
-    _, _, eager_s, eager_peak = train_step_time(args.preset, base + ["train.compile=false"],
-                                                args.tokens_per_batch, dev, args.reps)
-    say(eager_step_s=eager_s, eager_peak_gib=eager_peak)
-    try:
+    eager_cfg, eager_batch, eager_s, eager_peak = train_step_time(args.preset, base + ["train.compile=false"],
+                                                                  args.tokens_per_batch, dev, args.reps)
+    say(eager_step_s=eager_s, eager_peak_gib=eager_peak, eager_batch=list(eager_batch.tokens.shape))
+    try:  # the batch size eager settled on, so that both time the same batch
         tcfg, batch, step_s, peak = train_step_time(args.preset, base + [f"train.compile={str(cuda).lower()}"],
-                                                    args.tokens_per_batch, dev, args.reps)
+                                                    eager_cfg.data.tokens_per_batch, dev, args.reps)
     except Exception as e:  # report the eager figures rather than nothing, then fail
         say(compiled_step_failed=f"{type(e).__name__}: {e}")
         raise
+    same = torch.equal(batch.tokens.cpu(), eager_batch.tokens.cpu())
     ctx = float(batch.attention_mask.sum(1).float().mean())
     flops = 3 * tcfg.model.max_steps * batch.n_tokens * model_info(tcfg.model, int(ctx))["flops_per_token_step"]
     fig = {"gpu": gpu, "matmul_tflops": rate / 1e12, "bf16_rel_err": bf16_err, "compile_rel_err": compile_err,
@@ -143,13 +154,14 @@ def main() -> None:
            "peak_gib": peak, "shaping": tcfg.shaping.kind}
     say(**{k: v for k, v in fig.items() if not isinstance(v, list)})
     what = "bf16, compiled block" if cuda else "fp32 eager"
+    which = "same batch" if same else f"batch {fig['batch_shape']}"
     rows = [[f"{'bf16' if cuda else 'fp32'} matmul rate (reference, {n}^3)", f"{rate / 1e12:.1f} TFLOP/s"],
             ["bf16 autocast vs fp32 eager, logits relative error", f"{bf16_err:.2e}"],
             ["compiled block vs fp32 eager, logits relative error", f"{compile_err:.2e}"],
-            [f"{args.preset} training step, batch {fig['batch_shape']} ({fig['shaping']}), "
+            [f"{args.preset} training step, batch {list(eager_batch.tokens.shape)} ({fig['shaping']}), "
              f"{'bf16 ' if cuda else ''}eager",
              f"{eager_s * 1e3:.0f} ms"],
-            [f"{args.preset} training step, same batch, {what}", f"{step_s * 1e3:.0f} ms"],
+            [f"{args.preset} training step, {which}, {what}", f"{step_s * 1e3:.0f} ms"],
             ["  compiled / eager speed-up", f"{fig['compile_speedup']:.2f}x"],
             ["  tokens / s", f"{fig['tokens_per_s']:.0f}"],
             ["  model FLOP/s / matmul rate", f"{fig['frac_of_matmul']:.1%}"],

@@ -59,6 +59,12 @@ def test_partial_credit_by_hand():
                  {"attempt_1": [[1, 2, 0], [3, 4, 0]], "attempt_2": [[0]]}]}  # wrong shape: 0 cells
     s = score(sub, {"A": [target, target]})
     assert s["tasks"]["A"] == {"pass@1": 0.0, "pass@2": 0.5, "shape@1": 0.5, "cells@1": 0.375}
+    # a stand-in entry (no model answer) earns no diagnostic credit, even where its shape would match
+    one = G([0])
+    stand_in = {"B": [{"attempt_1": [[0]], "attempt_2": [[0]]}]}
+    assert score(stand_in, {"B": [one]})["shape@1"] == 1.0
+    s = score(stand_in, {"B": [one]}, no_answer=frozenset({("B", 0)}))
+    assert s["shape@1"] == 0.0 and s["cells@1"] == 0.0 and s["pass@2"] == 1.0  # ARC's metric is unchanged
 
 
 def test_copy_input_reference_by_hand():

@@ -38,6 +38,25 @@ def test_l1_controller_by_hand():
         c = next_l1_coef(c, active, target, f, floor)
         seq.append(c)
     assert seq == pytest.approx([0.02, 0.01, -0.01, -0.02, -0.04, -0.02, -0.01, 0.01, 0.02])
+    # bounded in magnitude on both sides, and held at an exact tie
+    assert next_l1_coef(-0.3, 1.0, target, f, floor, cap=0.5) == -0.5
+    assert next_l1_coef(0.3, 3.0, target, f, floor, cap=0.5) == 0.5
+    assert next_l1_coef(0.3, 3.0, target, f, None, cap=0.5) == 0.5
+    assert next_l1_coef(-0.3, 2.0, target, f, floor) == -0.3
+
+
+def test_l1_controller_stays_one_sided_where_a_reward_cannot_act():
+    """Under meta_only (routers get no main-loss gradient) and with a target of the whole library, activity below
+    the target cannot be raised by a reward: the coefficient must not turn negative and grow."""
+    for override in ("shaping.meta_only=true", "model.ffn_active=4"):  # debug: 4 FFN experts
+        tr = Trainer(debug_cfg("shaping.kind=sars", override, "train.l1_init=0.5", "train.l1_max=0.5"), CPU)
+        with torch.no_grad():
+            tr.model.block.ffn.gate.fill_(1.0)  # activity well below any target
+        stream = tr.data.iterate()
+        for _ in range(3):
+            m = tr.step(tr.micro_batches(stream)[0])
+            assert m["active_experts"] < tr.cfg.model.ffn_active
+            assert 0 < tr.state.l1_coef < 0.5, override
 
 
 def test_lr_schedule_warmup_then_cosine():

@@ -84,11 +84,14 @@ class TrainConfig:
     deep_supervision: bool = opt(True, "LM loss at every recursion step (mean); false: the last step only")
     act_weight: float = opt(0.5, "weight of the ACT losses (BCE on q_halt and q_continue)")
     act_gamma: float = opt(0.9, "continue target = gamma x max over later steps of halt targets")
-    l1_init: float = opt(1e-2, "initial coefficient of the DynMoE L1 sparsity penalty")
+    l1_init: float = opt(1e-2, "initial coefficient of the DynMoE L1 sparsity penalty (two-sided: also the "
+                               "smallest magnitude it takes)")
     l1_factor: float = opt(1.2, "per step, the L1 coefficient is multiplied or divided by this toward the target")
     l1_two_sided: bool = opt(True, "below the target the L1 coefficient may turn negative (magnitude >= l1_init), "
                                    "rewarding activity; false: ReMoE's rule, coefficient >= 0, which cannot "
-                                   "raise activity that the main loss has pushed below the target")
+                                   "raise activity that the main loss has pushed below the target. Off by itself "
+                                   "under shaping.meta_only or when the target is the whole library")
+    l1_max: float = opt(1.0, "bound on the magnitude of the L1 coefficient (either sign)")
     bf16: bool = opt(True, "bf16 autocast on CUDA (ignored on CPU, which runs fp32)")
     compile: bool = opt(False, "torch.compile the block (CUDA; off on CPU and in tests)")
     threads: int = opt(0, "CPU threads (0: torch's default; under torchrun: cores / local processes)")
@@ -283,6 +286,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.ema_decay={t.ema_decay}: must be in [0, 1)")
     if t.l1_init <= 0:
         raise ConfigError(f"train.l1_init={t.l1_init}: must be > 0 (the controller multiplies it)")
+    if t.l1_max < t.l1_init:
+        raise ConfigError(f"train.l1_max={t.l1_max}: must be >= train.l1_init={t.l1_init}")
     if t.l1_factor < 1:
         raise ConfigError(f"train.l1_factor={t.l1_factor}: must be >= 1")
     if not 0 < cfg.shaping.token_rate <= 1:

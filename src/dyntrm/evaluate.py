@@ -233,20 +233,22 @@ def partial_credit(attempt: np.ndarray, target: np.ndarray) -> tuple[bool, float
     attempt, target = np.asarray(attempt), np.asarray(target)
     if attempt.shape != target.shape:
         return False, 0.0
-    return True, float((attempt == target).mean())
+    return True, float((attempt == target).mean()) if target.size else 1.0
 
 
 DIAGNOSTICS = ("shape@1", "cells@1")  # partial credit of attempt 1, averaged like pass@k (per task, then tasks)
 
 
-def score(submission: dict[str, list[dict[str, Any]]], targets: dict[str, list[np.ndarray]]) -> dict[str, Any]:
+def score(submission: dict[str, list[dict[str, Any]]], targets: dict[str, list[np.ndarray]],
+          no_answer: frozenset[tuple[str, int]] = frozenset()) -> dict[str, Any]:
     """pass@1 and pass@2 of an ARC Prize submission ``{task: [{"attempt_1": g, "attempt_2": g}, ...]}``
     against ``{task: [target grid per test input]}``: per task the fraction of test inputs solved, overall the
     mean over tasks. A task missing from the submission scores 0.
 
     Beside them, two diagnostics of attempt 1 that show progress long before exact answers appear (they are not
     ARC's metric): ``shape@1``, the fraction of test inputs answered with the target's shape, and ``cells@1``, the
-    fraction of target cells right (a wrongly shaped answer scores 0)."""
+    fraction of target cells right (a wrongly shaped answer scores 0). Entries listed in ``no_answer`` (task,
+    test index) hold a stand-in, not a model's answer, and get no diagnostic credit."""
     keys = ("pass@1", "pass@2") + DIAGNOSTICS
     per_task = {}
     for tid, tgts in targets.items():
@@ -258,6 +260,8 @@ def score(submission: dict[str, list[dict[str, Any]]], targets: dict[str, list[n
             a = [np.asarray(entries[i]["attempt_1"]), np.asarray(entries[i]["attempt_2"])]
             acc["pass@1"] += solved(a, tgt, 1)
             acc["pass@2"] += solved(a, tgt, 2)
+            if (tid, i) in no_answer:
+                continue
             shape_ok, cells = partial_credit(a[0], tgt)
             acc["shape@1"] += shape_ok
             acc["cells@1"] += cells
@@ -345,7 +349,8 @@ def metrics_of(results: Sequence[ItemResult], stats: dict) -> dict[str, Any]:
     for r in sorted(results, key=lambda r: (r.item.task_id, r.item.index)):
         if r.item.target is not None:
             targets.setdefault(r.item.task_id, []).append(r.item.target)
-    scored = score(submission_of(results), targets) if targets else {
+    no_answer = frozenset((r.item.task_id, r.item.index) for r in results if not r.ranked)
+    scored = score(submission_of(results), targets, no_answer) if targets else {
         **dict.fromkeys(("pass@1", "pass@2") + DIAGNOSTICS), "tasks": {}}
     for r in results:
         t = scored["tasks"].get(r.item.task_id)

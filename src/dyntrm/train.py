@@ -122,7 +122,8 @@ def global_norms(micro: list[Batch], rt: Runtime) -> Norms:
     return Norms(counts[0], counts[1], counts[2])
 
 
-def next_l1_coef(coef: float, active: float, target: float, factor: float, floor: float | None) -> float:
+def next_l1_coef(coef: float, active: float, target: float, factor: float, floor: float | None,
+                 cap: float = math.inf) -> float:
     """The DynMoE sparsity controller (ReMoE): the L1 coefficient is multiplied by ``factor`` while more experts
     are active than the target and divided by it while fewer.
 
@@ -131,15 +132,19 @@ def next_l1_coef(coef: float, active: float, target: float, factor: float, floor
     ``floor`` the rule is two-sided: a coefficient that would shrink below ``floor`` in magnitude changes sign
     instead (magnitude ``floor``), so below the target the penalty becomes a reward for routing weight, growing by
     ``factor`` per step until activity recovers; then it shrinks back through the floor to positive values.
+    Either way its magnitude stays within ``cap``; at an exact tie it holds.
     """
+    if active == target:
+        return coef
     want = 1.0 if active > target else -1.0  # the sign that moves activity toward the target
     if floor is None:
-        return coef * factor if want > 0 else coef / factor
-    sign = 1.0 if coef >= 0 else -1.0
-    if sign == want:
-        return coef * factor
-    coef /= factor
-    return coef if abs(coef) >= floor else want * floor
+        coef = coef * factor if want > 0 else coef / factor
+    elif (coef >= 0) == (want > 0):
+        coef *= factor
+    else:
+        coef /= factor
+        coef = coef if abs(coef) >= floor else want * floor
+    return max(-cap, min(cap, coef))
 
 
 def act_targets(correct_SB: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -364,8 +369,10 @@ class Trainer:
             self.ema.update(self.model, st.step)
         if cfg.model.variant == "dyn":  # move the L1 coefficient toward the sparsity target
             t = cfg.train
+            # two-sided only where a reward can act: routers learning from the main loss, a target below the library
+            two = t.l1_two_sided and not cfg.shaping.meta_only and cfg.model.ffn_active < cfg.model.ffn_experts
             st.l1_coef = next_l1_coef(st.l1_coef, metrics["active_experts"], cfg.model.ffn_active, t.l1_factor,
-                                      t.l1_init if t.l1_two_sided else None)
+                                      t.l1_init if two else None, t.l1_max)
         st.tokens += int(world_counts["tokens"])
         metrics.update(grad_norm=float(gnorm), lr=cfg.train.lr * lr_f, l1_coef=st.l1_coef, skipped=0.0,
                        tokens=world_counts["tokens"])

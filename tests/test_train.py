@@ -32,12 +32,12 @@ def test_l1_controller_by_hand():
     # ReMoE (no floor): x f above the target, / f below, never negative
     assert next_l1_coef(0.04, 3.0, target, f, None) == 0.08
     assert next_l1_coef(0.04, 1.0, target, f, None) == 0.02
-    # two-sided: shrink toward the floor, then change sign and grow the other way, and back
+    # two-sided: the penalty decays to the floor, turns into a growing reward, which is dropped at the target
     seq, c = [], 0.04
-    for active in (1.0, 1.0, 1.0, 1.0, 1.0, 3.0, 3.0, 3.0, 3.0):
+    for active in (1.0, 1.0, 1.0, 1.0, 1.0, 3.0, 3.0, 3.0, 1.0):
         c = next_l1_coef(c, active, target, f, floor)
         seq.append(c)
-    assert seq == pytest.approx([0.02, 0.01, -0.01, -0.02, -0.04, -0.02, -0.01, 0.01, 0.02])
+    assert seq == pytest.approx([0.02, 0.01, -0.01, -0.02, -0.04, 0.01, 0.02, 0.04, 0.02])
     # bounded in magnitude on both sides, and held at an exact tie
     assert next_l1_coef(-0.3, 1.0, target, f, floor, cap=0.5) == -0.5
     assert next_l1_coef(0.3, 3.0, target, f, floor, cap=0.5) == 0.5

@@ -128,22 +128,21 @@ def next_l1_coef(coef: float, active: float, target: float, factor: float, floor
     are active than the target and divided by it while fewer.
 
     ReMoE's coefficient stays positive (``floor=None``): it can only push activity down, and in short runs here
-    the main loss pushed activity below the target (2 of 16) and kept it there (0.9 after 551 demo steps). With a
-    ``floor`` the rule is two-sided: a coefficient that would shrink below ``floor`` in magnitude changes sign
-    instead (magnitude ``floor``), so below the target the penalty becomes a reward for routing weight, growing by
-    ``factor`` per step until activity recovers; then it shrinks back through the floor to positive values.
-    Either way its magnitude stays within ``cap``; at an exact tie it holds.
+    the main loss pushed activity below the target (2 of 16) and kept it there (0.84 after 551 demo steps). With a
+    ``floor`` the rule is two-sided: a positive coefficient that would shrink below ``floor`` turns into a reward
+    for routing weight (``-floor``), which grows by ``factor`` per step while activity stays below the target and
+    is dropped (back to ``+floor``) as soon as activity reaches it, so that the reward never lingers to overshoot.
+    Either way the magnitude stays within ``cap``; at an exact tie the coefficient holds.
     """
     if active == target:
         return coef
-    want = 1.0 if active > target else -1.0  # the sign that moves activity toward the target
-    if floor is None:
-        coef = coef * factor if want > 0 else coef / factor
-    elif (coef >= 0) == (want > 0):
-        coef *= factor
-    else:
-        coef /= factor
-        coef = coef if abs(coef) >= floor else want * floor
+    above = active > target
+    if floor is None or coef > 0:
+        coef = coef * factor if above else coef / factor
+        if floor is not None and coef < floor:
+            coef = -floor  # the penalty has decayed away and activity is still low: reward instead
+    else:  # a reward
+        coef = floor if above else coef * factor
     return max(-cap, min(cap, coef))
 
 

@@ -28,8 +28,6 @@ from .data.batching import padded
 from .data.dataset import EvalItem
 from .data.tokens import END, PAD, ROW, GridDecodeError, tokens_to_grid
 
-MAX_ANSWER = MAX_ANSWER_TOKENS  # 30 rows of 30, 29 separators, END
-
 
 # ------------------------------------------------------------------------------------------------ decoding
 
@@ -83,7 +81,7 @@ class Generation:
 
 
 @torch.no_grad()
-def generate(model, prompts: Sequence[np.ndarray], *, max_new: int = MAX_ANSWER, constrain: bool = True,
+def generate(model, prompts: Sequence[np.ndarray], *, max_new: int = MAX_ANSWER_TOKENS, constrain: bool = True,
              temperature: float = 0.0, top_k: int = 0, steps: torch.Tensor | None = None,
              generator: torch.Generator | None = None, compact: float = 0.5,
              max_sides: Sequence[int] | None = None) -> list[Generation]:
@@ -160,7 +158,7 @@ def generate_batched(model, prompts: Sequence[np.ndarray], *, tokens_per_batch: 
                      ) -> list[Generation]:
     """:func:`generate` over prompts grouped by length into batches of about ``tokens_per_batch`` prompt +
     answer-capacity tokens. Results come back in the input order."""
-    max_new = kw.get("max_new", MAX_ANSWER)
+    max_new = kw.get("max_new", MAX_ANSWER_TOKENS)
     sides = kw.pop("max_sides", None)  # per-prompt options follow their prompts into the batches
     steps = kw.pop("steps", None)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -301,7 +299,7 @@ def evaluate_items(model, items: Sequence[EvalItem], *, n_views: int = 8, seed: 
     prompts, owners, sides = [], [], []
     skipped = 0
     room = getattr(getattr(model, "cfg", None), "max_positions", None)  # (tests pass stand-ins without a cfg)
-    limits = [x for x in (max_len, None if room is None else room - gen_kw.get("max_new", MAX_ANSWER))
+    limits = [x for x in (max_len, None if room is None else room - gen_kw.get("max_new", MAX_ANSWER_TOKENS))
               if x is not None]
     limit = min(limits) if limits else None
     for i, it in enumerate(items):

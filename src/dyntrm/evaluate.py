@@ -343,10 +343,7 @@ def submission_of(results: Sequence[ItemResult]) -> dict[str, list[dict[str, Any
 
 def metrics_of(results: Sequence[ItemResult], stats: dict) -> dict[str, Any]:
     """pass@1 / pass@2 overall (mean over tasks) and per task, plus decoding statistics."""
-    targets: dict[str, list] = {}
-    for r in sorted(results, key=lambda r: (r.item.task_id, r.item.index)):
-        if r.item.target is not None:
-            targets.setdefault(r.item.task_id, []).append(r.item.target)
+    targets = targets_of([r.item for r in results])
     no_answer = frozenset((r.item.task_id, r.item.index) for r in results if not r.ranked)
     scored = score(submission_of(results), targets, no_answer) if targets else {
         **dict.fromkeys(("pass@1", "pass@2") + DIAGNOSTICS), "tasks": {}}
@@ -363,17 +360,23 @@ def metrics_of(results: Sequence[ItemResult], stats: dict) -> dict[str, Any]:
             "n_test_inputs": len(results), **stats, "tasks": scored["tasks"]}
 
 
+def targets_of(items: Sequence[EvalItem]) -> dict[str, list[np.ndarray]]:
+    """``{task: [target per test input, in order]}`` of the items that have one (the scorer's input)."""
+    targets: dict[str, list] = {}
+    for it in sorted(items, key=lambda it: (it.task_id, it.index)):
+        if it.target is not None:
+            targets.setdefault(it.task_id, []).append(it.target)
+    return targets
+
+
 def copy_input_reference(items: Sequence[EvalItem]) -> dict[str, Any]:
     """The scores of the trivial answer "the test input itself" (both attempts), on the same items: the reference
     beside which a model's pass@k and diagnostics are read."""
     sub: dict[str, list] = {}
-    targets: dict[str, list] = {}
     for it in sorted(items, key=lambda it: (it.task_id, it.index)):
-        if it.target is None:
-            continue
-        sub.setdefault(it.task_id, []).append({"attempt_1": it.input.tolist(), "attempt_2": it.input.tolist()})
-        targets.setdefault(it.task_id, []).append(it.target)
-    scored = score(sub, targets)
+        if it.target is not None:
+            sub.setdefault(it.task_id, []).append({"attempt_1": it.input.tolist(), "attempt_2": it.input.tolist()})
+    scored = score(sub, targets_of(items))
     return {k: scored[k] for k in ("pass@1", "pass@2") + DIAGNOSTICS}
 
 

@@ -14,7 +14,7 @@ from dyntrm.config import from_dict, to_dict
 from dyntrm.data.batching import collate
 from dyntrm.runtime import Runtime
 from dyntrm.train import Trainer, TrainingStopped, act_targets, lr_factor, next_l1_coef, train
-from helpers import ASSETS, CPU, debug_cfg, params
+from helpers import ASSETS, CPU, assert_close_by_norm, debug_cfg, params
 
 
 def test_act_targets_by_hand():
@@ -248,14 +248,17 @@ def test_two_processes_equal_one_on_the_same_global_batch(tmp_path, shaping):
     out = tmp_path / "ddp.pt"
     mp.spawn(_ddp_worker, args=(2, init, to_dict(cfg), seqs, str(out)), nprocs=2, join=True)
     two = torch.load(out, weights_only=True)
-    # the first applied gradients agree to float precision (routing ones include the SARS / FARS terms) ...
+    # The first applied gradients agree to float precision (routing ones include the SARS / FARS terms), measured
+    # against each tensor's norm: the summation order differs between one process and gloo's all-reduce, and on
+    # some processors a near-zero element then differs by ~10% of itself (2.5e-7 on block.attn.proto) ...
     for i, g in enumerate(grads[:1]):
         for k, v in g.items():
-            torch.testing.assert_close(two[f"grads{i}.{k}"], v, rtol=1e-4, atol=1e-7, msg=lambda m: f"step {i} {k}: {m}")
-    # ... and so do the parameters two steps on (Adam's first steps turn float noise on near-zero gradients into
-    # differences of up to ~lr x 1e-2, so later gradients are compared through the parameters: atol 1e-4)
+            assert_close_by_norm(two[f"grads{i}.{k}"], v, 1e-5, f"step {i} gradient of {k}")
+    # ... and so do the updates two steps on (Adam's first steps turn float noise on near-zero gradients into
+    # element differences of up to ~lr x 0.1, so the update of each tensor is compared by norm)
+    start = params(Trainer(cfg, CPU).model)
     for k, v in params(one.model).items():
-        torch.testing.assert_close(two["params"][k], v, rtol=1e-4, atol=1e-4, msg=lambda m: f"{k}: {m}")
+        assert_close_by_norm(two["params"][k] - start[k], v - start[k], 1e-2, f"update of {k}")
 
 
 @pytest.mark.parametrize("shaping", ["none", "sars"])
@@ -267,8 +270,9 @@ def test_accumulation_equals_one_big_batch(shaping):
     acc = Trainer(debug_cfg("train.accum=2", f"shaping.kind={shaping}", "shaping.token_rate=1"), CPU)
     m_acc = acc.step([collate(seqs[:1]), collate(seqs[1:])])  # unequal halves: normalisation must be global
     assert m_acc["loss"] == pytest.approx(m_big["loss"], rel=1e-5)
-    for k, v in params(big.model).items():
-        torch.testing.assert_close(params(acc.model)[k], v, rtol=1e-5, atol=1e-6)
+    start = params(Trainer(cfg, CPU).model)
+    for k, v in params(big.model).items():  # Adam's first step is ~lr x sign(g): compare each update by its norm
+        assert_close_by_norm(params(acc.model)[k] - start[k], v - start[k], 1e-3, f"update of {k}")
 
 
 GOLDEN = ASSETS / "golden_losses.json"
@@ -285,7 +289,10 @@ def test_golden_losses(tmp_path):
         GOLDEN.write_text(json.dumps({"config": "tests/helpers.py debug_cfg + train.steps=10",
                                       "losses": losses}, indent=2) + "\n")
     want = json.loads(GOLDEN.read_text())["losses"]
-    assert losses == pytest.approx(want, rel=1e-4, abs=1e-5)
+    # The first loss is a forward pass (float precision); later ones carry Adam's amplification of summation-order
+    # noise on near-zero gradients, which differs between processors: 1e-3 still catches any change of behaviour.
+    assert losses[0] == pytest.approx(want[0], rel=1e-5)
+    assert losses == pytest.approx(want, rel=1e-3)
 
 
 def test_evaluation_inside_training_is_logged(tmp_path):

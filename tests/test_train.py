@@ -250,10 +250,12 @@ def test_two_processes_equal_one_on_the_same_global_batch(tmp_path, shaping):
     two = torch.load(out, weights_only=True)
     # The first applied gradients agree to float precision (routing ones include the SARS / FARS terms), measured
     # against each tensor's norm: the summation order differs between one process and gloo's all-reduce, and on
-    # some processors a near-zero element then differs by ~10% of itself (2.5e-7 on block.attn.proto) ...
+    # some processors a near-zero element then differs by ~10% of itself (2.5e-7 on block.attn.proto); a routing
+    # logit within float noise of 0 can also switch its ReLU, so routing gradients agree to ~1e-4 of their norm.
+    # A wrong normalisation or a missing all-reduce is off by O(1) ...
     for i, g in enumerate(grads[:1]):
         for k, v in g.items():
-            assert_close_by_norm(two[f"grads{i}.{k}"], v, 1e-5, f"step {i} gradient of {k}")
+            assert_close_by_norm(two[f"grads{i}.{k}"], v, 1e-3, f"step {i} gradient of {k}")
     # ... and so do the updates two steps on (Adam's first steps turn float noise on near-zero gradients into
     # element differences of up to ~lr x 0.1, so the update of each tensor is compared by norm)
     start = params(Trainer(cfg, CPU).model)

@@ -49,6 +49,19 @@ def cmd_data_stats(args: argparse.Namespace) -> None:
                           f"and would be skipped")
 
 
+def cmd_data_synth(args: argparse.Namespace) -> None:
+    from .data.synth import parse_sides, write_ladder
+
+    families = [f for f in args.families.split(",") if f]
+    try:
+        counts = write_ladder(args.out, families, args.tasks, args.eval_tasks, parse_sides(args.sides), args.seed,
+                              demos=args.demos)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    console.print(f"{args.out}: {counts['training']} training and {counts['evaluation']} evaluation tasks "
+                  f"({', '.join(families)}); train with --source {args.out}")
+
+
 def cmd_show(args: argparse.Namespace) -> None:
     from .viz import draw_task
 
@@ -197,7 +210,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         raise ArcDataError(f"test index {args.test} out of range: the task has {len(items)} test inputs",
                            task=task.id)
     item = items[args.test]
-    prompt = item.prompt()
+    prompt = item.prompt(header=cfg.model.size_header)
     if len(prompt) + MAX_ANSWER_TOKENS > cfg.model.max_positions:
         raise ConfigError(f"task {task.id}: a prompt of {len(prompt)} tokens leaves no room for an answer within "
                           f"model.max_positions={cfg.model.max_positions}")
@@ -312,6 +325,17 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--source", default="arc1", help="arc1, arc2 or a PATH")
     stats.add_argument("--max-len", type=int, default=None, help="also count sequences longer than this")
     stats.set_defaults(func=cmd_data_stats)
+    from .data.synth import FAMILIES
+
+    synth = data_sub.add_parser("synth", help="write procedural ARC tasks of known rules (the sanity ladder)")
+    synth.add_argument("--out", required=True, help="directory; training/ and evaluation/ are written in it")
+    synth.add_argument("--families", default=",".join(FAMILIES), help=f"comma-separated: {', '.join(FAMILIES)}")
+    synth.add_argument("--tasks", type=int, default=100, help="training tasks per family")
+    synth.add_argument("--eval-tasks", type=int, default=20, help="held-out evaluation tasks per family")
+    synth.add_argument("--sides", default="3-6", help="input grid sides A-B")
+    synth.add_argument("--demos", type=int, default=3, help="demonstrations per task (one test input each)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(func=cmd_data_synth)
 
     show = sub.add_parser("show", help="draw one task's pairs in the ARC palette")
     show.add_argument("source", help="arc1, arc2, a task directory or a task file")

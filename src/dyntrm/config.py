@@ -15,7 +15,7 @@ from typing import Any, Callable, Literal
 
 from .data.batching import padded
 
-MAX_ANSWER_TOKENS = 30 * 30 + 29 + 1  # the largest answer: 30 rows of 30, 29 row separators, <end>
+MAX_ANSWER_TOKENS = 2 + 30 * 30 + 29 + 1  # the largest answer: size header, 30 rows of 30, 29 separators, <end>
 
 
 def opt(default: Any, help: str) -> Any:
@@ -40,7 +40,7 @@ class DataConfig:
 class ModelConfig:
     variant: Literal["dyn", "dense"] = opt("dyn", "dyn: expert libraries + routers; dense: plain attention and FFN "
                                                   "of the same active width (the ablation baseline)")
-    vocab_size: int = opt(32, "embedding rows (the 17 ARC tokens padded to a multiple of 16)")
+    vocab_size: int = opt(48, "embedding rows (the 47 tokens: 10 colours, 7 specials, 30 sizes; padded to 48)")
     d_model: int = opt(128, "width of the residual stream")
     n_heads: int = opt(4, "physical attention heads; d_head = d_model / n_heads")
     max_steps: int = opt(8, "N: recursion steps (training always unrolls all N)")
@@ -55,6 +55,10 @@ class ModelConfig:
     step_embedding: bool = opt(False, "add a learned per-step embedding before every recursion step")
     input_injection: bool = opt(False, "re-add the input embedding before every recursion step after the first")
     norm_eps: float = opt(1e-6, "RMSNorm epsilon")
+    size_header: bool = opt(False, "every grid is preceded by its height and width as two tokens; decoding then "
+                                   "writes exactly the shape the model chose first")
+    grid_coords: bool = opt(False, "add learned embeddings of each cell's row and column inside its grid to the "
+                                   "token embedding (a 2-D signal beside the 1-D RoPE)")
 
     @property
     def d_head(self) -> int:
@@ -82,6 +86,8 @@ class TrainConfig:
     accum: int = opt(1, "micro-batches per optimizer step (gradient accumulation)")
     seed: int = opt(0, "seed of initialisation, data order, augmentation")
     deep_supervision: bool = opt(True, "LM loss at every recursion step (mean); false: the last step only")
+    grad_steps: int = opt(0, "backpropagate through the last this many recursion steps only; the earlier ones run "
+                             "without gradient and without loss (TRM's truncation; 0: all N, full BPTT)")
     act_weight: float = opt(0.5, "weight of the ACT losses (BCE on q_halt and q_continue)")
     act_gamma: float = opt(0.9, "continue target = gamma x max over later steps of halt targets")
     l1_init: float = opt(1e-2, "initial coefficient of the DynMoE L1 sparsity penalty (two-sided: also the "
@@ -273,6 +279,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.d_model={m.d_model} must split into model.n_heads={m.n_heads} heads of even width")
     if not 0 < m.ffn_active <= m.ffn_experts:
         raise ConfigError(f"model.ffn_active={m.ffn_active} must be in (0, model.ffn_experts={m.ffn_experts}]")
+    if m.vocab_size < 47:
+        raise ConfigError(f"model.vocab_size={m.vocab_size}: must be >= 47 (10 colours, 7 specials, 30 sizes)")
     if m.max_steps < 1:
         raise ConfigError(f"model.max_steps={m.max_steps}: must be >= 1")
     if m.max_positions < cfg.data.max_len + MAX_ANSWER_TOKENS:
@@ -282,6 +290,12 @@ def validate(cfg: Config) -> None:
     for name in ("steps", "accum", "log_every"):
         if getattr(t, name) < 1:
             raise ConfigError(f"train.{name}={getattr(t, name)}: must be >= 1")
+    if not 0 <= t.grad_steps <= cfg.model.max_steps:
+        raise ConfigError(f"train.grad_steps={t.grad_steps}: must be in 0..model.max_steps={cfg.model.max_steps}")
+    if 0 < t.grad_steps < m.max_steps and not m.input_injection:
+        raise ConfigError(f"train.grad_steps={t.grad_steps} < model.max_steps={m.max_steps} needs "
+                          f"model.input_injection=true: the embeddings enter at step 1 only, which then runs "
+                          f"without gradient, so they would never learn")
     if not 0 <= t.ema_decay < 1:
         raise ConfigError(f"train.ema_decay={t.ema_decay}: must be in [0, 1)")
     if t.l1_init <= 0:

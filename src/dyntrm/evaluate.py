@@ -26,39 +26,68 @@ from .data.arc import MAX_SIDE, N_COLOURS
 from .data.augment import Augmentation, views
 from .data.batching import padded
 from .data.dataset import EvalItem
-from .data.tokens import END, PAD, ROW, GridDecodeError, tokens_to_grid
+from .data.tokens import END, PAD, ROW, SIZE0, GridDecodeError, decode_answer
 
 
 # ------------------------------------------------------------------------------------------------ decoding
 
 class GridConstraint:
-    """Per-sample state machine over generated tokens that only allows well-formed grids (vectorised)."""
+    """Per-sample state machine over generated tokens that only allows well-formed grids (vectorised).
 
-    def __init__(self, batch: int, vocab: int, device: torch.device, max_side: torch.Tensor | None = None):
-        self.vocab = vocab
+    With ``header`` (``model.size_header``) an answer is ``#h #w`` then exactly h rows of w cells: the model
+    chooses the two size tokens (at most ``max_side`` each); every row separator and the closing ``END`` are then
+    the only tokens allowed where they fall, so no answer of another shape can be written."""
+
+    def __init__(self, batch: int, vocab: int, device: torch.device, max_side: torch.Tensor | None = None,
+                 header: bool = False):
+        self.vocab, self.header = vocab, header
         # per-sample limit on rows and columns (default 30)
         self.max_side = torch.full((batch,), MAX_SIDE, dtype=torch.long, device=device) if max_side is None \
             else max_side.to(device).clamp(1, MAX_SIDE)
         self.row_w = torch.zeros(batch, dtype=torch.long, device=device)  # cells in the current row
         self.first_w = torch.zeros(batch, dtype=torch.long, device=device)  # width of row 0 (0: row 0 still open)
         self.rows = torch.ones(batch, dtype=torch.long, device=device)  # rows started
+        self.height = torch.zeros(batch, dtype=torch.long, device=device)  # header: rows chosen (0: not yet)
+        self.n_header = torch.zeros(batch, dtype=torch.long, device=device)  # header tokens written (0..2)
         self.done = torch.zeros(batch, dtype=torch.bool, device=device)
+
+    STATE = ("row_w", "first_w", "rows", "height", "n_header", "done", "max_side")
+
+    def keep(self, idx: torch.Tensor) -> None:
+        """Only the samples ``idx`` go on (finished ones leave the decoding batch)."""
+        for name in self.STATE:
+            setattr(self, name, getattr(self, name)[idx])
 
     def allowed(self) -> torch.Tensor:
         """(B, V) bool: what each sample may emit next."""
         B = self.done.shape[0]
+        in_header = ~self.done & (self.n_header < 2) if self.header else torch.zeros_like(self.done)
+        in_grid = ~self.done & ~in_header
         width_cap = torch.where(self.first_w > 0, self.first_w, self.max_side)
         row_full = (self.first_w == 0) | (self.row_w == self.first_w)
-        colour = ~self.done & (self.row_w < width_cap)
-        close_row = ~self.done & (self.row_w > 0) & row_full
+        colour = in_grid & (self.row_w < width_cap)
+        close_row = in_grid & (self.row_w > 0) & row_full
         mask = torch.zeros(B, self.vocab, dtype=torch.bool, device=self.done.device)
         mask[:, :N_COLOURS] = colour[:, None]
-        mask[:, ROW] = close_row & (self.rows < self.max_side)
-        mask[:, END] = close_row
+        if self.header:
+            sides = torch.arange(1, MAX_SIDE + 1, device=self.done.device)
+            mask[:, SIZE0:SIZE0 + MAX_SIDE] = in_header[:, None] & (sides[None, :] <= self.max_side[:, None])
+            mask[:, ROW] = close_row & (self.rows < self.height)
+            mask[:, END] = close_row & (self.rows == self.height)
+        else:
+            mask[:, ROW] = close_row & (self.rows < self.max_side)
+            mask[:, END] = close_row
         mask[:, PAD] = self.done  # finished samples idle on padding
         return mask
 
     def update(self, tok: torch.Tensor) -> None:
+        if self.header:  # #h, then #w: the width is known before the first cell
+            size = tok - SIZE0 + 1
+            first, second = ~self.done & (self.n_header == 0), ~self.done & (self.n_header == 1)
+            self.height = torch.where(first, size, self.height)
+            self.first_w = torch.where(second, size, self.first_w)
+            self.n_header = self.n_header + (first | second).long()
+            tok = torch.where(first | second, torch.full_like(tok, PAD), tok)  # not a cell or separator
         is_colour = tok < N_COLOURS
         is_row = (tok == ROW) & ~self.done
         self.row_w = torch.where(is_colour & ~self.done, self.row_w + 1, self.row_w)
@@ -102,8 +131,9 @@ def generate(model, prompts: Sequence[np.ndarray], *, max_new: int = MAX_ANSWER_
     for i, p in enumerate(prompts):
         tokens[i, :len(p)] = torch.as_tensor(p, device=device)
     logits, state = model.prefill(tokens, lengths, max_new, steps=steps)
+    header = bool(getattr(model.cfg, "size_header", False))
     con = GridConstraint(B, logits.shape[-1], device,
-                         None if max_sides is None else torch.tensor(list(max_sides), dtype=torch.long))
+                         None if max_sides is None else torch.tensor(list(max_sides), dtype=torch.long), header)
     alive = torch.arange(B, device=device)  # original index of each row still in the batch
     out_tok = torch.full((B, max_new), PAD, dtype=torch.long, device=device)
     n_out = torch.zeros(B, dtype=torch.long, device=device)
@@ -140,14 +170,13 @@ def generate(model, prompts: Sequence[np.ndarray], *, max_new: int = MAX_ANSWER_
             keep = torch.nonzero(~con.done, as_tuple=True)[0]
             state = state.keep(keep)
             alive, tok = alive[keep], tok[keep]
-            for name in ("row_w", "first_w", "rows", "done", "max_side"):
-                setattr(con, name, getattr(con, name)[keep])
+            con.keep(keep)
         logits = model.decode(tok, state)
     results = []
     for i in range(B):
         toks = out_tok[i, :n_out[i]].tolist()
         try:
-            grid = tokens_to_grid(toks[:-1]) if toks and toks[-1] == END else None
+            grid = decode_answer(toks, header=header) if toks and toks[-1] == END else None
         except GridDecodeError:
             grid = None
         results.append(Generation(toks, grid, float(logprob[i]), int(steps_used[i])))
@@ -302,9 +331,10 @@ def evaluate_items(model, items: Sequence[EvalItem], *, n_views: int = 8, seed: 
     limits = [x for x in (max_len, None if room is None else room - gen_kw.get("max_new", MAX_ANSWER_TOKENS))
               if x is not None]
     limit = min(limits) if limits else None
+    header = bool(getattr(getattr(model, "cfg", None), "size_header", False))
     for i, it in enumerate(items):
         vs = views(n_views, seed=seed + i)
-        encs = [(v, it.prompt(v)) for v in vs]
+        encs = [(v, it.prompt(v, header=header)) for v in vs]
         if limit is not None and any(len(e) > limit for _, e in encs):
             skipped += 1
             continue

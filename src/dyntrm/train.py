@@ -163,12 +163,13 @@ def compute_loss(out: ModelOutput, batch: Batch, cfg: Config, l1_coef: float, no
     t = cfg.train
     S, B = out.logits.shape[:2]
     V = out.logits.shape[-1]
+    g = out.grad_from  # steps before g ran without gradient (train.grad_steps): only later ones are trained
     sel_BT = batch.target[:, 1:]  # token t+1 is predicted at position t
     tgt_M = batch.tokens[:, 1:][sel_BT]  # (M,)
     logits_SMV = out.logits[:, :, :-1][:, sel_BT].float()  # only the positions that enter the loss
     ce_SM = F.cross_entropy(logits_SMV.reshape(-1, V), tgt_M.repeat(S), reduction="none").view(S, -1)
     ce_S = ce_SM.sum(1)
-    lm = (ce_S.mean() if t.deep_supervision else ce_S[-1]) / norms.targets
+    lm = (ce_S[g:].mean() if t.deep_supervision else ce_S[-1]) / norms.targets
 
     with torch.no_grad():
         correct_SM = logits_SMV.argmax(-1) == tgt_M
@@ -178,8 +179,8 @@ def compute_loss(out: ModelOutput, batch: Batch, cfg: Config, l1_coef: float, no
             1, b_of_M[ans_M], (~correct_SM[:, ans_M]).float())
         halt_SB, cont_SB = act_targets(wrong_SB == 0, t.act_gamma)
     bce = lambda q, y: F.binary_cross_entropy_with_logits(q.float(), y, reduction="sum")  # noqa: E731
-    act_halt = bce(out.q_halt, halt_SB) / (S * norms.samples)
-    act_cont = bce(out.q_continue, cont_SB) / (S * norms.samples)
+    act_halt = bce(out.q_halt[g:], halt_SB[g:]) / ((S - g) * norms.samples)
+    act_cont = bce(out.q_continue[g:], cont_SB[g:]) / ((S - g) * norms.samples)
     n_real = batch.attention_mask.sum()
     l1 = out.moe_l1 * (n_real / norms.tokens)
     loss = lm + t.act_weight * (act_halt + act_cont) + l1_coef * l1
@@ -235,7 +236,8 @@ class Trainer:
         items = training_items(src, train_splits=d.train_splits, demo_splits=d.demo_splits, eval_split=d.eval_split,
                                max_side=d.max_side)
         return TrainingSet(items, max_len=d.max_len, tokens_per_batch=d.tokens_per_batch, augment=d.augment,
-                           repeats=d.repeats, seed=self.cfg.train.seed, rank=self.rt.rank, world=self.rt.world)
+                           repeats=d.repeats, seed=self.cfg.train.seed, rank=self.rt.rank, world=self.rt.world,
+                           header=self.cfg.model.size_header)
 
     # -------------------------------------------------------------------------------------- checkpoints
 
@@ -311,7 +313,9 @@ class Trainer:
                 sync = self.net.no_sync()
             with sync:
                 with rt.autocast(cfg.train.bf16):
-                    out = self.net(mb.tokens, mb.attention_mask, mb.prompt_end, tap=self.shaper.tap())
+                    out = self.net(mb.tokens, mb.attention_mask, mb.prompt_end, tap=self.shaper.tap(),
+                                   detach_steps=max(cfg.model.max_steps - cfg.train.grad_steps, 0)
+                                   if cfg.train.grad_steps else 0)
                     loss, parts = compute_loss(out, mb, cfg, st.l1_coef, norms)
                     extra = self.shaper.extra_loss(norms)
                     if extra is not None:

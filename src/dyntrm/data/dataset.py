@@ -44,11 +44,12 @@ class EvalItem:
     input: np.ndarray
     target: np.ndarray | None
 
-    def prompt(self, aug: Augmentation | None = None) -> Encoded:
+    def prompt(self, aug: Augmentation | None = None, *, header: bool = False) -> Encoded:
+        """The prompt under ``aug`` (None: as given); ``header``: grids with their size first."""
         if aug is None:
-            return encode_prompt(self.demos, self.input)
+            return encode_prompt(self.demos, self.input, header=header)
         t = aug.task(Task(self.task_id, self.demos, (Pair(self.input, None),)))
-        return encode_prompt(t.train, t.test[0].input)
+        return encode_prompt(t.train, t.test[0].input, header=header)
 
 
 def training_items(source: Source, *, train_splits: Sequence[str] = ("train",), demo_splits: Sequence[str] = (),
@@ -97,7 +98,7 @@ class TrainingSet:
     """The augmented, token-budget-batched training stream, deterministic in ``(seed, epoch)``."""
 
     def __init__(self, items: Sequence[TrainItem], *, max_len: int, tokens_per_batch: int, augment: bool = True,
-                 repeats: int = 1, seed: int = 0, rank: int = 0, world: int = 1):
+                 repeats: int = 1, seed: int = 0, rank: int = 0, world: int = 1, header: bool = False):
         if tokens_per_batch < padded(max_len):
             raise ValueError(f"tokens_per_batch ({tokens_per_batch}) must hold one sequence of max_len ({max_len}) "
                              f"padded to a multiple of 8")
@@ -107,6 +108,7 @@ class TrainingSet:
         self.max_len, self.tokens_per_batch = max_len, tokens_per_batch
         self.augment, self.repeats, self.seed = augment, repeats, seed
         self.rank, self.world = rank, world
+        self.header = header  # grids with their size first (model.size_header)
 
     def sequences(self, epoch: int) -> list[tuple[int, Encoded]]:
         """Every (item, augmented sequence) of an epoch, before the length filter."""
@@ -118,7 +120,7 @@ class TrainingSet:
                 if self.augment:
                     aug = random_augmentation(rng, len(pairs))
                     pairs = aug.task(Task(item.task_id, pairs, ())).train
-                out.append((i, encode(pairs)))
+                out.append((i, encode(pairs, header=self.header)))
         return out
 
     def epoch(self, epoch: int) -> Epoch:

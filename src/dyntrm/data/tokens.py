@@ -9,6 +9,11 @@ where the last pair is the query: at evaluation the sequence stops after its ``O
 model writes the answer grid and ``END``. The loss covers every output-grid token (demonstration outputs and the
 answer), their row separators and the closing ``END``, so the model learns the output's size; never inputs,
 specials or padding.
+
+With the size header (``model.size_header``, issue 11) every grid is preceded by its height and width as two
+number tokens ``#1``..``#30``: ``IN #h #w grid OUT #h' #w' grid' END``. The answer's shape is then a decision of
+two tokens, scored on its own, and decoding under the header writes exactly that shape: its row separators and
+``END`` follow from it (:class:`dyntrm.evaluate.GridConstraint`).
 """
 
 from __future__ import annotations
@@ -21,21 +26,35 @@ import numpy as np
 from .arc import MAX_SIDE, N_COLOURS, Pair
 
 PAD, BOS, EOS, IN, OUT, END, ROW = range(N_COLOURS, N_COLOURS + 7)
-N_TOKENS = N_COLOURS + 7
-VOCAB_SIZE = 32  # embedding / LM-head rows, padded to a multiple of 16; ids >= N_TOKENS are never produced
-NAMES = [str(c) for c in range(N_COLOURS)] + ["<pad>", "<bos>", "<eos>", "<in>", "<out>", "<end>", "<row>"]
+SIZE0 = N_COLOURS + 7  # SIZE0 + n - 1 is the number token #n (n = 1..30) of the size header
+N_TOKENS = SIZE0 + MAX_SIDE
+VOCAB_SIZE = 48  # embedding / LM-head rows, padded to a multiple of 16; ids >= N_TOKENS are never produced
+NAMES = ([str(c) for c in range(N_COLOURS)] + ["<pad>", "<bos>", "<eos>", "<in>", "<out>", "<end>", "<row>"]
+         + [f"#{n}" for n in range(1, MAX_SIDE + 1)])
+
+
+def size_token(n: int) -> int:
+    """The number token of a grid side ``n`` (1..30)."""
+    return SIZE0 + n - 1
 
 
 class GridDecodeError(ValueError):
     """A token sequence that is not a well-formed grid (ragged rows, a special inside, too large, empty)."""
 
 
-def grid_tokens(grid: np.ndarray) -> np.ndarray:
-    """(h, w) grid -> h*w + h-1 tokens: the rows joined by ROW."""
+def grid_tokens(grid: np.ndarray, header: bool = False) -> np.ndarray:
+    """(h, w) grid -> h*w + h-1 tokens: the rows joined by ROW; with ``header``, ``#h #w`` first."""
     h, w = grid.shape
     out = np.full((h, w + 1), ROW, dtype=np.int64)
     out[:, :w] = grid
-    return out.reshape(-1)[:-1]
+    body = out.reshape(-1)[:-1]
+    return np.concatenate([[size_token(h), size_token(w)], body]) if header else body
+
+
+def grid_length(shape: tuple[int, int], header: bool = False) -> int:
+    """Length of :func:`grid_tokens` for a grid of ``shape``."""
+    h, w = shape
+    return h * w + h - 1 + (2 if header else 0)
 
 
 def tokens_to_grid(tokens: Seq[int] | np.ndarray) -> np.ndarray:
@@ -73,8 +92,9 @@ class Encoded:
         return int(self.tokens.size)
 
 
-def encode(pairs: Seq[Pair], *, with_answer: bool = True) -> Encoded:
-    """Serialise pairs; the last one is the query. ``with_answer=False`` stops after the query's OUT."""
+def encode(pairs: Seq[Pair], *, with_answer: bool = True, header: bool = False) -> Encoded:
+    """Serialise pairs; the last one is the query. ``with_answer=False`` stops after the query's OUT;
+    ``header`` puts every grid's size first."""
     if not pairs:
         raise ValueError("encode needs at least one pair")
     parts: list[np.ndarray] = [np.array([BOS])]
@@ -83,7 +103,7 @@ def encode(pairs: Seq[Pair], *, with_answer: bool = True) -> Encoded:
     prompt_end = 0
     for i, p in enumerate(pairs):
         last = i == len(pairs) - 1
-        inp = grid_tokens(p.input)
+        inp = grid_tokens(p.input, header)
         parts.append(np.concatenate([[IN], inp, [OUT]]))
         target.append(np.zeros(inp.size + 2, bool))
         answer.append(np.zeros(inp.size + 2, bool))
@@ -92,7 +112,7 @@ def encode(pairs: Seq[Pair], *, with_answer: bool = True) -> Encoded:
             break
         if p.output is None:
             raise ValueError(f"pair {i} has no output to serialise")
-        out = np.concatenate([grid_tokens(p.output), [END]])
+        out = np.concatenate([grid_tokens(p.output, header), [END]])
         parts.append(out)
         target.append(np.ones(out.size, bool))
         answer.append(np.full(out.size, last))
@@ -105,30 +125,38 @@ def encode(pairs: Seq[Pair], *, with_answer: bool = True) -> Encoded:
     return Encoded(np.concatenate(parts).astype(np.int64), np.concatenate(target), np.concatenate(answer), prompt_end)
 
 
-def encode_prompt(demos: Seq[Pair], query_input: np.ndarray) -> Encoded:
+def encode_prompt(demos: Seq[Pair], query_input: np.ndarray, *, header: bool = False) -> Encoded:
     """The prompt for one test input: demonstrations, then ``IN query OUT``."""
-    return encode([*demos, Pair(query_input, None)], with_answer=False)
+    return encode([*demos, Pair(query_input, None)], with_answer=False, header=header)
 
 
-def sequence_length(pairs: Seq[Pair], *, with_answer: bool = True) -> int:
+def sequence_length(pairs: Seq[Pair], *, with_answer: bool = True, header: bool = False) -> int:
     """Length of :func:`encode` without building it."""
     n = 1 + (1 if with_answer else 0)
     for i, p in enumerate(pairs):
-        h, w = p.input.shape
-        n += h * w + h - 1 + 2
+        n += grid_length(p.input.shape, header) + 2
         if with_answer or i < len(pairs) - 1:
-            oh, ow = p.output.shape
-            n += oh * ow + oh - 1 + 1
+            n += grid_length(p.output.shape, header) + 1
     return n
 
 
-def decode_answer(tokens: Seq[int] | np.ndarray) -> np.ndarray:
-    """Generated tokens (after the prompt's OUT) up to the first END -> grid; raises if malformed."""
+def decode_answer(tokens: Seq[int] | np.ndarray, *, header: bool = False) -> np.ndarray:
+    """Generated tokens (after the prompt's OUT) up to the first END -> grid; raises if malformed. With
+    ``header`` the answer starts with ``#h #w``, which must agree with the grid."""
     toks = np.asarray(tokens, dtype=np.int64).reshape(-1)
     ends = np.flatnonzero(toks == END)
     if ends.size == 0:
         raise GridDecodeError("answer has no closing <end>")
-    return tokens_to_grid(toks[: ends[0]])
+    toks = toks[: ends[0]]
+    if not header:
+        return tokens_to_grid(toks)
+    if toks.size < 2 or not ((toks[:2] >= SIZE0) & (toks[:2] < N_TOKENS)).all():
+        raise GridDecodeError("answer does not start with its size #h #w")
+    grid = tokens_to_grid(toks[2:])
+    if grid.shape != (toks[0] - SIZE0 + 1, toks[1] - SIZE0 + 1):
+        raise GridDecodeError(f"header says {toks[0] - SIZE0 + 1}x{toks[1] - SIZE0 + 1}, grid is "
+                              f"{grid.shape[0]}x{grid.shape[1]}")
+    return grid
 
 
 def render(tokens: Seq[int] | np.ndarray) -> str:

@@ -29,9 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..data.arc import MAX_SIDE
 from .attention import AttnMask, DenseAttention, DynSIHA, KVCache
 from .experts import ExpertLibrary
-from .layers import RMSNorm, Rope
+from .layers import GridCursor, RMSNorm, Rope, grid_coords
 from .moe import DenseFFN, DynMoE
 
 Tap = Callable[..., None]  # tap(step, module, **tensors): observes routing (SARS capture, statistics, pictures)
@@ -64,6 +65,7 @@ class ModelOutput:
     moe_l1: torch.Tensor  # mean over steps and real tokens of Σ_e w_e (the sparsity penalty; 0 for dense)
     moe_active: torch.Tensor  # mean active FFN experts per real token and step (no gradient)
     caches: list[tuple[torch.Tensor, KVCache]] | None = None  # per step: (rows that ran it, their KV cache)
+    grad_from: int = 0  # steps before this one ran without gradient (``detach_steps``): the loss skips them
 
     @property
     def final_logits(self) -> torch.Tensor:
@@ -80,6 +82,7 @@ class DecodeState:
     steps: torch.Tensor  # (B,) steps per sample, fixed at prefill
     q_halt: torch.Tensor  # (S, B) halting logits seen at prefill
     q_continue: torch.Tensor
+    cursor: GridCursor | None = None  # each sample's place in its grid (model.grid_coords)
 
     def keep(self, idx: torch.Tensor) -> "DecodeState":
         """Only the batch rows ``idx`` go on, renumbered in that order: used to drop finished sequences from a
@@ -93,7 +96,10 @@ class DecodeState:
             c.k, c.v = c.k[sel], c.v[sel]
             rows.append(new_index[r[sel]])
             caches.append(c)
-        return DecodeState(rows, caches, self.pos[idx], self.steps[idx], self.q_halt[:, idx], self.q_continue[:, idx])
+        if self.cursor is not None:
+            self.cursor.keep(idx)
+        return DecodeState(rows, caches, self.pos[idx], self.steps[idx], self.q_halt[:, idx], self.q_continue[:, idx],
+                           self.cursor)
 
 
 class DynTRMBlock(nn.Module):
@@ -129,6 +135,10 @@ class ArcTransformer(nn.Module):
         self.cfg = cfg
         d, dh = cfg.d_model, cfg.d_head
         self.embed = nn.Embedding(cfg.vocab_size, d)
+        if cfg.grid_coords:  # index 0: outside any grid; rows 1..30, columns 1..31 (a row separator's is w + 1)
+            self.row_embed, self.col_embed = nn.Embedding(MAX_SIDE + 1, d), nn.Embedding(MAX_SIDE + 2, d)
+        else:
+            self.row_embed = self.col_embed = None
         if cfg.variant == "dyn":
             self.attn_expert_library = ExpertLibrary(cfg.attn_experts, dh, cfg.attn_hidden_, dh)
             self.ffn_expert_library = ExpertLibrary(cfg.ffn_experts, d, cfg.ffn_mult * d, d)
@@ -152,6 +162,9 @@ class ArcTransformer(nn.Module):
         # Branch outputs shrink with the number of residual additions (2 per step), as in GPT-2 / nanochat.
         out_std = 1.0 / math.sqrt(cfg.d_model * 2 * cfg.max_steps)
         nn.init.normal_(self.embed.weight, std=1.0)
+        if self.row_embed is not None:  # smaller than the token's: what a cell is stays the larger signal
+            nn.init.normal_(self.row_embed.weight, std=0.5)
+            nn.init.normal_(self.col_embed.weight, std=0.5)
         nn.init.normal_(self.lm_head.weight, std=0.02)  # start near the uniform distribution
         for norm in (self.block.norm1, self.block.norm2, self.block.halt_norm, self.norm):
             nn.init.ones_(norm.weight)
@@ -181,6 +194,17 @@ class ArcTransformer(nn.Module):
             return torch.ones_like(q_halt, dtype=torch.bool)
         return torch.sigmoid(q_halt - q_continue) > self.cfg.halt_threshold
 
+    def embed_tokens(self, tokens: torch.Tensor, coords: tuple[torch.Tensor, torch.Tensor] | None = None
+                     ) -> torch.Tensor:
+        """Token embeddings (B, T, D), plus the grid-coordinate embeddings under ``model.grid_coords``
+        (``coords``: given while decoding, else read from ``tokens``)."""
+        x = self.embed(tokens)
+        if self.row_embed is not None:
+            row, col = coords if coords is not None else grid_coords(tokens)
+            # clamped: a token stream that is not a valid task (tests feed random ones) may count past 30
+            x = x + self.row_embed(row.clamp(max=MAX_SIDE)) + self.col_embed(col.clamp(max=MAX_SIDE + 1))
+        return x
+
     def _step_input(self, x: torch.Tensor, x0: torch.Tensor, step: int) -> torch.Tensor:
         if self.cfg.input_injection and step > 0:
             x = x + x0
@@ -208,13 +232,15 @@ class ArcTransformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 prompt_end: torch.Tensor | None = None, *, halt: bool = False, tap: Tap | None = None,
-                steps: torch.Tensor | None = None, cache_capacity: int | None = None) -> ModelOutput:
+                steps: torch.Tensor | None = None, cache_capacity: int | None = None,
+                detach_steps: int = 0) -> ModelOutput:
         """Run the recursion over (B, T) ``tokens``.
 
         ``halt=False`` (training) runs all N steps for every sample. ``halt=True`` stops each sample at its
         halting step; ``steps`` (B,) forces given step counts instead. The halt head reads ``prompt_end`` (B,)
         (default: the last real token). With ``cache_capacity`` every step keeps a KV cache of that many positions
-        for the rows that ran it (used by :meth:`prefill`).
+        for the rows that ran it (used by :meth:`prefill`). The first ``detach_steps`` steps run without gradient
+        (``train.grad_steps``: backpropagation through the last steps only, as TRM trains; no tap sees them).
         """
         B, T = tokens.shape
         attn, valid = self._mask(attention_mask)
@@ -226,7 +252,7 @@ class ArcTransformer(nn.Module):
         else:  # e.g. left padding: number real tokens from 0 in every row, so outputs match the unpadded ones
             cos, sin = self.rope.at((valid.long().cumsum(1) - 1).clamp(min=0))
         caches = [] if cache_capacity is not None else None
-        x0 = self.embed(tokens)
+        x0 = self.embed_tokens(tokens)
         x = x0
         N = self.cfg.max_steps
         active = None  # None: every row runs (training fast path); else the rows still recursing
@@ -235,6 +261,15 @@ class ArcTransformer(nn.Module):
         l1 = act = tokens.new_zeros((), dtype=torch.float32)
         n_real = (valid.sum() if valid is not None else torch.tensor(B * T, device=tokens.device)).clamp(min=1)
         for s in range(N):
+            if s < detach_steps:  # the recursion's early steps: no graph, no tap (TRM's gradient truncation)
+                with torch.no_grad():
+                    x = self._run_step(x, x0, s, cos, sin, attn, valid, None)
+                    logits.append(self.lm_head(self.norm(x)))
+                    qh, qc = self.block.halt_logits(x[torch.arange(B, device=x.device), prompt_end])
+                    q_h.append(qh)
+                    q_c.append(qc)
+                ran += 1
+                continue
             rows = active if active is not None else slice(None)
             xa = self._step_input(x[rows], x0[rows], s)
             va = None if valid is None else valid[rows]
@@ -268,9 +303,15 @@ class ArcTransformer(nn.Module):
             if bool(stop.all()):
                 break
             active = idx[~stop]
-        n_steps = len(logits)
+        n_steps = len(logits) - detach_steps
         return ModelOutput(torch.stack(logits), torch.stack(q_h), torch.stack(q_c), ran,
-                           l1 / (n_real * n_steps), (act / (n_real * n_steps)).detach(), caches)
+                           l1 / (n_real * n_steps), (act / (n_real * n_steps)).detach(), caches, detach_steps)
+
+    def _run_step(self, x, x0, s, cos, sin, attn, valid, tap) -> torch.Tensor:
+        """One block application to every row (the no-gradient steps of :meth:`forward`)."""
+        ctx = StepContext(s, cos, sin, attn, valid, None, None, tap)
+        x, _ = self.block(self._step_input(x, x0, s), self.attn_expert_library, self.ffn_expert_library, ctx)
+        return x
 
     # ------------------------------------------------------------------------------------------ generation
 
@@ -285,14 +326,16 @@ class ArcTransformer(nn.Module):
         out = self.forward(tokens, mask, prompt_len - 1, halt=True, steps=steps, cache_capacity=T + max_new)
         caches = out.caches
         last = out.final_logits[torch.arange(B, device=tokens.device), prompt_len - 1]
+        cursor = GridCursor(tokens, prompt_len) if self.row_embed is not None else None
         state = DecodeState([r for r, _ in caches], [c for _, c in caches], prompt_len.clone(), out.steps,
-                            out.q_halt, out.q_continue)
+                            out.q_halt, out.q_continue, cursor)
         return last, state
 
     @torch.no_grad()
     def decode(self, token: torch.Tensor, state: DecodeState, tap: Tap | None = None) -> torch.Tensor:
         """Feed one token per sample (B,) at its own position; returns next-token logits (B, V)."""
-        x0 = self.embed(token)[:, None, :]  # (B, 1, D)
+        coords = None if state.cursor is None else tuple(c[:, None] for c in state.cursor.step(token))
+        x0 = self.embed_tokens(token[:, None], coords)  # (B, 1, D)
         x = x0
         pos = state.pos
         length = int(pos.max()) + 1  # one host sync per token: attention then reads only the keys in use

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.tokens import IN, N_COLOURS, OUT, ROW
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
@@ -65,3 +67,53 @@ def call_tap(tap, *args, **kwargs) -> None:
     bookkeeping (dicts of captures, autograd hooks) that dynamo would otherwise trace, guard on and recompile each
     time it changes: under ``torch.compile`` with SARS that hit the recompile limit on an H200."""
     tap(*args, **kwargs)
+
+
+def grid_coords(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's (row, column) inside its grid, counted from 1, and 0 outside grids (specials, size header).
+
+    ``tokens`` (..., T) -> two (..., T) int64 tensors. A grid starts after an ``IN`` or ``OUT`` token; a row
+    separator takes the row it closes and the column after that row's last cell. Read from the token stream alone,
+    so training, prefill and decoding agree (the decoding form is :class:`GridCursor`)."""
+    T = tokens.shape[-1]
+    pos = torch.arange(T, device=tokens.device).expand_as(tokens)
+    is_cell, is_row = tokens < N_COLOURS, tokens == ROW
+    zero = torch.zeros_like(pos)
+    # rows: the ROW tokens before t, minus those before the grid's start marker
+    rows_before = is_row.long().cumsum(-1) - is_row.long()
+    start = torch.where((tokens == IN) | (tokens == OUT), pos, zero).cummax(-1).values
+    row = rows_before - rows_before.gather(-1, start)
+    # columns: cells since the last token before t that is not a cell
+    last_noncell = torch.where(is_cell, zero, pos).cummax(-1).values
+    prev = torch.cat([zero[..., :1], last_noncell[..., :-1]], -1)
+    col = pos - prev - 1
+    inside = is_cell | is_row
+    return torch.where(inside, row + 1, zero), torch.where(inside, col + 1, zero)
+
+
+class GridCursor:
+    """:func:`grid_coords` one token at a time, for KV-cached decoding: per sample, the ROW tokens since the grid
+    started and the cells since the last non-cell token."""
+
+    def __init__(self, tokens_BT: torch.Tensor, length_B: torch.Tensor):
+        """State after each row's first ``length_B`` tokens (the prompt), read by appending one cell."""
+        B = tokens_BT.shape[0]
+        probe = torch.cat([tokens_BT, torch.zeros_like(tokens_BT[:, :1])], 1)
+        idx = torch.arange(B, device=tokens_BT.device)
+        probe[idx, length_B] = 0  # a cell right after each prompt: its coordinates are the state plus one
+        row, col = grid_coords(probe)
+        self.rows, self.cols = row[idx, length_B] - 1, col[idx, length_B] - 1
+
+    def step(self, token_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Coordinates of ``token_B`` (B,) given everything before it; advances the state."""
+        is_cell, is_row = token_B < N_COLOURS, token_B == ROW
+        inside = is_cell | is_row
+        zero = torch.zeros_like(self.rows)
+        row, col = torch.where(inside, self.rows + 1, zero), torch.where(inside, self.cols + 1, zero)
+        start = (token_B == IN) | (token_B == OUT)
+        self.rows = torch.where(start, zero, self.rows + is_row.long())
+        self.cols = torch.where(is_cell, self.cols + 1, zero)
+        return row, col
+
+    def keep(self, idx: torch.Tensor) -> None:
+        self.rows, self.cols = self.rows[idx], self.cols[idx]

@@ -1,0 +1,185 @@
+"""The size header and grid coordinates (issue 11): serialisation by hand, round trips, decoding that can only
+write the shape it chose, coordinates against a naive loop, and the KV cache with coordinates."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import grids
+from dyntrm.config import preset
+from dyntrm.data.arc import Pair
+from dyntrm.data.tokens import (BOS, END, EOS, IN, N_COLOURS, OUT, PAD, ROW, SIZE0, GridDecodeError, decode_answer,
+                                encode, encode_prompt, grid_tokens, render, sequence_length, size_token,
+                                tokens_to_grid)
+from dyntrm.evaluate import GridConstraint, generate
+from dyntrm.model import ArcTransformer
+from dyntrm.model.layers import GridCursor, grid_coords
+
+
+def test_header_sequence_by_hand():
+    demo = Pair(np.array([[1, 2]]), np.array([[3], [4]]))
+    query = Pair(np.array([[5]]), np.array([[6]]))
+    enc = encode([demo, query], header=True)
+    n = size_token
+    expected = [BOS, IN, n(1), n(2), 1, 2, OUT, n(2), n(1), 3, ROW, 4, END, IN, n(1), n(1), 5, OUT, n(1), n(1), 6,
+                END, EOS]
+    assert enc.tokens.tolist() == expected
+    assert render(enc.tokens[:7]) == "<bos> <in> #1 #2 1 2 <out>"
+    # the output's size tokens are trained (the shape decision) and part of the ACT answer
+    assert enc.target.tolist() == [0] * 7 + [1] * 6 + [0] * 5 + [1] * 4 + [0]
+    assert enc.answer.tolist() == [0] * 18 + [1] * 4 + [0]
+    assert enc.prompt_end == 17 and enc.tokens[17] == OUT
+    prompt = encode_prompt([demo], query.input, header=True)
+    assert prompt.tokens.tolist() == expected[:18]
+    assert len(enc) == sequence_length([demo, query], header=True)
+
+
+@given(grids())
+def test_header_round_trip(g):
+    toks = grid_tokens(g, header=True)
+    assert toks[:2].tolist() == [SIZE0 + g.shape[0] - 1, SIZE0 + g.shape[1] - 1]
+    np.testing.assert_array_equal(decode_answer([*toks, END, 3], header=True), g)
+    np.testing.assert_array_equal(tokens_to_grid(toks[2:]), g)
+
+
+@pytest.mark.parametrize("tokens,msg", [
+    ([1, 2, END], "does not start with its size"),
+    ([size_token(2), size_token(1), 1, 2, END], "header says 2x1, grid is 1x2"),
+])
+def test_header_decode_refuses_disagreement(tokens, msg):
+    with pytest.raises(GridDecodeError, match=msg):
+        decode_answer(tokens, header=True)
+
+
+def _naive_coords(tokens):
+    rows, cols = [], []
+    r = c = 0
+    inside_grid = False
+    for t in tokens:
+        if t in (IN, OUT):
+            r = c = 0
+            rows.append(0)
+            cols.append(0)
+            inside_grid = True
+            continue
+        if t < N_COLOURS or t == ROW:
+            rows.append(r + 1)
+            cols.append(c + 1)
+            if t == ROW:
+                r, c = r + 1, 0
+            else:
+                c += 1
+        else:  # size tokens, END, EOS, padding
+            rows.append(0)
+            cols.append(0)
+            c = 0
+    return rows, cols
+
+
+@given(grids(max_side=5), grids(max_side=5), grids(max_side=5), st.booleans())
+@settings(max_examples=40)
+def test_grid_coords_match_a_naive_scan(a, b, c, header):
+    toks = encode([Pair(a, b), Pair(c, a)], header=header).tokens
+    row, col = grid_coords(torch.from_numpy(toks)[None])
+    want_r, want_c = _naive_coords(toks.tolist())
+    assert row[0].tolist() == want_r and col[0].tolist() == want_c
+    # cells get their true (row, column) in their grid
+    cells = toks < N_COLOURS
+    grid_rows = [r for r, is_cell in zip(want_r, cells) if is_cell]
+    assert max(grid_rows) == max(a.shape[0], b.shape[0], c.shape[0])
+
+
+@given(st.lists(st.integers(0, 46), min_size=2, max_size=40), st.data())
+@settings(max_examples=60)
+def test_cursor_follows_grid_coords_one_token_at_a_time(tokens, data):
+    toks = torch.tensor(tokens)[None]
+    row, col = grid_coords(toks)
+    cut = data.draw(st.integers(1, len(tokens) - 1))
+    cur = GridCursor(toks[:, :cut], torch.tensor([cut]))
+    for t in range(cut, len(tokens)):
+        r, c = cur.step(toks[:, t])
+        assert (r.item(), c.item()) == (row[0, t].item(), col[0, t].item())
+
+
+def _model(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = preset("debug").model
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return ArcTransformer(cfg).eval()
+
+
+def test_kv_cache_with_grid_coords_equals_recompute():
+    m = _model(3, grid_coords=True, size_header=True).double()
+    prompts = [encode_prompt([Pair(np.array([[1, 2], [3, 4]]), np.array([[5]]))], np.array([[6, 7]]),
+                             header=True).tokens, np.array([BOS, IN, size_token(1), size_token(1), 2, OUT])]
+    steps = torch.tensor([3, 2])
+    lengths = torch.tensor([len(p) for p in prompts])
+    tokens = torch.full((2, int(lengths.max())), PAD)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = torch.from_numpy(p)
+    logits, state = m.prefill(tokens, lengths, max_new=6, steps=steps)
+    seqs = [list(p) for p in prompts]
+    feed = [[size_token(2), size_token(1), 3, ROW, 4, END], [size_token(1), size_token(1), 9, END, IN, 1]]
+    for t in range(6):
+        for i in range(2):
+            full = m(torch.tensor([seqs[i]]), halt=True, steps=steps[i:i + 1]).final_logits[0, -1]
+            torch.testing.assert_close(logits[i], full, rtol=0, atol=1e-9)
+        nxt = torch.tensor([feed[0][t], feed[1][t]])
+        for i in range(2):
+            seqs[i].append(int(nxt[i]))
+        logits = m.decode(nxt, state)
+
+
+def test_grid_coords_change_the_model_only_where_switched_on():
+    toks = torch.from_numpy(encode([Pair(np.array([[1, 2]]), np.array([[2, 1]]))], header=True).tokens)[None]
+    plain, coords = _model(5, size_header=True), _model(5, size_header=True, grid_coords=True)
+    coords.load_state_dict(plain.state_dict(), strict=False)
+    with torch.no_grad():
+        a, b = plain(toks).final_logits, coords(toks).final_logits
+        coords.row_embed.weight.zero_()
+        coords.col_embed.weight.zero_()
+        c = coords(toks).final_logits
+    assert not torch.allclose(a, b)
+    torch.testing.assert_close(a, c)
+
+
+def test_header_state_machine_by_hand():
+    c = GridConstraint(1, 48, torch.device("cpu"), max_side=torch.tensor([4]), header=True)
+    a = c.allowed()[0]
+    assert a[SIZE0:SIZE0 + 4].all() and not a[SIZE0 + 4:].any() and not a[:N_COLOURS].any() and not a[END]
+    for t in (size_token(2), size_token(3)):
+        c.update(torch.tensor([t]))
+    for t in (1, 2, 3):  # row 0: three cells, then only the separator
+        assert c.allowed()[0, :N_COLOURS].all() and not c.allowed()[0, END]
+        c.update(torch.tensor([t]))
+    a = c.allowed()[0]
+    assert a.nonzero().flatten().tolist() == [ROW]
+    for t in (ROW, 4, 5, 6):
+        c.update(torch.tensor([t]))
+    assert c.allowed()[0].nonzero().flatten().tolist() == [END]  # two rows of three: the grid must close
+
+
+def _biased(seed, bias_token):
+    m = _model(seed, size_header=True)
+    with torch.no_grad():
+        m.lm_head.weight.normal_(0, 3.0)
+        if bias_token is not None:  # push hard toward one token to stress the constraint
+            m.lm_head.weight[bias_token] += 50 * m.norm.weight.sign()
+    return m
+
+
+@given(st.integers(0, 10_000), st.sampled_from([None, ROW, END, OUT, PAD, 3, size_token(30), size_token(1)]),
+       st.integers(1, 30))
+@settings(max_examples=12, deadline=None)
+def test_decoding_under_the_header_writes_exactly_the_chosen_shape(seed, bias, cap):
+    m = _biased(seed, bias)
+    n = size_token
+    prompts = [np.array([BOS, IN, n(1), n(2), 1, 2, OUT]), np.array([BOS, IN, n(2), n(1), 5, ROW, 6, OUT])]
+    for g in generate(m, prompts, max_sides=[cap, cap]):
+        h, w = g.tokens[0] - SIZE0 + 1, g.tokens[1] - SIZE0 + 1
+        assert 1 <= h <= cap and 1 <= w <= cap
+        assert g.grid is not None and g.grid.shape == (h, w) and g.tokens[-1] == END
+        assert len(g.tokens) == 2 + h * w + h - 1 + 1

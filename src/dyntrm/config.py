@@ -46,6 +46,8 @@ class ModelConfig:
     max_steps: int = opt(8, "N: recursion steps (training always unrolls all N)")
     attn_experts: int = opt(64, "experts in the global attention library (d_head -> attn_hidden -> d_head)")
     attn_hidden: int = opt(0, "hidden width of an attention expert (0: d_head)")
+    attn_shared: bool = opt(False, "DynSIHA+ adds an always-active linear Q/K/V expert over the full width (a "
+                                   "shared expert) to the composed Q, K, V")
     ffn_experts: int = opt(16, "experts in the global FFN library (d_model -> ffn_mult*d_model -> d_model)")
     ffn_mult: int = opt(4, "FFN expert hidden width as a multiple of d_model")
     ffn_active: float = opt(2.0, "target mean number of active FFN experts per token (the sparsity target)")

@@ -80,17 +80,22 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: "StepContext"
 class DynSIHA(nn.Module):
     """Routers (P_c, g_c for c in q, k, v) and the output projection; the experts are the global library."""
 
-    def __init__(self, d_model: int, n_heads: int, n_experts: int):
+    def __init__(self, d_model: int, n_heads: int, n_experts: int, shared: bool = False):
         super().__init__()
         self.d_model, self.n_heads, self.d_head, self.n_experts = d_model, n_heads, d_model // n_heads, n_experts
         self.proto = nn.Parameter(torch.empty(3, n_experts, self.d_head))  # P_q, P_k, P_v
         self.gate = nn.Parameter(torch.empty(3, n_experts))  # g_q, g_k, g_v
         self.out = nn.Linear(d_model, d_model, bias=False)
+        # model.attn_shared: an always-active linear expert over the full width (DeepSeekMoE's shared expert): the
+        # library's experts see one head's slice of h only; this path lets every head read the whole residual stream
+        self.shared = nn.Linear(d_model, 3 * d_model, bias=False) if shared else None
 
     def init_weights(self, out_std: float) -> None:
         nn.init.normal_(self.proto, std=1.0)  # r_c + g_c ~ N(0, 1) for unit-RMS h: half the experts active
         nn.init.zeros_(self.gate)
         nn.init.normal_(self.out.weight, std=out_std)
+        if self.shared is not None:
+            nn.init.normal_(self.shared.weight, std=1.0 / math.sqrt(self.d_model))
 
     def logits(self, h_ND: torch.Tensor) -> torch.Tensor:
         """Routing logits r_c for q, k and v at once: (N, d) -> (N, 3, E)."""
@@ -108,7 +113,10 @@ class DynSIHA(nn.Module):
             valid = None if ctx.valid_flat is None else ctx.valid_flat.repeat_interleave(H)
             call_tap(ctx.tap, ctx.step, "attn", x=h_ND, logits=r_NCE, weights=w_NCE, out=qkv_NCd, valid=valid,
                      library=lib, router=self, channels=QKV)
-        q, k, v = qkv_NCd.view(B, T, H, 3, d).unbind(3)
+        qkv_BTHCd = qkv_NCd.view(B, T, H, 3, d)
+        if self.shared is not None:
+            qkv_BTHCd = qkv_BTHCd + self.shared(h_BTD).view(B, T, 3, H, d).transpose(2, 3)
+        q, k, v = qkv_BTHCd.unbind(3)
         o = attend(q, k, v, ctx)
         return self.out(o.reshape(B, T, D))
 

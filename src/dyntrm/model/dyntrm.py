@@ -110,7 +110,7 @@ class DynTRMBlock(nn.Module):
         d = cfg.d_model
         self.norm1, self.norm2 = RMSNorm(d, cfg.norm_eps), RMSNorm(d, cfg.norm_eps)
         if cfg.variant == "dyn":
-            self.attn = DynSIHA(d, cfg.n_heads, cfg.attn_experts)
+            self.attn = DynSIHA(d, cfg.n_heads, cfg.attn_experts, cfg.attn_shared)
             self.ffn = DynMoE(d, cfg.ffn_experts, cfg.ffn_active)
         else:
             self.attn = DenseAttention(d, cfg.n_heads)

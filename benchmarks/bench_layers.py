@@ -28,8 +28,8 @@ from common import finish, matmul_rate, rounds, table  # noqa: E402
 
 from dyntrm.config import preset  # noqa: E402
 from dyntrm.model import ArcTransformer  # noqa: E402
-from dyntrm.model.attention import AttnMask, DenseAttention, DynSIHA  # noqa: E402
-from dyntrm.model.dyntrm import StepContext  # noqa: E402
+from dyntrm.model.attention import DenseAttention, DynSIHA  # noqa: E402
+from dyntrm.model.context import AttnMask, StepContext  # noqa: E402
 from dyntrm.model.experts import ExpertLibrary  # noqa: E402
 from dyntrm.model.info import model_info  # noqa: E402
 from dyntrm.model.layers import Rope  # noqa: E402
@@ -58,7 +58,7 @@ def bench_attention(cfg, tokens: int, n_rounds: int) -> dict:
     torch.manual_seed(0)
     mc = cfg.model
     B, T = tokens // 512, 512
-    H, dh, E, Fh = mc.n_heads, mc.d_head, mc.attn_experts, mc.attn_hidden_
+    H, dh, E, Fh = mc.n_heads, mc.d_head, mc.attn_experts, mc.attn_expert_hidden
     lib = ExpertLibrary(E, dh, Fh, dh)
     lib.init_weights(out_std=math.sqrt(2 / E) * math.sqrt(2 / Fh))
     dyn = DynSIHA(mc.d_model, H, E)
@@ -105,7 +105,7 @@ def bench_moe(cfg, tokens: int, n_rounds: int) -> dict:
 
     def all_experts():
         hn = F.rms_norm(x, (d,)).reshape(-1, d)
-        w = F.relu(moe.logits(hn))
+        w = F.relu(moe.logits(hn))[:, 0]  # (N, E): the router has one channel
         return torch.einsum("ne,end->nd", w, lib.dense(hn))
 
     params = [x, lib.w1, lib.w2, *moe.parameters(), *dense_ffn.parameters()]

@@ -10,8 +10,7 @@ from hypothesis import strategies as st
 
 from dyntrm.config import preset
 from dyntrm.model import ArcTransformer, ExpertLibrary, ExpertMLP
-from dyntrm.model.attention import AttnMask
-from dyntrm.model.dyntrm import StepContext
+from dyntrm.model.context import AttnMask, StepContext
 from dyntrm.model.layers import Rope, apply_rope
 
 torch.set_default_dtype(torch.float32)

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dyntrm.data.batching import collate
+from dyntrm.model.context import Routed
 from dyntrm.model.experts import ExpertLibrary
 from dyntrm.shaping import SARS, learning_cost
 from dyntrm.shaping.sars import entropy_of_softmax, goodness, max_abs_norm
@@ -85,12 +86,12 @@ class Toy(torch.nn.Module):
         for name in order:
             self.inputs[name] = x
             r = self.routers[name]
-            logits = r.logits(x)
+            logits = r.logits(x)  # (N, 1, E): one channel
             w = F.relu(logits)
-            y = sum(w[:, e:e + 1] * self.lib.expert(e, x) for e in range(4))
-            tap(0, name, x=x, logits=logits, weights=w, out=y, valid=None, library=self.lib, router=r)
+            y = sum(w[:, :, e:e + 1] * self.lib.expert(e, x)[:, None] for e in range(4))  # (N, 1, d)
+            tap(Routed(0, (name,), x, logits, w, y, None, self.lib, r))
             outs[name] = y
-            x = x + y
+            x = x + y[:, 0]
         return outs, x
 
 
@@ -101,7 +102,7 @@ class Router(torch.nn.Module):
         self.gate = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))
 
     def logits(self, x):
-        return x @ self.proto.T - self.gate
+        return (x @ self.proto.T - self.gate)[:, None]
 
 
 @pytest.mark.parametrize("order", ["abc", "cab", "bca"])
@@ -112,7 +113,7 @@ def test_captured_gradient_is_the_modules_own(order):
     x = torch.randn(7, 6, dtype=torch.float64)
     outs, final = toy(x, order, sars.tap())
     loss = (final * torch.linspace(-1, 1, 6, dtype=torch.float64)).pow(2).sum()
-    true = dict(zip(outs, torch.autograd.grad(loss, list(outs.values()), retain_graph=True)))
+    true = {k: g[:, 0] for k, g in zip(outs, torch.autograd.grad(loss, list(outs.values()), retain_graph=True))}
     loss.backward()
     assert set(sars.captures) == {(0, k) for k in "abc"}
     for name in "abc":

@@ -67,7 +67,8 @@ def cmd_info(args: argparse.Namespace) -> None:
     info = model_info(cfg.model, args.context)
     m = cfg.model
     console.print(f"preset {args.preset}: variant {m.variant}, d_model {m.d_model}, {m.n_heads} heads, N = {m.max_steps}"
-                  + (f", {m.attn_experts} attention experts (hidden {m.attn_hidden_}), {m.ffn_experts} FFN experts "
+                  + (f", {m.attn_experts} attention experts (hidden {m.attn_expert_hidden}), "
+                     f"{m.ffn_experts} FFN experts "
                      f"({m.ffn_active:g} active)" if m.variant == "dyn" else ""))
     table = Table()
     table.add_column("quantity")
@@ -187,7 +188,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     from .checkpoint import load_model
     from .data.dataset import eval_items
     from .data.tokens import IN, OUT
-    from .evaluate import generate
+    from .model.generate import generate
     from .viz import RoutingRecorder, draw_pairs, plot_halting, plot_routing
 
     model, cfg, ckpt = load_model(args.checkpoint)

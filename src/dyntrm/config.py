@@ -61,7 +61,8 @@ class ModelConfig:
         return self.d_model // self.n_heads
 
     @property
-    def attn_hidden_(self) -> int:
+    def attn_expert_hidden(self) -> int:
+        """The hidden width an attention expert has: ``attn_hidden``, or ``d_head`` where that is 0."""
         return self.attn_hidden or self.d_head
 
 

@@ -31,6 +31,7 @@ from .data.batching import Batch
 from .data.dataset import Epoch, TrainingSet, training_items
 from .io import write_json
 from .model import ArcTransformer, ModelOutput
+from .model.dyntrm import should_halt
 from .runtime import Runtime
 from .shaping import make_shaper
 
@@ -186,8 +187,8 @@ def compute_loss(out: ModelOutput, batch: Batch, cfg: Config, l1_coef: float, no
 
     with torch.no_grad():
         # the step at which inference would stop each sample (the halting rule on these q values)
-        fire_SB = torch.sigmoid(out.q_halt - out.q_continue) > cfg.model.halt_threshold
-        fire_SB[-1] = True
+        fire_SB = should_halt(out.q_halt, out.q_continue, torch.arange(S, device=out.q_halt.device)[:, None],
+                              cfg.model)
         halt_step = fire_SB.float().argmax(0) + 1
         parts = {
             "lm": lm.detach(), "act_halt": act_halt.detach(), "act_continue": act_cont.detach(),

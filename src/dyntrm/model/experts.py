@@ -6,7 +6,8 @@ Two ways to run it:
 
 - :meth:`ExpertLibrary.compose` runs every expert on every row and returns weighted sums of their outputs (the
   attention library's dense composition); :meth:`ExpertLibrary.dense` returns the outputs themselves;
-- :meth:`ExpertLibrary.grouped` runs each row through one expert, rows sorted by expert (the sparse FFN).
+- :meth:`ExpertLibrary.grouped` runs each row through one expert, rows sorted by expert (the sparse FFN), as
+  :func:`group_by_expert` lays them out.
 
 :class:`ExpertMLP` is the plain per-expert module that defines the semantics; tests compare against it.
 """
@@ -18,6 +19,13 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def group_by_expert(active_NE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The (row, expert) pairs where the boolean ``active_NE`` is set, sorted by expert: their experts ``e_M``,
+    their rows ``n_M``, and the number of rows of each expert ``counts_E`` (the layout of :meth:`grouped`)."""
+    e_M, n_M = torch.nonzero(active_NE.T, as_tuple=True)  # row-major over (E, N): sorted by expert
+    return e_M, n_M, torch.bincount(e_M, minlength=active_NE.shape[1])
 
 
 class ExpertMLP(nn.Module):

@@ -40,10 +40,11 @@ from dyntrm.data.arc import filter_max_side, load_source  # noqa: E402
 from dyntrm.data.batching import collate  # noqa: E402
 from dyntrm.data.dataset import eval_items  # noqa: E402
 from dyntrm.data.tokens import encode  # noqa: E402
-from dyntrm.evaluate import copy_input_reference, evaluate_items, metrics_of  # noqa: E402
+from dyntrm.evaluate import evaluate_items, metrics_of  # noqa: E402
 from dyntrm.model import ArcTransformer  # noqa: E402
 from dyntrm.model.info import model_info  # noqa: E402
 from dyntrm.runtime import Runtime  # noqa: E402
+from dyntrm.scoring import copy_input_reference  # noqa: E402
 from dyntrm.train import train  # noqa: E402
 
 VARIANTS = {

@@ -98,7 +98,8 @@ def test_demo_end_to_end_on_the_debug_preset(tmp_path, capsys, monkeypatch):
     text = capsys.readouterr().out
     assert "1 view(s): pass@1" in text and "2 view(s): pass@1" in text and "right shape" in text
     assert "reference, answering each test input with itself: pass@2" in text
-    from dyntrm.evaluate import copy_input_reference, split_items
+    from dyntrm.data.dataset import split_items
+    from dyntrm.scoring import copy_input_reference
 
     expected = copy_input_reference(split_items(cli.demo_config(0)))  # the demo's items, scored independently
     for views in (1, 2):

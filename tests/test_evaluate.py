@@ -14,9 +14,10 @@ from dyntrm.data.arc import Pair, Task
 from dyntrm.data.augment import views
 from dyntrm.data.dataset import EvalItem, eval_items
 from dyntrm.data.tokens import END, N_TOKENS, OUT, PAD, ROW, decode_answer
-from dyntrm.evaluate import attempts, copy_input_reference, evaluate_items, metrics_of, score, submission_of, vote
+from dyntrm.evaluate import evaluate_items, metrics_of, submission_of
 from dyntrm.model import ArcTransformer
 from dyntrm.model.generate import DecodeState, Generation, GridConstraint, generate
+from dyntrm.scoring import attempts, copy_input_reference, score, vote
 
 G = lambda *rows: np.array(rows, dtype=np.uint8)  # noqa: E731
 

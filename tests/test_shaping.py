@@ -143,17 +143,17 @@ def test_meta_gradient_is_nonzero_lands_only_in_routing_and_changes_it():
     # rebuild one micro-batch's meta loss by hand and check where its gradient goes
     plan = tr.data.epoch(0)
     batch = plan.batch(0, tr.data.items)
-    from dyntrm.train import compute_loss, global_norms
+    from dyntrm.loss import compute_loss, global_counts
 
-    norms = global_norms([batch], CPU)
+    counts = global_counts([batch], CPU)
     out = tr.model(batch.tokens, batch.attention_mask, batch.prompt_end, tap=shaper.tap())
-    loss, _ = compute_loss(out, batch, tr.cfg, tr.state.l1_coef, norms)
+    loss, _ = compute_loss(out, batch, tr.cfg, tr.state.l1_coef, counts)
     tr.model.zero_grad()
     loss.backward()
     main = {n: p.grad.clone() for n, p in tr.model.named_parameters() if p.grad is not None}
     tr.model.zero_grad()
     assert len(shaper.captures) == tr.cfg.model.max_steps * 4
-    shaper.after_backward(norms)
+    shaper.after_backward(counts)
     assert not shaper.captures
     routing = {n for n, _ in tr.model.named_parameters() if n.endswith((".proto", ".gate"))}
     assert all(p.grad is None for p in tr.model.parameters())  # the meta backward touched no .grad yet ...
@@ -202,11 +202,11 @@ def test_fars_cost_comes_from_adam_and_shapes_routing_only():
     assert (cost > 0).all() and m1.get("fars_loss", 0.0) == 0.0  # no Adam statistics at the first step
     plan = tr.data.epoch(0)
     batch = plan.batch(0, tr.data.items)
-    from dyntrm.train import global_norms
+    from dyntrm.loss import global_counts
 
-    norms = global_norms([batch], CPU)
+    counts = global_counts([batch], CPU)
     tr.model(batch.tokens, batch.attention_mask, batch.prompt_end, tap=tr.shaper.tap())
-    extra = tr.shaper.extra_loss(norms)
+    extra = tr.shaper.extra_loss(counts)
     assert float(extra.detach()) > 0
     names = [n for n, _ in tr.model.named_parameters()]
     grads = torch.autograd.grad(extra, list(tr.model.parameters()), allow_unused=True)

@@ -13,7 +13,9 @@ from dyntrm import checkpoint
 from dyntrm.config import from_dict, to_dict
 from dyntrm.data.batching import collate
 from dyntrm.runtime import Runtime
-from dyntrm.train import Trainer, TrainingStopped, act_targets, lr_factor, next_l1_coef, train
+from dyntrm.loss import act_targets
+from dyntrm.model.moe import SparsityController
+from dyntrm.train import Trainer, TrainingStopped, lr_factor, train
 from helpers import ASSETS, CPU, assert_close_by_norm, debug_cfg, params
 
 
@@ -28,21 +30,22 @@ def test_act_targets_by_hand():
 
 
 def test_l1_controller_by_hand():
-    f, floor, target = 2.0, 0.01, 2.0
-    # ReMoE (no floor): x f above the target, / f below, never negative
-    assert next_l1_coef(0.04, 3.0, target, f, None) == 0.08
-    assert next_l1_coef(0.04, 1.0, target, f, None) == 0.02
+    remoe = SparsityController(target=2.0, factor=2.0)
+    two_sided = SparsityController(target=2.0, factor=2.0, floor=0.01)
+    # ReMoE (no floor): x factor above the target, / factor below, never negative
+    assert remoe.next_coef(0.04, 3.0) == 0.08
+    assert remoe.next_coef(0.04, 1.0) == 0.02
     # two-sided: the penalty decays to the floor, turns into a growing reward, which is dropped at the target
     seq, c = [], 0.04
     for active in (1.0, 1.0, 1.0, 1.0, 1.0, 3.0, 3.0, 3.0, 1.0):
-        c = next_l1_coef(c, active, target, f, floor)
+        c = two_sided.next_coef(c, active)
         seq.append(c)
     assert seq == pytest.approx([0.02, 0.01, -0.01, -0.02, -0.04, 0.01, 0.02, 0.04, 0.02])
     # bounded in magnitude on both sides, and held at an exact tie
-    assert next_l1_coef(-0.3, 1.0, target, f, floor, cap=0.5) == -0.5
-    assert next_l1_coef(0.3, 3.0, target, f, floor, cap=0.5) == 0.5
-    assert next_l1_coef(0.3, 3.0, target, f, None, cap=0.5) == 0.5
-    assert next_l1_coef(-0.3, 2.0, target, f, floor) == -0.3
+    assert SparsityController(2.0, 2.0, 0.01, cap=0.5).next_coef(-0.3, 1.0) == -0.5
+    assert SparsityController(2.0, 2.0, 0.01, cap=0.5).next_coef(0.3, 3.0) == 0.5
+    assert SparsityController(2.0, 2.0, cap=0.5).next_coef(0.3, 3.0) == 0.5
+    assert two_sided.next_coef(-0.3, 2.0) == -0.3
 
 
 def test_l1_controller_stays_one_sided_where_a_reward_cannot_act():

@@ -1,21 +1,16 @@
-"""Evaluation and inference (DESIGN §5): constrained KV-cached decoding, augmentation voting, pass@k.
+"""Evaluation (DESIGN §5): decode every test input under K views, un-augment, vote, score, report.
 
-For every test input the model decodes under K views (dihedral x colour permutation), each answer is mapped back
-with the view's exact inverse, identical grids vote together, and candidates are ranked by votes, then by their
-best mean token log-probability, then by their bytes (so the order is total and deterministic). ARC's official
-metric is pass@2: a test input is solved when one of the first two attempts equals the target exactly; a task
-scores the fraction of its test inputs solved; a set scores the mean over tasks.
-
-Decoding is batched across views and tasks by a token budget, uses the per-step KV caches and the ACT step count
-decided at the prompt's end, and is constrained to well-formed grids: only colours, row separators and ``END`` can
-be emitted, every row has the width of the first, at most 30 x 30. Nothing is ever sized from the target.
-Scoring functions work on plain integer arrays.
+For every test input the model decodes under K views (dihedral x colour permutation; ``model/generate.py``:
+batched, KV-cached, constrained to well-formed grids, never sized from the target), each answer is mapped back
+with the view's exact inverse, and the candidates vote (``scoring.py``). :func:`run_eval` writes metrics.json, a
+Kaggle-format submission.json and report.html.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -23,101 +18,10 @@ import numpy as np
 from .config import MAX_ANSWER_TOKENS
 from .data.augment import Augmentation, views
 from .data.dataset import EvalItem
+from .io import write_json
 from .model.generate import Generation, generate_batched
+from .scoring import DIAGNOSTICS, Ranked, attempts, copy_input_reference, score, solved, targets_of, vote
 
-
-# ------------------------------------------------------------------------------------------------ voting
-
-def grid_key(g: np.ndarray) -> bytes:
-    return bytes(g.shape) + np.ascontiguousarray(g, dtype=np.uint8).tobytes()
-
-
-@dataclass
-class Ranked:
-    grid: np.ndarray
-    votes: int
-    best_mean_logprob: float
-
-
-def vote(candidates: Sequence[tuple[np.ndarray | None, float]]) -> list[Ranked]:
-    """Group identical grids; rank by votes, then best mean log-probability, then grid bytes (deterministic).
-
-    ``candidates`` are (grid or None, mean token log-probability); None (a failed decode) casts no vote."""
-    groups: dict[bytes, Ranked] = {}
-    for grid, lp in candidates:
-        if grid is None:
-            continue
-        k = grid_key(grid)
-        if k in groups:
-            groups[k].votes += 1
-            groups[k].best_mean_logprob = max(groups[k].best_mean_logprob, lp)
-        else:
-            groups[k] = Ranked(np.asarray(grid), 1, lp)
-    return sorted(groups.values(), key=lambda r: (-r.votes, -r.best_mean_logprob, grid_key(r.grid)))
-
-
-def attempts(ranked: Sequence[Ranked], k: int = 2) -> list[np.ndarray]:
-    """The first k attempts; with fewer candidates the last one repeats (ARC's format wants k grids); with none,
-    a 1x1 zero grid stands in (it scores like a miss unless the target is exactly that)."""
-    grids = [r.grid for r in ranked[:k]]
-    if not grids:
-        grids = [np.zeros((1, 1), np.uint8)]
-    while len(grids) < k:
-        grids.append(grids[-1])
-    return grids
-
-
-# ------------------------------------------------------------------------------------------------ scoring
-
-def solved(attempt_grids: Sequence[np.ndarray], target: np.ndarray, k: int) -> bool:
-    target = np.asarray(target)
-    return any(np.array_equal(np.asarray(a), target) for a in attempt_grids[:k])
-
-
-def partial_credit(attempt: np.ndarray, target: np.ndarray) -> tuple[bool, float]:
-    """Diagnostics, not ARC's metric: whether ``attempt`` has the target's shape, and the fraction of the target's
-    cells it gets right (0 when the shape differs)."""
-    attempt, target = np.asarray(attempt), np.asarray(target)
-    if attempt.shape != target.shape:
-        return False, 0.0
-    return True, float((attempt == target).mean()) if target.size else 1.0
-
-
-DIAGNOSTICS = ("shape@1", "cells@1")  # partial credit of attempt 1, averaged like pass@k (per task, then tasks)
-
-
-def score(submission: dict[str, list[dict[str, Any]]], targets: dict[str, list[np.ndarray]],
-          no_answer: frozenset[tuple[str, int]] = frozenset()) -> dict[str, Any]:
-    """pass@1 and pass@2 of an ARC Prize submission ``{task: [{"attempt_1": g, "attempt_2": g}, ...]}``
-    against ``{task: [target grid per test input]}``: per task the fraction of test inputs solved, overall the
-    mean over tasks. A task missing from the submission scores 0.
-
-    Beside them, two diagnostics of attempt 1 that show progress long before exact answers appear (they are not
-    ARC's metric): ``shape@1``, the fraction of test inputs answered with the target's shape, and ``cells@1``, the
-    fraction of target cells right (a wrongly shaped answer scores 0). Entries listed in ``no_answer`` (task,
-    test index) hold a stand-in, not a model's answer, and get no diagnostic credit."""
-    keys = ("pass@1", "pass@2") + DIAGNOSTICS
-    per_task = {}
-    for tid, tgts in targets.items():
-        entries = submission.get(tid, [])
-        acc = dict.fromkeys(keys, 0.0)
-        for i, tgt in enumerate(tgts):
-            if i >= len(entries):
-                continue
-            a = [np.asarray(entries[i]["attempt_1"]), np.asarray(entries[i]["attempt_2"])]
-            acc["pass@1"] += solved(a, tgt, 1)
-            acc["pass@2"] += solved(a, tgt, 2)
-            if (tid, i) in no_answer:
-                continue
-            shape_ok, cells = partial_credit(a[0], tgt)
-            acc["shape@1"] += shape_ok
-            acc["cells@1"] += cells
-        per_task[tid] = {k: v / len(tgts) for k, v in acc.items()}
-    n = max(len(per_task), 1)
-    return {**{k: sum(t[k] for t in per_task.values()) / n for k in keys}, "tasks": per_task}
-
-
-# ------------------------------------------------------------------------------------------------ evaluation
 
 @dataclass
 class ItemResult:
@@ -209,26 +113,6 @@ def metrics_of(results: Sequence[ItemResult], stats: dict) -> dict[str, Any]:
             "n_test_inputs": len(results), **stats, "tasks": scored["tasks"]}
 
 
-def targets_of(items: Sequence[EvalItem]) -> dict[str, list[np.ndarray]]:
-    """``{task: [target per test input, in order]}`` of the items that have one (the scorer's input)."""
-    targets: dict[str, list] = {}
-    for it in sorted(items, key=lambda it: (it.task_id, it.index)):
-        if it.target is not None:
-            targets.setdefault(it.task_id, []).append(it.target)
-    return targets
-
-
-def copy_input_reference(items: Sequence[EvalItem]) -> dict[str, Any]:
-    """The scores of the trivial answer "the test input itself" (both attempts), on the same items: the reference
-    beside which a model's pass@k and diagnostics are read."""
-    sub: dict[str, list] = {}
-    for it in sorted(items, key=lambda it: (it.task_id, it.index)):
-        if it.target is not None:
-            sub.setdefault(it.task_id, []).append({"attempt_1": it.input.tolist(), "attempt_2": it.input.tolist()})
-    scored = score(sub, targets_of(items))
-    return {k: scored[k] for k in ("pass@1", "pass@2") + DIAGNOSTICS}
-
-
 def score_line(m: dict[str, Any]) -> str:
     """One-line summary of :func:`metrics_of` output; a split without targets has no score, only a submission."""
     if m["pass@2"] is None:
@@ -239,36 +123,18 @@ def score_line(m: dict[str, Any]) -> str:
     return line
 
 
-def split_items(cfg, split: str | None = None, limit: int | None = None) -> list[EvalItem]:
-    """The scored test inputs of a config's evaluation split (tasks filtered by ``data.max_side``)."""
-    from .data.arc import filter_max_side, load_source
-    from .data.dataset import eval_items
+def run_eval(model, items: Sequence[EvalItem], out_dir: Path, *, n_views: int, seed: int = 0,
+             title: str = "evaluation", extra: dict | None = None, **gen_kw) -> tuple[dict, list[ItemResult]]:
+    """Evaluate items and write metrics.json, submission.json and report.html into ``out_dir``."""
+    from .report import write_report  # matplotlib comes with it: loaded only when a report is written
 
-    src = load_source(cfg.data.source)
-    name = split or cfg.data.eval_split
-    if name not in src.splits and len(src.splits) == 1:
-        name = next(iter(src.splits))  # a flat directory or a single file has one split: use it
-    items = eval_items(filter_max_side(src.split(name), cfg.data.max_side))
-    return items[:limit] if limit else items
-
-
-def evaluate_subset(trainer, metrics_path) -> dict[str, Any] | None:
-    """In-training evaluation: the EMA model, 1 view, the first ``train.eval_tasks`` test inputs of the eval split
-    (a fixed subset); appended to metrics.jsonl by rank 0 while the other ranks wait."""
-    from .train import append_jsonl
-
-    cfg, rt = trainer.cfg, trainer.rt
-    out = None
-    if rt.is_main:
-        items = split_items(cfg, limit=cfg.train.eval_tasks)
-        model = trainer.ema_model()
-        results, stats = evaluate_items(model, items, n_views=1, max_len=cfg.data.max_len)
-        m = metrics_of(results, stats)
-        out = {"kind": "eval", "step": trainer.state.step, "pass@1": m["pass@1"], "pass@2": m["pass@2"],
-               "n_test_inputs": m["n_test_inputs"], "mean_steps": m["mean_steps"],
-               "decode_tokens_per_s": m["decode_tokens_per_s"]}
-        append_jsonl(metrics_path, out)
-        rt.print0(f"eval @ step {out['step']}: {score_line(m)} ({out['n_test_inputs']} test inputs), "
-                  f"mean steps {out['mean_steps']:.2f}")
-    rt.barrier()
-    return out
+    results, stats = evaluate_items(model, items, n_views=n_views, seed=seed, **gen_kw)
+    metrics = {**metrics_of(results, stats), **(extra or {})}
+    if metrics["pass@2"] is not None:
+        metrics["reference_copy_input"] = copy_input_reference(items)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "metrics.json", metrics)
+    write_json(out_dir / "submission.json", submission_of(results), indent=None)
+    summary = {k: v for k, v in metrics.items() if k != "tasks"}
+    write_report(out_dir / "report.html", title, summary=summary, results=results)
+    return metrics, results

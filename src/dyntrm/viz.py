@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
 from .data.arc import Task  # noqa: E402
-from .io import atomic_path  # noqa: E402
+from .io import atomic_path, read_metrics  # noqa: E402
 from .model.context import ATTN_CHANNELS, CHANNELS, Routed  # noqa: E402
 
 # The standard ARC palette: black, blue, red, green, yellow, grey, magenta, orange, sky, maroon.
@@ -77,23 +77,6 @@ def draw_task(task: Task, path: str | os.PathLike, *, with_test_outputs: bool = 
     rows += [(f"test[{i}]", [("input", p.input), ("output", p.output if with_test_outputs else None)])
              for i, p in enumerate(task.test)]
     return draw_pairs(rows, path, title=f"task {task.id}")
-
-
-def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
-    import json
-
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no metrics (is this a run directory?)")
-    out = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as e:  # a run killed mid-line leaves a partial last line
-                if n < len(path.read_text().splitlines()):
-                    raise ValueError(f"{path}:{n}: invalid JSON: {e.msg}") from None
-    return out
 
 
 def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[Path]:

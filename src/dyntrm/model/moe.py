@@ -4,8 +4,8 @@ Per token, ``r = h · Pᵀ/√d − g`` (prototypes ``P: (E, d)``, gates ``g: (E
 ``y = Σ_{e: w_e > 0} w_e · Expert_e(h)``. Only the active (token, expert) pairs are computed: pairs are sorted by
 expert and each expert runs on its own contiguous rows (a grouped GEMM on CUDA). A token with no active expert gets
 ``y = 0`` and passes through the residual. The L1 norm of ``w`` is returned for the sparsity penalty, whose
-coefficient the trainer adapts toward ``ffn_active`` experts per token (ReMoE, made two-sided:
-``train.next_l1_coef``). The step's tap sees the routing as one ``Routed`` record of C = 1 channel.
+coefficient :class:`SparsityController` moves toward ``ffn_active`` experts per token after every optimizer step
+(ReMoE, made two-sided). The step's tap sees the routing as one ``Routed`` record of C = 1 channel.
 Shapes: ``B`` batch, ``T`` time, ``D`` width, ``E`` experts, ``N = B·T`` rows, ``M`` active (row, expert) pairs.
 """
 
@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import Config
 from .context import FFN_CHANNELS, Routed, StepContext
 from .experts import ExpertLibrary, ExpertMLP, group_by_expert
 
@@ -68,6 +69,45 @@ class DynMoE(nn.Module):
             ctx.tap(Routed(ctx.step, FFN_CHANNELS, h_ND, r_N1E, w_NE[:, None], y_N1D, ctx.valid_flat, lib, self))
         stats = MoEStats(w_NE.sum(), (w_NE > 0).sum().detach().to(w_NE.dtype))
         return y_N1D.view(B, T, D), stats
+
+
+@dataclass(frozen=True)
+class SparsityController:
+    """DynMoE's sparsity control (ReMoE): after every optimizer step the L1 coefficient is multiplied by ``factor``
+    while more experts are active per token than the ``target`` and divided by it while fewer.
+
+    ReMoE's coefficient stays positive (``floor=None``): it can only push activity down, and in short runs here the
+    main loss pushed activity below the target and kept it there (README). With a ``floor`` the rule is two-sided:
+    a positive coefficient that would shrink below ``floor`` turns into a reward for routing weight (``-floor``),
+    which grows by ``factor`` per step while activity stays below the target and is dropped (back to ``+floor``) as
+    soon as activity reaches it, so that the reward never lingers to overshoot. Either way the magnitude stays
+    within ``cap``; at an exact tie the coefficient holds.
+    """
+
+    target: float
+    factor: float
+    floor: float | None = None
+    cap: float = math.inf
+
+    @classmethod
+    def for_config(cls, cfg: Config) -> "SparsityController":
+        t, m = cfg.train, cfg.model
+        # two-sided only where a reward can act: routers learning from the main loss, a target below the library
+        two_sided = t.l1_two_sided and not cfg.shaping.meta_only and m.ffn_active < m.ffn_experts
+        return cls(m.ffn_active, t.l1_factor, t.l1_init if two_sided else None, t.l1_max)
+
+    def next_coef(self, coef: float, active: float) -> float:
+        """The coefficient after a step that saw ``active`` experts per token on average."""
+        if active == self.target:
+            return coef
+        above = active > self.target
+        if self.floor is None or coef > 0:
+            coef = coef * self.factor if above else coef / self.factor
+            if self.floor is not None and coef < self.floor:
+                coef = -self.floor  # the penalty has decayed away and activity is still low: reward instead
+        else:  # a reward
+            coef = self.floor if above else coef * self.factor
+        return max(-self.cap, min(self.cap, coef))
 
 
 class DenseFFN(nn.Module):

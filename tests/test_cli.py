@@ -28,6 +28,24 @@ def test_unknown_override_is_an_error_listing_valid_keys(capsys):
     assert "model.d_model='abc'" in capsys.readouterr().out
 
 
+def test_a_bad_config_json_is_a_config_error(tmp_path, capsys):
+    """A run's config.json is a config, not task data: unreadable or invalid, it raises ConfigError naming it."""
+    from dyntrm.config import ConfigError, load_config
+
+    path = tmp_path / "config.json"
+    path.write_text('{"model": {"d_model": 32,}}')
+    with pytest.raises(ConfigError, match=r"config.json: invalid JSON at line 1, column 26"):
+        load_config(path)
+    path.write_text('[1, 2]')
+    with pytest.raises(ConfigError, match="expected a JSON object"):
+        load_config(path)
+    path.write_text('{"model": {"widht": 3}}')
+    with pytest.raises(ConfigError, match="unknown config key 'model.widht'"):
+        load_config(path)
+    assert main(["train", "--resume", str(tmp_path)]) == 2  # a user error: one line, no traceback
+    assert "unknown config key 'model.widht'" in capsys.readouterr().out
+
+
 def test_leaky_split_configuration_is_refused(capsys, tmp_path):
     assert main(["train", "--preset", "debug", "--source", str(TASKS), "--set", "data.train_splits=all",
                  "--set", "data.eval_split=all", "--out", str(tmp_path)]) == 2

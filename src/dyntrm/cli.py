@@ -88,15 +88,13 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 def resolve_config(args: argparse.Namespace):
     """The preset (or a resumed run's config), then --source, then --set overrides, strictly typed."""
-    from .config import apply_overrides, from_dict, preset
+    from .config import apply_overrides, load_config, preset
 
     if getattr(args, "resume", None):
         path = Path(args.resume) / "config.json"
         if not path.exists():
             raise FileNotFoundError(f"{path}: not a run directory (no config.json)")
-        from .data.arc import read_json
-
-        cfg = from_dict(read_json(path))
+        cfg = load_config(path)
     else:
         cfg = preset(args.preset)
     extra = [f"data.source={args.source}"] if getattr(args, "source", None) else []

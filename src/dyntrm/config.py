@@ -9,10 +9,12 @@ unknown key or a value of the wrong type is an error that lists what is valid.
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
+from . import io
 from .data.batching import padded
 
 MAX_ANSWER_TOKENS = 30 * 30 + 29 + 1  # the largest answer: 30 rows of 30, 29 row separators, <end>
@@ -266,6 +268,14 @@ def from_dict(d: dict[str, Any]) -> Config:
             setattr(owner, f.name, _check(key, v, tp))
     validate(cfg)
     return cfg
+
+
+def load_config(path: str | os.PathLike) -> Config:
+    """A config file (a run's config.json): an unreadable file, invalid JSON or a bad key raises ConfigError."""
+    d = io.read_json(path, lambda what: ConfigError(f"{path}: {what}"))
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a JSON object of config sections")
+    return from_dict(d)
 
 
 def validate(cfg: Config) -> None:

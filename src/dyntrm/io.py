@@ -1,5 +1,5 @@
-"""Files: atomic writes (a crash mid-write leaves the previous file, or none, never a half-written one) and a run's
-metrics log (JSON lines, appended; read back for plots and reports)."""
+"""Files: atomic writes (a crash mid-write leaves the previous file, or none, never a half-written one), JSON reads
+whose errors name the line and column, and a run's metrics log (JSON lines, appended; read back for plots)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 
 @contextlib.contextmanager
@@ -46,6 +46,21 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Path:
     return write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def read_json(path: str | os.PathLike, error: Callable[[str], Exception]) -> Any:
+    """Read a JSON file; an unreadable file or invalid JSON raises ``error(what)``, what naming line and column
+    (the caller's error type adds the file and its context)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise error(f"cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise error(f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise error(f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
 
 
 def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:

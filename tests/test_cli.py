@@ -1,6 +1,7 @@
 """The command line end to end on the `debug` preset: train -> eval / predict / inspect / plot, errors."""
 
 import json
+import re
 
 import pytest
 
@@ -11,13 +12,20 @@ TRAIN = ["train", "--preset", "debug", "--source", str(TASKS), "--set", "data.tr
          "--set", "data.demo_splits=all", "--set", "data.eval_split=all", "--set", "train.warmup=1"]
 
 
+SUBCOMMANDS = ["data", "show", "train", "eval", "predict", "inspect", "plot", "info", "demo"]
+
+
 def test_help_lists_the_subcommands(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0
-    out = capsys.readouterr().out
-    for cmd in ("data", "show", "train", "eval", "predict", "inspect", "plot", "info", "demo"):
-        assert cmd in out
+    # the entries of the COMMAND list, not words anywhere (they also appear in the help texts)
+    listed = re.findall(r"^    (\w+)(?:\s{2,}\S|$)", capsys.readouterr().out, re.M)
+    assert listed == SUBCOMMANDS
+    for cmd in SUBCOMMANDS:  # and each one is a subcommand with its own help
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0 and f"usage: dyntrm {cmd}" in capsys.readouterr().out
 
 
 def test_unknown_override_is_an_error_listing_valid_keys(capsys):

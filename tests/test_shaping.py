@@ -157,12 +157,19 @@ def test_meta_gradient_is_nonzero_lands_only_in_routing_and_changes_it():
     assert not shaper.captures
     routing = {n for n, _ in tr.model.named_parameters() if n.endswith((".proto", ".gate"))}
     assert all(p.grad is None for p in tr.model.parameters())  # the meta backward touched no .grad yet ...
-    meta = dict(zip([n for n, _ in tr.model.named_parameters() if n in routing], shaper.meta_grads))
-    assert sum(float(g.abs().sum()) for g in meta.values()) > 0  # ... it is in the meta buffers, non-zero
-    assert set(meta) == routing and len(routing) == 4
-    for g in shaper.meta_grads:
-        g.zero_()
-    assert main  # (the main loss does reach many parameters)
+    meta = {n: g.clone() for n, g in zip([n for n, _ in tr.model.named_parameters() if n in routing],
+                                         shaper.meta_grads)}
+    assert all(g.abs().sum() > 0 for g in meta.values())  # ... it is in the meta buffers, non-zero for each
+    assert set(meta) == routing and len(routing) == 4 and routing <= set(main)
+    # finish() adds it to the routing parameters' main-loss gradients, and changes no other gradient
+    for n, p in tr.model.named_parameters():
+        p.grad = main[n].clone() if n in main else None
+    shaper.finish()
+    for n, p in tr.model.named_parameters():
+        if n in routing:
+            torch.testing.assert_close(p.grad, main[n] + meta[n], rtol=0, atol=0)
+        elif n in main:
+            assert torch.equal(p.grad, main[n]), n
 
 
 def test_sars_changes_routing_parameters_relative_to_none():

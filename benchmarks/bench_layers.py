@@ -15,7 +15,6 @@ Prints a table, writes it to BENCHMARKS.md (section "layers"), and ends with one
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import finish, matmul_rate, rounds, table  # noqa: E402
+from common import arguments, finish, matmul_rate, rounds, table  # noqa: E402
 
 from dyntrm.config import preset  # noqa: E402
 from dyntrm.model import ArcTransformer  # noqa: E402
@@ -181,9 +180,7 @@ def bench_train_step(cfg, n_rounds: int, tokens_per_batch: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small sizes, few rounds: under a minute")
-    ap.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
+    ap = arguments(__doc__, quick="small sizes, few rounds: under a minute")
     args = ap.parse_args()
     q = args.quick
     torch.manual_seed(0)

@@ -145,8 +145,8 @@ def _tiny() -> Config:
 def _base() -> Config:
     """GPU, TRM-sized: d_model 512, 8 heads; trains on the evaluation tasks' demonstrations too (TRM protocol).
 
-    65536 tokens per optimizer step as 4 micro-batches of 16384: a 32768-token micro-batch peaked at 68 GiB on an
-    H200 (bf16, SARS; benchmarks/gpu_step.py), so one of 65536 would not fit an 80 GB H100.
+    65536 tokens per optimizer step as 4 micro-batches of 16384: one micro-batch of 65536 would not fit an 80 GB
+    H100 (the peak memory of a 32768-token one: BENCHMARKS.md, section gpu).
     """
     return Config(
         model=ModelConfig(d_model=512, n_heads=8),

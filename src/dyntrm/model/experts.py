@@ -75,8 +75,8 @@ class ExpertLibrary(nn.Module):
         expert run once per row. (N, d_in), (N, C, E) -> (N, C, d_out).
 
         Rows are processed in chunks (1024 on CPU): the (chunk, E, F) hidden activations then stay small and warm
-        in cache, which measured 1.5x faster than one pass over all rows and than a per-expert loop
-        (benchmarks/bench_layers.py). On CUDA one chunk covers everything.
+        in cache, which measured faster than one pass over all rows and than a per-expert loop (the loop's ratio:
+        BENCHMARKS.md, section layers). On CUDA one chunk covers everything.
         """
         if chunk is None:
             chunk = x_ND.shape[0] if x_ND.is_cuda else 1024
@@ -102,8 +102,8 @@ class ExpertLibrary(nn.Module):
     def grouped(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """Rows sorted by expert, ``counts_E[e]`` rows for expert e -> outputs in the same order.
 
-        Two grouped GEMMs (``torch._grouped_mm``: CUDA bf16, and CPU fp32 where it measured 15% faster than a
-        loop) with no host sync on CUDA; otherwise (float64, older torch) a loop over the experts that received
+        Two grouped GEMMs (``torch._grouped_mm``: CUDA bf16, and CPU fp32 where it measured faster than a loop)
+        with no host sync on CUDA; otherwise (float64, older torch) a loop over the experts that received
         rows. Either way an expert with no rows costs nothing.
         """
         dt = x_MD.dtype

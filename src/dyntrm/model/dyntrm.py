@@ -141,6 +141,7 @@ class ArcTransformer(nn.Module):
     # ------------------------------------------------------------------------------------------ the recursion
 
     def should_halt(self, q_halt: torch.Tensor, q_continue: torch.Tensor, step: int) -> torch.Tensor:
+        """:func:`should_halt` under this model's config: where generation asks (and tests force a step count)."""
         return should_halt(q_halt, q_continue, step, self.cfg)
 
     def context(self, tokens_BT: torch.Tensor, attention_mask: torch.Tensor | None, prompt_end: torch.Tensor | None,

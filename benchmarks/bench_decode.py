@@ -9,7 +9,6 @@ compare like with like. Prints a table, writes it to BENCHMARKS.md (section "dec
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import finish, table  # noqa: E402
+from common import arguments, finish, table  # noqa: E402
 
 from dyntrm.config import preset  # noqa: E402
 from dyntrm.model import ArcTransformer  # noqa: E402
@@ -52,9 +51,7 @@ def uncached(model, prompts, n_new, steps, sampled=None):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="fewer tokens: under a minute")
-    ap.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
+    ap = arguments(__doc__, quick="fewer tokens: under a minute")
     args = ap.parse_args()
     q = args.quick
     torch.manual_seed(0)

@@ -15,7 +15,6 @@ Prints a table, writes it to BENCHMARKS.md (section "layers"), and ends with one
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -24,12 +23,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import finish, matmul_rate, rounds, table  # noqa: E402
+from common import arguments, finish, matmul_rate, rounds, table  # noqa: E402
 
 from dyntrm.config import preset  # noqa: E402
 from dyntrm.model import ArcTransformer  # noqa: E402
-from dyntrm.model.attention import AttnMask, DenseAttention, DynSIHA  # noqa: E402
-from dyntrm.model.dyntrm import StepContext  # noqa: E402
+from dyntrm.model.attention import DenseAttention, DynSIHA  # noqa: E402
+from dyntrm.model.context import AttnMask, StepContext  # noqa: E402
 from dyntrm.model.experts import ExpertLibrary  # noqa: E402
 from dyntrm.model.info import model_info  # noqa: E402
 from dyntrm.model.layers import Rope  # noqa: E402
@@ -58,7 +57,7 @@ def bench_attention(cfg, tokens: int, n_rounds: int) -> dict:
     torch.manual_seed(0)
     mc = cfg.model
     B, T = tokens // 512, 512
-    H, dh, E, Fh = mc.n_heads, mc.d_head, mc.attn_experts, mc.attn_hidden_
+    H, dh, E, Fh = mc.n_heads, mc.d_head, mc.attn_experts, mc.attn_expert_hidden
     lib = ExpertLibrary(E, dh, Fh, dh)
     lib.init_weights(out_std=math.sqrt(2 / E) * math.sqrt(2 / Fh))
     dyn = DynSIHA(mc.d_model, H, E)
@@ -105,7 +104,7 @@ def bench_moe(cfg, tokens: int, n_rounds: int) -> dict:
 
     def all_experts():
         hn = F.rms_norm(x, (d,)).reshape(-1, d)
-        w = F.relu(moe.logits(hn))
+        w = F.relu(moe.logits(hn))[:, 0]  # (N, E): the router has one channel
         return torch.einsum("ne,end->nd", w, lib.dense(hn))
 
     params = [x, lib.w1, lib.w2, *moe.parameters(), *dense_ffn.parameters()]
@@ -181,9 +180,7 @@ def bench_train_step(cfg, n_rounds: int, tokens_per_batch: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small sizes, few rounds: under a minute")
-    ap.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
+    ap = arguments(__doc__, quick="small sizes, few rounds: under a minute")
     args = ap.parse_args()
     q = args.quick
     torch.manual_seed(0)

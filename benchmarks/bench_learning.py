@@ -19,7 +19,6 @@ initialisation, on the same fixed training sequences. Results go to BENCHMARKS.m
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import shutil
@@ -32,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command_line, final_json, table, write_section  # noqa: E402
+from common import arguments, command_line, final_json, table, write_section  # noqa: E402
 
 from dyntrm.analysis import routing_profile  # noqa: E402
 from dyntrm.config import apply_overrides, preset  # noqa: E402
@@ -40,10 +39,11 @@ from dyntrm.data.arc import filter_max_side, load_source  # noqa: E402
 from dyntrm.data.batching import collate  # noqa: E402
 from dyntrm.data.dataset import eval_items  # noqa: E402
 from dyntrm.data.tokens import encode  # noqa: E402
-from dyntrm.evaluate import copy_input_reference, evaluate_items, metrics_of  # noqa: E402
+from dyntrm.evaluate import evaluate_items, metrics_of  # noqa: E402
 from dyntrm.model import ArcTransformer  # noqa: E402
 from dyntrm.model.info import model_info  # noqa: E402
 from dyntrm.runtime import Runtime  # noqa: E402
+from dyntrm.scoring import copy_input_reference  # noqa: E402
 from dyntrm.train import train  # noqa: E402
 
 VARIANTS = {
@@ -105,14 +105,12 @@ def run(variant: str, seed: int, minutes: float, items, views: int, workdir: Pat
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = arguments(__doc__, quick="6 s per run, 1 seed, 8 test inputs, 2 views")
     ap.add_argument("--budget-minutes", type=float, default=4.0, help="training wall-clock budget per run")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--views", type=int, default=8)
     ap.add_argument("--eval-limit", type=int, default=96, help="scored test inputs (a fixed random subset)")
-    ap.add_argument("--quick", action="store_true", help="6 s per run, 1 seed, 8 test inputs, 2 views")
-    ap.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     ap.add_argument("--keep", default=None, help="keep the run directories here")
     args = ap.parse_args()
     if args.quick:

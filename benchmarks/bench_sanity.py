@@ -37,7 +37,8 @@ from dyntrm.data.arc import load_source  # noqa: E402
 from dyntrm.data.dataset import eval_items  # noqa: E402
 from dyntrm.data.synth import FAMILIES, family_of, parse_sides, write_ladder  # noqa: E402
 from dyntrm.diagnose import answer_accuracy  # noqa: E402
-from dyntrm.evaluate import copy_input_reference, evaluate_items, metrics_of  # noqa: E402
+from dyntrm.evaluate import evaluate_items, metrics_of  # noqa: E402
+from dyntrm.scoring import copy_input_reference  # noqa: E402
 from dyntrm.train import train  # noqa: E402
 
 CORE = ("identity", "mirror", "recolour", "transpose")  # the goal: mean pass@1 >= 0.6 over these

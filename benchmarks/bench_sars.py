@@ -9,14 +9,13 @@ writes it to BENCHMARKS.md (section "sars"), ends with one JSON line.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import finish, rounds, table  # noqa: E402
+from common import arguments, finish, rounds, table  # noqa: E402
 
 from dyntrm.config import apply_overrides, preset  # noqa: E402
 from dyntrm.runtime import Runtime  # noqa: E402
@@ -31,9 +30,7 @@ def trainer(kind: str, rate: float, tokens: int) -> Trainer:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="a smaller batch and fewer rounds: under a minute")
-    ap.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
+    ap = arguments(__doc__, quick="a smaller batch and fewer rounds: under a minute")
     args = ap.parse_args()
     tokens = 2048 if args.quick else 8192
     variants = {"none": ("none", 1.0), "sars@0.25": ("sars", 0.25), "sars@1.0": ("sars", 1.0),

@@ -1,4 +1,5 @@
-"""Shared benchmark plumbing: interleaved timing with medians, the machine's matmul rate, BENCHMARKS.md sections.
+"""Shared benchmark plumbing: the common options, interleaved timing with medians, the machine's matmul rate,
+BENCHMARKS.md sections.
 
 This machine is noisy (shared cores), so candidates are timed in *rounds*: each round runs every candidate once,
 in a random order, and each candidate's figure is the median over rounds. Ratios are always taken between
@@ -7,6 +8,7 @@ candidates measured in the same run.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -23,6 +25,16 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
+
+
+def arguments(doc: str, quick: str | None = None) -> argparse.ArgumentParser:
+    """The options every benchmark takes: ``--no-write`` and, where it has a quick mode (``quick`` says what it is),
+    ``--quick``. The description is the first line of the script's docstring ``doc``."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    if quick is not None:
+        ap.add_argument("--quick", action="store_true", help=quick)
+    ap.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
+    return ap
 
 
 def rounds(candidates: dict[str, Callable[[], object]], n_rounds: int, warmup: int = 1,

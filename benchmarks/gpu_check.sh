@@ -9,7 +9,7 @@ PY=${PY:-python}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 "$PY" -c 'import torch; assert torch.cuda.is_available(), "gpu_check.sh needs a CUDA device"
 print(torch.__version__, torch.cuda.get_device_name())' || exit 2
-timeout "${TEST_TIMEOUT:-300}" "$PY" -m pytest -q -rs -m cuda tests/test_cuda.py -p no:cacheprovider
+timeout "${TEST_TIMEOUT:-300}" "$PY" -m pytest -q -rs -m cuda tests -p no:cacheprovider
 tests=$?
 "$PY" benchmarks/gpu_step.py "$@"
 step=$?

@@ -10,7 +10,6 @@ that does not fit the card is halved until it does (reported in the table).
 
 from __future__ import annotations
 
-import argparse
 import gc
 import sys
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import finish, table  # noqa: E402
+from common import arguments, finish, table  # noqa: E402
 
 from dyntrm.config import ConfigError, apply_overrides, preset  # noqa: E402
 from dyntrm.model import ArcTransformer  # noqa: E402
@@ -107,13 +106,12 @@ def parity(name: str, dev: torch.device) -> tuple[float, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = arguments(__doc__)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--preset", default="base")
     ap.add_argument("--tokens-per-batch", type=int, default=16384)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--no-parity", action="store_true", help="skip the bf16 / compile parity check (timings only)")
-    ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"

@@ -1,6 +1,7 @@
 """The command line end to end on the `debug` preset: train -> eval / predict / inspect / plot, errors."""
 
 import json
+import re
 
 import pytest
 
@@ -11,13 +12,20 @@ TRAIN = ["train", "--preset", "debug", "--source", str(TASKS), "--set", "data.tr
          "--set", "data.demo_splits=all", "--set", "data.eval_split=all", "--set", "train.warmup=1"]
 
 
+SUBCOMMANDS = ["data", "show", "train", "eval", "predict", "inspect", "plot", "info", "demo"]
+
+
 def test_help_lists_the_subcommands(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0
-    out = capsys.readouterr().out
-    for cmd in ("data", "show", "train", "eval", "predict", "inspect", "plot", "info", "demo"):
-        assert cmd in out
+    # the entries of the COMMAND list, not words anywhere (they also appear in the help texts)
+    listed = re.findall(r"^    (\w+)(?:\s{2,}\S|$)", capsys.readouterr().out, re.M)
+    assert listed == SUBCOMMANDS
+    for cmd in SUBCOMMANDS:  # and each one is a subcommand with its own help
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0 and f"usage: dyntrm {cmd}" in capsys.readouterr().out
 
 
 def test_unknown_override_is_an_error_listing_valid_keys(capsys):
@@ -26,6 +34,24 @@ def test_unknown_override_is_an_error_listing_valid_keys(capsys):
     assert "unknown config key 'model.widht'" in out and "model.d_model" in out and "Traceback" not in out
     assert main([*TRAIN, "--set", "model.d_model=abc"]) == 2
     assert "model.d_model='abc'" in capsys.readouterr().out
+
+
+def test_a_bad_config_json_is_a_config_error(tmp_path, capsys):
+    """A run's config.json is a config, not task data: unreadable or invalid, it raises ConfigError naming it."""
+    from dyntrm.config import ConfigError, load_config
+
+    path = tmp_path / "config.json"
+    path.write_text('{"model": {"d_model": 32,}}')
+    with pytest.raises(ConfigError, match=r"config.json: invalid JSON at line 1, column 26"):
+        load_config(path)
+    path.write_text('[1, 2]')
+    with pytest.raises(ConfigError, match="expected a JSON object"):
+        load_config(path)
+    path.write_text('{"model": {"widht": 3}}')
+    with pytest.raises(ConfigError, match="unknown config key 'model.widht'"):
+        load_config(path)
+    assert main(["train", "--resume", str(tmp_path)]) == 2  # a user error: one line, no traceback
+    assert "unknown config key 'model.widht'" in capsys.readouterr().out
 
 
 def test_leaky_split_configuration_is_refused(capsys, tmp_path):
@@ -98,7 +124,8 @@ def test_demo_end_to_end_on_the_debug_preset(tmp_path, capsys, monkeypatch):
     text = capsys.readouterr().out
     assert "1 view(s): pass@1" in text and "2 view(s): pass@1" in text and "right shape" in text
     assert "reference, answering each test input with itself: pass@2" in text
-    from dyntrm.evaluate import copy_input_reference, split_items
+    from dyntrm.data.dataset import split_items
+    from dyntrm.scoring import copy_input_reference
 
     expected = copy_input_reference(split_items(cli.demo_config(0)))  # the demo's items, scored independently
     for views in (1, 2):

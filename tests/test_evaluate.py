@@ -14,9 +14,10 @@ from dyntrm.data.arc import Pair, Task
 from dyntrm.data.augment import views
 from dyntrm.data.dataset import EvalItem, eval_items
 from dyntrm.data.tokens import END, N_TOKENS, OUT, PAD, ROW, decode_answer
-from dyntrm.evaluate import (GridConstraint, attempts, copy_input_reference, evaluate_items, generate, metrics_of,
-                             score, submission_of, vote)
+from dyntrm.evaluate import evaluate_items, metrics_of, submission_of
 from dyntrm.model import ArcTransformer
+from dyntrm.model.generate import DecodeState, Generation, GridConstraint, generate
+from dyntrm.scoring import attempts, copy_input_reference, score, vote
 
 G = lambda *rows: np.array(rows, dtype=np.uint8)  # noqa: E731
 
@@ -95,7 +96,7 @@ def test_inverse_mapping_with_a_stand_in_that_answers_the_augmented_target(monke
         outs = []
         for p in prompts:
             g = answers[np.asarray(p).tobytes()]
-            outs.append(E.Generation([], g, -1.0, 1))
+            outs.append(Generation([], g, -1.0, 1))
         return outs
 
     monkeypatch.setattr(E, "generate_batched", stand_in)
@@ -110,7 +111,7 @@ def test_submission_round_trips_through_an_independent_scorer(tmp_path, monkeypa
     items = eval_items(_tasks())
     # stand-in: always [[7]] (wrong); one test input is then given the right attempt by hand below
     def stand_in(model, prompts, **kw):
-        return [E.Generation([], G([7]), -1.0, 1) for _ in prompts]
+        return [Generation([], G([7]), -1.0, 1) for _ in prompts]
 
     monkeypatch.setattr(E, "generate_batched", stand_in)
     results, stats = evaluate_items(None, items, n_views=2)
@@ -187,8 +188,6 @@ def _uncached_greedy(model, prompt, steps, max_new):
 
 
 def test_cached_and_uncached_decoding_give_the_same_answers(monkeypatch):
-    from dyntrm.model.dyntrm import DecodeState
-
     m = _random_model(5)
     prompts = [np.array([11, 13, 1, 2, ROW, 3, 4, OUT]), np.array([11, 13, 9, OUT]),
                np.array([11, 13, 5, 5, 5, OUT, 1, 1, 1, 15, 13, 2, 2, OUT]), np.array([11, 13, 7, 7, OUT])]

@@ -13,7 +13,7 @@ from dyntrm.data.arc import Pair
 from dyntrm.data.tokens import (BOS, END, EOS, IN, N_COLOURS, OUT, PAD, ROW, SIZE0, GridDecodeError, decode_answer,
                                 encode, encode_prompt, grid_tokens, render, sequence_length, size_token,
                                 tokens_to_grid)
-from dyntrm.evaluate import GridConstraint, generate
+from dyntrm.model.generate import GridConstraint, generate
 from dyntrm.model import ArcTransformer
 from dyntrm.model.layers import GridCursor, grid_coords
 

@@ -1,6 +1,7 @@
 """The model against independent references: per-expert loops, naive attention, full recomputes (float64)."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,8 +11,7 @@ from hypothesis import strategies as st
 
 from dyntrm.config import preset
 from dyntrm.model import ArcTransformer, ExpertLibrary, ExpertMLP
-from dyntrm.model.attention import AttnMask
-from dyntrm.model.dyntrm import StepContext
+from dyntrm.model.context import AttnMask, StepContext
 from dyntrm.model.layers import Rope, apply_rope
 
 torch.set_default_dtype(torch.float32)
@@ -290,20 +290,27 @@ def test_samples_halting_at_different_steps_equal_each_alone():
         torch.testing.assert_close(out.logits[n - 1, i], alone.logits[n - 1, 0], rtol=1e-9, atol=1e-9)
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("variant", ["dyn", "dense"])
-def test_kv_cache_decoding_equals_full_recompute(variant):
-    m = make(seed=12, variant=variant)
-    lengths = torch.tensor([9, 5, 7])
+def test_kv_cache_decoding_equals_full_recompute(variant, device):
+    """On the CPU in float64; on CUDA in float32, through its own kernels (SDPA, one composition chunk)."""
+    dtype, rtol, atol = (torch.float64, 0.0, 1e-5) if device == "cpu" else (torch.float32, 1e-4, 1e-4)
+    m = make(seed=12, dtype=dtype, variant=variant).to(device)
+    lengths = torch.tensor([9, 5, 7], device=device)
     T = int(lengths.max())
-    prompts = torch.randint(0, 17, (3, T))
-    steps = torch.tensor([3, 1, 2])
+    prompts = torch.randint(0, 17, (3, T), device=device)
+    steps = torch.tensor([3, 1, 2], device=device)
     logits, state = m.prefill(prompts, lengths, max_new=6, steps=steps)
     seqs = [prompts[i, :lengths[i]].tolist() for i in range(3)]
     for t in range(6):
         for i in range(3):
-            full = m(torch.tensor([seqs[i]]), halt=True, steps=steps[i:i + 1]).final_logits[0, -1]
-            torch.testing.assert_close(logits[i], full, rtol=0, atol=1e-5)
-        nxt = torch.randint(0, 17, (3,))  # any continuation: the cache must follow what is fed
+            full = m(torch.tensor([seqs[i]], device=device), halt=True, steps=steps[i:i + 1]).final_logits[0, -1]
+            torch.testing.assert_close(logits[i], full, rtol=rtol, atol=atol)
+        nxt = torch.randint(0, 17, (3,), device=device)  # any continuation: the cache must follow what is fed
         for i in range(3):
             seqs[i].append(int(nxt[i]))
         logits = m.decode(nxt, state)
@@ -350,8 +357,10 @@ def test_info_parameter_counts_match_the_model(name, variant):
 
 
 def test_dense_variant_has_the_same_active_ffn_width():
+    """The dense baseline's FFN has the parameters (so the FLOPs) of DynMoE's experts at its target: ffn_active of
+    the FFN library's experts, as built by the dyn variant."""
     cfg = preset("tiny").model
-    cfg.variant = "dense"
-    m = ArcTransformer(cfg)
-    assert m.block.ffn.mlp.w1.out_features == cfg.ffn_active * cfg.ffn_mult * cfg.d_model
-    assert m.attn_expert_library is None and m.ffn_expert_library is None
+    dyn, dense = ArcTransformer(cfg), ArcTransformer(replace(cfg, variant="dense"))
+    one_expert = dyn.ffn_expert_library.w1[0].numel() + dyn.ffn_expert_library.w2[0].numel()
+    assert sum(p.numel() for p in dense.block.ffn.parameters()) == cfg.ffn_active * one_expert
+    assert dense.attn_expert_library is None and dense.ffn_expert_library is None

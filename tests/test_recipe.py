@@ -29,8 +29,8 @@ def test_truncated_recursion_equals_full_bptt_with_the_state_detached(variant):
     got = _grads(model, out.logits[d:].square().mean())
 
     # the state entering step d is detached *before* input injection re-adds x0, which keeps its graph
-    real_step_input = model._step_input
-    model._step_input = lambda x, x0, s: real_step_input(x.detach() if s == d else x, x0, s)
+    real_step = model.step
+    model.step = lambda x, x0, s, ctx: real_step(x.detach() if s == d else x, x0, s, ctx)
     ref = model(tokens)
     torch.testing.assert_close(out.logits, ref.logits)
     want = _grads(model, ref.logits[d:].square().mean())
@@ -47,7 +47,7 @@ def test_training_with_truncation_trains_only_the_last_steps(monkeypatch):
                            "shaping.token_rate=1"), Runtime(torch.device("cpu")))
     seen = []
     real = tr.shaper.observe
-    monkeypatch.setattr(tr.shaper, "observe", lambda step, *a, **k: (seen.append(step), real(step, *a, **k))[1])
+    monkeypatch.setattr(tr.shaper, "observe", lambda routed: (seen.append(routed.step), real(routed))[1])
     stream = tr.data.iterate()
     m = tr.step(tr.micro_batches(stream)[0])
     assert set(seen) == {tr.cfg.model.max_steps - 1}  # SARS captures the trained step only

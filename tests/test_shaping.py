@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dyntrm.data.batching import collate
+from dyntrm.model.context import Routed
 from dyntrm.model.experts import ExpertLibrary
 from dyntrm.shaping import SARS, learning_cost
 from dyntrm.shaping.sars import entropy_of_softmax, goodness, max_abs_norm
@@ -85,12 +86,12 @@ class Toy(torch.nn.Module):
         for name in order:
             self.inputs[name] = x
             r = self.routers[name]
-            logits = r.logits(x)
+            logits = r.logits(x)  # (N, 1, E): one channel
             w = F.relu(logits)
-            y = sum(w[:, e:e + 1] * self.lib.expert(e, x) for e in range(4))
-            tap(0, name, x=x, logits=logits, weights=w, out=y, valid=None, library=self.lib, router=r)
+            y = sum(w[:, :, e:e + 1] * self.lib.expert(e, x)[:, None] for e in range(4))  # (N, 1, d)
+            tap(Routed(0, (name,), x, logits, w, y, None, self.lib, r))
             outs[name] = y
-            x = x + y
+            x = x + y[:, 0]
         return outs, x
 
 
@@ -101,7 +102,7 @@ class Router(torch.nn.Module):
         self.gate = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))
 
     def logits(self, x):
-        return x @ self.proto.T - self.gate
+        return (x @ self.proto.T - self.gate)[:, None]
 
 
 @pytest.mark.parametrize("order", ["abc", "cab", "bca"])
@@ -112,7 +113,7 @@ def test_captured_gradient_is_the_modules_own(order):
     x = torch.randn(7, 6, dtype=torch.float64)
     outs, final = toy(x, order, sars.tap())
     loss = (final * torch.linspace(-1, 1, 6, dtype=torch.float64)).pow(2).sum()
-    true = dict(zip(outs, torch.autograd.grad(loss, list(outs.values()), retain_graph=True)))
+    true = {k: g[:, 0] for k, g in zip(outs, torch.autograd.grad(loss, list(outs.values()), retain_graph=True))}
     loss.backward()
     assert set(sars.captures) == {(0, k) for k in "abc"}
     for name in "abc":
@@ -142,26 +143,33 @@ def test_meta_gradient_is_nonzero_lands_only_in_routing_and_changes_it():
     # rebuild one micro-batch's meta loss by hand and check where its gradient goes
     plan = tr.data.epoch(0)
     batch = plan.batch(0, tr.data.items)
-    from dyntrm.train import compute_loss, global_norms
+    from dyntrm.loss import compute_loss, global_counts
 
-    norms = global_norms([batch], CPU)
+    counts = global_counts([batch], CPU)
     out = tr.model(batch.tokens, batch.attention_mask, batch.prompt_end, tap=shaper.tap())
-    loss, _ = compute_loss(out, batch, tr.cfg, tr.state.l1_coef, norms)
+    loss, _ = compute_loss(out, batch, tr.cfg, tr.state.l1_coef, counts)
     tr.model.zero_grad()
     loss.backward()
     main = {n: p.grad.clone() for n, p in tr.model.named_parameters() if p.grad is not None}
     tr.model.zero_grad()
     assert len(shaper.captures) == tr.cfg.model.max_steps * 4
-    shaper.after_backward(norms)
+    shaper.after_backward(counts)
     assert not shaper.captures
     routing = {n for n, _ in tr.model.named_parameters() if n.endswith((".proto", ".gate"))}
     assert all(p.grad is None for p in tr.model.parameters())  # the meta backward touched no .grad yet ...
-    meta = dict(zip([n for n, _ in tr.model.named_parameters() if n in routing], shaper.meta_grads))
-    assert sum(float(g.abs().sum()) for g in meta.values()) > 0  # ... it is in the meta buffers, non-zero
-    assert set(meta) == routing and len(routing) == 4
-    for g in shaper.meta_grads:
-        g.zero_()
-    assert main  # (the main loss does reach many parameters)
+    meta = {n: g.clone() for n, g in zip([n for n, _ in tr.model.named_parameters() if n in routing],
+                                         shaper.meta_grads)}
+    assert all(g.abs().sum() > 0 for g in meta.values())  # ... it is in the meta buffers, non-zero for each
+    assert set(meta) == routing and len(routing) == 4 and routing <= set(main)
+    # finish() adds it to the routing parameters' main-loss gradients, and changes no other gradient
+    for n, p in tr.model.named_parameters():
+        p.grad = main[n].clone() if n in main else None
+    shaper.finish()
+    for n, p in tr.model.named_parameters():
+        if n in routing:
+            torch.testing.assert_close(p.grad, main[n] + meta[n], rtol=0, atol=0)
+        elif n in main:
+            assert torch.equal(p.grad, main[n]), n
 
 
 def test_sars_changes_routing_parameters_relative_to_none():
@@ -201,11 +209,11 @@ def test_fars_cost_comes_from_adam_and_shapes_routing_only():
     assert (cost > 0).all() and m1.get("fars_loss", 0.0) == 0.0  # no Adam statistics at the first step
     plan = tr.data.epoch(0)
     batch = plan.batch(0, tr.data.items)
-    from dyntrm.train import global_norms
+    from dyntrm.loss import global_counts
 
-    norms = global_norms([batch], CPU)
+    counts = global_counts([batch], CPU)
     tr.model(batch.tokens, batch.attention_mask, batch.prompt_end, tap=tr.shaper.tap())
-    extra = tr.shaper.extra_loss(norms)
+    extra = tr.shaper.extra_loss(counts)
     assert float(extra.detach()) > 0
     names = [n for n, _ in tr.model.named_parameters()]
     grads = torch.autograd.grad(extra, list(tr.model.parameters()), allow_unused=True)

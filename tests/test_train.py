@@ -13,7 +13,9 @@ from dyntrm import checkpoint
 from dyntrm.config import from_dict, to_dict
 from dyntrm.data.batching import collate
 from dyntrm.runtime import Runtime
-from dyntrm.train import Trainer, TrainingStopped, act_targets, lr_factor, next_l1_coef, train
+from dyntrm.loss import act_targets
+from dyntrm.model.moe import SparsityController
+from dyntrm.train import Trainer, TrainingStopped, lr_factor, train
 from helpers import ASSETS, CPU, assert_close_by_norm, debug_cfg, params
 
 
@@ -28,21 +30,22 @@ def test_act_targets_by_hand():
 
 
 def test_l1_controller_by_hand():
-    f, floor, target = 2.0, 0.01, 2.0
-    # ReMoE (no floor): x f above the target, / f below, never negative
-    assert next_l1_coef(0.04, 3.0, target, f, None) == 0.08
-    assert next_l1_coef(0.04, 1.0, target, f, None) == 0.02
+    remoe = SparsityController(target=2.0, factor=2.0)
+    two_sided = SparsityController(target=2.0, factor=2.0, floor=0.01)
+    # ReMoE (no floor): x factor above the target, / factor below, never negative
+    assert remoe.next_coef(0.04, 3.0) == 0.08
+    assert remoe.next_coef(0.04, 1.0) == 0.02
     # two-sided: the penalty decays to the floor, turns into a growing reward, which is dropped at the target
     seq, c = [], 0.04
     for active in (1.0, 1.0, 1.0, 1.0, 1.0, 3.0, 3.0, 3.0, 1.0):
-        c = next_l1_coef(c, active, target, f, floor)
+        c = two_sided.next_coef(c, active)
         seq.append(c)
     assert seq == pytest.approx([0.02, 0.01, -0.01, -0.02, -0.04, 0.01, 0.02, 0.04, 0.02])
     # bounded in magnitude on both sides, and held at an exact tie
-    assert next_l1_coef(-0.3, 1.0, target, f, floor, cap=0.5) == -0.5
-    assert next_l1_coef(0.3, 3.0, target, f, floor, cap=0.5) == 0.5
-    assert next_l1_coef(0.3, 3.0, target, f, None, cap=0.5) == 0.5
-    assert next_l1_coef(-0.3, 2.0, target, f, floor) == -0.3
+    assert SparsityController(2.0, 2.0, 0.01, cap=0.5).next_coef(-0.3, 1.0) == -0.5
+    assert SparsityController(2.0, 2.0, 0.01, cap=0.5).next_coef(0.3, 3.0) == 0.5
+    assert SparsityController(2.0, 2.0, cap=0.5).next_coef(0.3, 3.0) == 0.5
+    assert two_sided.next_coef(-0.3, 2.0) == -0.3
 
 
 def test_l1_controller_stays_one_sided_where_a_reward_cannot_act():
@@ -60,11 +63,16 @@ def test_l1_controller_stays_one_sided_where_a_reward_cannot_act():
 
 
 def test_lr_schedule_warmup_then_cosine():
+    # worked by hand: (s + 1) / warmup during warm-up, times a cosine that is 1 at the start, halfway between 1 and
+    # the floor 0.1 at mid-run (cos(pi/2) = 0) and the floor at the end
     cfg = debug_cfg("train.steps=100", "train.warmup=10", "train.min_lr_ratio=0.1")
-    f = [lr_factor(cfg, s, 0.0) for s in range(100)]
-    assert f[0] == pytest.approx(0.1 * (0.1 + 0.9 * 0.5 * (1 + 1)), rel=1e-6)  # (1/10) x cosine(0)
-    assert max(f) <= 1.0 and f[99] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(0.99 * 3.14159265)).item()), rel=1e-4)
-    assert all(a >= b for a, b in zip(f[10:], f[11:]))  # decays monotonically after warm-up
+    f = [lr_factor(cfg, s, 0.0) for s in range(101)]
+    assert f[0] == pytest.approx(0.1) and f[50] == pytest.approx(0.55) and f[100] == pytest.approx(0.1)
+    assert all(a > b for a, b in zip(f[10:], f[11:]))  # decays strictly after warm-up
+    # under a time budget progress is the elapsed fraction of it, whatever the step: at 0 s the warm-up alone
+    timed = debug_cfg("train.steps=100", "train.warmup=10", "train.min_lr_ratio=0.1", "train.time_budget_s=60")
+    assert [lr_factor(timed, s, 0.0) for s in (0, 4, 9, 30)] == pytest.approx([0.1, 0.5, 1.0, 1.0])
+    assert lr_factor(timed, 20, 30.0) == pytest.approx(0.55) and lr_factor(timed, 3, 60.0) == pytest.approx(0.04)
 
 
 def test_loss_falls_and_run_directory(tmp_path):
@@ -84,49 +92,44 @@ class Boom(RuntimeError):
     pass
 
 
-def _explode_at(monkeypatch, n, exc):
+def _on_step(monkeypatch, n, action):
+    """Make ``action()`` happen at the start of the n-th ``Trainer.step`` (counting from 1); returns the real one."""
     real = Trainer.step
     calls = {"n": 0}
 
     def step(self, micro):
         calls["n"] += 1
         if calls["n"] == n:
-            raise exc
+            action()
         return real(self, micro)
 
     monkeypatch.setattr(Trainer, "step", step)
     return real
 
 
-def _ctrl_c_during(monkeypatch, n):
-    """A real SIGINT delivered while step n runs."""
+def _ctrl_c():
+    """A real SIGINT: the step it arrives in still finishes."""
     import signal
 
-    real = Trainer.step
-    calls = {"n": 0}
+    os.kill(os.getpid(), signal.SIGINT)
 
-    def step(self, micro):
-        calls["n"] += 1
-        if calls["n"] == n:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real(self, micro)
 
-    monkeypatch.setattr(Trainer, "step", step)
-    return real
+def _boom():
+    raise Boom()
 
 
 def test_exact_resume_after_interrupt_and_after_a_crash(tmp_path, monkeypatch):
     cfg = debug_cfg("train.steps=8", "train.save_every=3")
     straight, _ = train(cfg, tmp_path / "a", rt=CPU, live=False)
     # Ctrl-C during step 5: the step finishes, a checkpoint of step 5 is saved, the run stops, then resumes
-    real = _ctrl_c_during(monkeypatch, 5)
+    real = _on_step(monkeypatch, 5, _ctrl_c)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path / "b", rt=CPU, live=False)
     monkeypatch.setattr(Trainer, "step", real)
     assert checkpoint.load(tmp_path / "b")["meta"]["step"] == 5
     resumed, _ = train(cfg, tmp_path / "b", rt=CPU, live=False, resume=True)
     # a crash during step 5 without any save: resume from the periodic checkpoint of step 3
-    _explode_at(monkeypatch, 5, Boom())
+    _on_step(monkeypatch, 5, _boom)
     with pytest.raises(Boom):
         train(cfg, tmp_path / "c", rt=CPU, live=False)
     monkeypatch.setattr(Trainer, "step", real)
@@ -297,13 +300,32 @@ def test_golden_losses(tmp_path):
     assert losses == pytest.approx(want, rel=1e-3)
 
 
-def test_evaluation_inside_training_is_logged(tmp_path):
+def test_evaluation_inside_training_is_logged(tmp_path, monkeypatch):
+    import dyntrm.train as T
+    from dyntrm.data.dataset import split_items
+    from dyntrm.evaluate import metrics_of
+
     cfg = debug_cfg("train.steps=4", "train.eval_every=2", "train.eval_tasks=2")
-    train(cfg, tmp_path, rt=CPU, live=False)
+    seen, real = [], T.evaluate_items
+
+    def spy(model, items, **kw):
+        seen.append((params(model), [(it.task_id, it.index) for it in items], kw["n_views"]))
+        return real(model, items, **kw)
+
+    monkeypatch.setattr(T, "evaluate_items", spy)
+    tr, _ = train(cfg, tmp_path, rt=CPU, live=False)
     evals = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()
              if json.loads(l)["kind"] == "eval"]
     assert [e["step"] for e in evals] == [2, 4]
-    assert all(e["n_test_inputs"] == 2 and 0 <= e["pass@2"] <= 1 for e in evals)
+    # a fixed subset: the first train.eval_tasks test inputs of the eval split, 1 view
+    first = [(it.task_id, it.index) for it in split_items(cfg)[:2]]
+    assert [(ids, views) for _, ids, views in seen] == [(first, 1), (first, 1)]
+    # the last evaluation saw the EMA weights of the end of the run (not the raw ones), and logged its figures
+    weights, ema, raw = seen[-1][0], tr.ema.state_dict(), params(tr.model)
+    assert all(torch.equal(weights[k], ema[k]) for k in ema) and not all(torch.equal(weights[k], raw[k]) for k in raw)
+    m = metrics_of(*real(tr.ema_model(), split_items(cfg, limit=2), n_views=1, max_len=cfg.data.max_len))
+    keys = ("pass@1", "pass@2", "n_test_inputs", "mean_steps")
+    assert {k: evals[-1][k] for k in keys} == {k: m[k] for k in keys}
 
 
 def test_resume_refuses_a_changed_model_or_data(tmp_path):

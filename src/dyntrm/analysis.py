@@ -17,6 +17,7 @@ import torch
 
 from .data.arc import N_COLOURS
 from .data.batching import Batch
+from .model.context import Routed, routing_entropy
 
 POSITION_BINS = 16
 
@@ -49,18 +50,15 @@ class _Recorder:
         self.valid: np.ndarray | None = None  # (B*T,) real tokens of the current batch
         self.rows: dict[str, dict[str, list[np.ndarray]]] = {}  # kind -> field -> arrays
 
-    def __call__(self, step: int, name: str, **t) -> None:
-        w = t["weights"].detach().float()
-        if w.dim() == 2:
-            w = w[:, None]
-        per_token = w.shape[0] // self.valid.size  # attention rows are (token, head)
+    def __call__(self, r: Routed) -> None:
+        w_NCE = r.weights.detach().float()
+        per_token = w_NCE.shape[0] // self.valid.size  # attention rows are (token, head)
         keep = torch.from_numpy(np.repeat(self.valid, per_token))
-        for c, ch in enumerate(t.get("channels", (name,))):
-            wc = w[keep, c]
-            none = torch.full_like(wc[:, 0], wc.shape[-1], dtype=torch.long)
-            choice = torch.where(wc.max(-1).values > 0, wc.argmax(-1), none)
-            p = wc / wc.sum(-1, keepdim=True).clamp(min=1e-12)
-            ent = -(p * torch.log(p.clamp(min=1e-12))).sum(-1)
+        for c, ch in enumerate(r.names):
+            w_nE = w_NCE[keep, c]
+            none = torch.full_like(w_nE[:, 0], w_nE.shape[-1], dtype=torch.long)
+            choice = torch.where(w_nE.max(-1).values > 0, w_nE.argmax(-1), none)
+            ent = routing_entropy(w_nE)
             store = self.rows.setdefault(ch, {})
             store.setdefault("choice", []).append(choice.numpy())
             store.setdefault("entropy", []).append(ent.numpy())

@@ -79,9 +79,10 @@ def cmd_info(args: argparse.Namespace) -> None:
     cfg = apply_overrides(preset(args.preset), args.set)
     info = model_info(cfg.model, args.context)
     m = cfg.model
-    console.print(f"preset {args.preset}: variant {m.variant}, d_model {m.d_model}, {m.n_heads} heads, N = {m.max_steps}"
-                  + (f", {m.attn_experts} attention experts (hidden {m.attn_hidden_}), {m.ffn_experts} FFN experts "
-                     f"({m.ffn_active:g} active)" if m.variant == "dyn" else ""))
+    console.print(f"preset {args.preset}: variant {m.variant}, d_model {m.d_model}, {m.n_heads} heads, "
+                  f"N = {m.max_steps}"
+                  + (f", {m.attn_experts} attention experts (hidden {m.attn_expert_hidden}), "
+                     f"{m.ffn_experts} FFN experts ({m.ffn_active:g} active)" if m.variant == "dyn" else ""))
     table = Table()
     table.add_column("quantity")
     table.add_column("value", justify="right")
@@ -100,15 +101,13 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 def resolve_config(args: argparse.Namespace):
     """The preset (or a resumed run's config), then --source, then --set overrides, strictly typed."""
-    from .config import apply_overrides, from_dict, preset
+    from .config import apply_overrides, load_config, preset
 
     if getattr(args, "resume", None):
         path = Path(args.resume) / "config.json"
         if not path.exists():
             raise FileNotFoundError(f"{path}: not a run directory (no config.json)")
-        from .data.arc import read_json
-
-        cfg = from_dict(read_json(path))
+        cfg = load_config(path)
     else:
         cfg = preset(args.preset)
     extra = [f"data.source={args.source}"] if getattr(args, "source", None) else []
@@ -136,28 +135,10 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 # ------------------------------------------------------------------------------------------------ evaluation
 
-def run_eval(model, cfg, items, out_dir: Path, *, n_views: int, seed: int = 0, title: str = "evaluation",
-             extra: dict | None = None, **gen_kw) -> tuple[dict, list]:
-    """Evaluate items and write metrics.json, submission.json and report.html into ``out_dir``."""
-    from .evaluate import copy_input_reference, evaluate_items, metrics_of, submission_of
-    from .io import write_json
-    from .report import write_report
-
-    results, stats = evaluate_items(model, items, n_views=n_views, seed=seed, **gen_kw)
-    metrics = {**metrics_of(results, stats), **(extra or {})}
-    if metrics["pass@2"] is not None:
-        metrics["reference_copy_input"] = copy_input_reference(items)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "metrics.json", metrics)
-    write_json(out_dir / "submission.json", submission_of(results), indent=None)
-    summary = {k: v for k, v in metrics.items() if k != "tasks"}
-    write_report(out_dir / "report.html", title, summary=summary, results=results)
-    return metrics, results
-
-
 def cmd_eval(args: argparse.Namespace) -> None:
     from .checkpoint import load_model
-    from .evaluate import score_line, split_items
+    from .data.dataset import split_items
+    from .evaluate import run_eval, score_line
     from .runtime import pick_device
 
     model, cfg, ckpt_dir = load_model(args.checkpoint, device=pick_device())
@@ -165,10 +146,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
         cfg.data.source = args.source
     items = split_items(cfg, args.split, args.limit)
     out = Path(args.out or Path(args.checkpoint) / f"eval-{args.split or cfg.data.eval_split}")
-    m, _ = run_eval(model, cfg, items, out, n_views=args.views, seed=args.seed, title=f"dyntrm eval: {ckpt_dir}",
-                 extra={"checkpoint": str(ckpt_dir), "source": cfg.data.source,
-                        "split": args.split or cfg.data.eval_split},
-                 temperature=args.temperature, top_k=args.top_k, cap_to_prompt=args.cap_to_prompt)
+    m, _ = run_eval(model, items, out, n_views=args.views, seed=args.seed, title=f"dyntrm eval: {ckpt_dir}",
+                    extra={"checkpoint": str(ckpt_dir), "source": cfg.data.source,
+                           "split": args.split or cfg.data.eval_split},
+                    temperature=args.temperature, top_k=args.top_k, cap_to_prompt=args.cap_to_prompt)
     console.print(f"{score_line(m)} ({m['n_test_inputs']} test inputs, {args.views} views); "
                   f"mean ACT steps {m['mean_steps']:.2f}; "
                   f"{m['decode_tokens_per_s']:.0f} decode tok/s -> {out}/report.html")
@@ -200,7 +181,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     from .checkpoint import load_model
     from .data.dataset import eval_items
     from .data.tokens import IN, OUT
-    from .evaluate import generate
+    from .model.generate import generate
     from .viz import RoutingRecorder, draw_pairs, plot_halting, plot_routing
 
     model, cfg, ckpt = load_model(args.checkpoint)
@@ -260,7 +241,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
     import shutil
     import time
 
-    from .evaluate import score_line, split_items
+    from .data.dataset import split_items
+    from .evaluate import run_eval, score_line
+    from .io import read_metrics
     from .report import write_report
     from .train import train
     from .viz import plot_run
@@ -280,11 +263,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
     summary = {"training steps": last["step"], "training minutes": round(train_s / 60, 2),
                "tokens seen": last["tokens_seen"], "tokens / s": round(last["tok_per_s"]),
                "final loss": round(last["loss"], 4), "final LM loss (last step)": round(last["lm_last"], 4)}
-    first = next(r for r in _records(out) if r.get("kind") == "train")
+    first = next(r for r in read_metrics(out) if r.get("kind") == "train")
     summary["first logged loss"] = round(first["loss"], 4)
     evals = {}
     for views in args.views:
-        m, results = run_eval(model, cfg, items, out / f"eval-{views}view", n_views=views,
+        m, results = run_eval(model, items, out / f"eval-{views}view", n_views=views,
                               title=f"demo evaluation, {views} views")
         evals[views] = (m, results)
         summary[f"pass@2 ({views} views)"] = round(m["pass@2"], 4)
@@ -305,12 +288,6 @@ def cmd_demo(args: argparse.Namespace) -> None:
                         notes="Model: tiny preset (DynSIHA+ attention, DynMoE FFN, N = 8 recursion steps, ACT). "
                               "Weights: EMA. Test outputs of these tasks were never trained on.")
     console.print(f"report: {path.resolve()}")
-
-
-def _records(run_dir: Path) -> list[dict]:
-    from .viz import read_metrics
-
-    return read_metrics(run_dir)
 
 
 # ------------------------------------------------------------------------------------------------ main

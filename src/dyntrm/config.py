@@ -9,10 +9,12 @@ unknown key or a value of the wrong type is an error that lists what is valid.
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
+from . import io
 from .data.batching import padded
 
 MAX_ANSWER_TOKENS = 2 + 30 * 30 + 29 + 1  # the largest answer: size header, 30 rows of 30, 29 separators, <end>
@@ -67,7 +69,8 @@ class ModelConfig:
         return self.d_model // self.n_heads
 
     @property
-    def attn_hidden_(self) -> int:
+    def attn_expert_hidden(self) -> int:
+        """The hidden width an attention expert has: ``attn_hidden``, or ``d_head`` where that is 0."""
         return self.attn_hidden or self.d_head
 
 
@@ -150,8 +153,8 @@ def _tiny() -> Config:
 def _base() -> Config:
     """GPU, TRM-sized: d_model 512, 8 heads; trains on the evaluation tasks' demonstrations too (TRM protocol).
 
-    65536 tokens per optimizer step as 4 micro-batches of 16384: a 32768-token micro-batch peaked at 68 GiB on an
-    H200 (bf16, SARS; benchmarks/gpu_step.py), so one of 65536 would not fit an 80 GB H100.
+    65536 tokens per optimizer step as 4 micro-batches of 16384: one micro-batch of 65536 would not fit an 80 GB
+    H100 (the peak memory of a 32768-token one: BENCHMARKS.md, section gpu).
     """
     return Config(
         model=ModelConfig(d_model=512, n_heads=8),
@@ -273,6 +276,14 @@ def from_dict(d: dict[str, Any]) -> Config:
             setattr(owner, f.name, _check(key, v, tp))
     validate(cfg)
     return cfg
+
+
+def load_config(path: str | os.PathLike) -> Config:
+    """A config file (a run's config.json): an unreadable file, invalid JSON or a bad key raises ConfigError."""
+    d = io.read_json(path, lambda what: ConfigError(f"{path}: {what}"))
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a JSON object of config sections")
+    return from_dict(d)
 
 
 def validate(cfg: Config) -> None:

@@ -1,303 +1,27 @@
-"""Evaluation and inference (DESIGN §5): constrained KV-cached decoding, augmentation voting, pass@k.
+"""Evaluation (DESIGN §5): decode every test input under K views, un-augment, vote, score, report.
 
-For every test input the model decodes under K views (dihedral x colour permutation), each answer is mapped back
-with the view's exact inverse, identical grids vote together, and candidates are ranked by votes, then by their
-best mean token log-probability, then by their bytes (so the order is total and deterministic). ARC's official
-metric is pass@2: a test input is solved when one of the first two attempts equals the target exactly; a task
-scores the fraction of its test inputs solved; a set scores the mean over tasks.
-
-Decoding is batched across views and tasks by a token budget, uses the per-step KV caches and the ACT step count
-decided at the prompt's end, and is constrained to well-formed grids: only colours, row separators and ``END`` can
-be emitted, every row has the width of the first, at most 30 x 30. Nothing is ever sized from the target.
-Scoring functions work on plain integer arrays.
+For every test input the model decodes under K views (dihedral x colour permutation; ``model/generate.py``:
+batched, KV-cached, constrained to well-formed grids, never sized from the target), each answer is mapped back
+with the view's exact inverse, and the candidates vote (``scoring.py``). :func:`run_eval` writes metrics.json, a
+Kaggle-format submission.json and report.html.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
 from .config import MAX_ANSWER_TOKENS
-from .data.arc import MAX_SIDE, N_COLOURS
 from .data.augment import Augmentation, views
-from .data.batching import padded
 from .data.dataset import EvalItem
-from .data.tokens import END, PAD, ROW, SIZE0, GridDecodeError, decode_answer
+from .io import write_json
+from .model.generate import Generation, generate_batched
+from .scoring import DIAGNOSTICS, Ranked, attempts, copy_input_reference, score, solved, targets_of, vote
 
-
-# ------------------------------------------------------------------------------------------------ decoding
-
-class GridConstraint:
-    """Per-sample state machine over generated tokens that only allows well-formed grids (vectorised).
-
-    With ``header`` (``model.size_header``) an answer is ``#h #w`` then exactly h rows of w cells: the model
-    chooses the two size tokens (at most ``max_side`` each); every row separator and the closing ``END`` are then
-    the only tokens allowed where they fall, so no answer of another shape can be written."""
-
-    def __init__(self, batch: int, vocab: int, device: torch.device, max_side: torch.Tensor | None = None,
-                 header: bool = False):
-        self.vocab, self.header = vocab, header
-        # per-sample limit on rows and columns (default 30)
-        self.max_side = torch.full((batch,), MAX_SIDE, dtype=torch.long, device=device) if max_side is None \
-            else max_side.to(device).clamp(1, MAX_SIDE)
-        self.row_w = torch.zeros(batch, dtype=torch.long, device=device)  # cells in the current row
-        self.first_w = torch.zeros(batch, dtype=torch.long, device=device)  # width of row 0 (0: row 0 still open)
-        self.rows = torch.ones(batch, dtype=torch.long, device=device)  # rows started
-        self.height = torch.zeros(batch, dtype=torch.long, device=device)  # header: rows chosen (0: not yet)
-        self.n_header = torch.zeros(batch, dtype=torch.long, device=device)  # header tokens written (0..2)
-        self.done = torch.zeros(batch, dtype=torch.bool, device=device)
-
-    STATE = ("row_w", "first_w", "rows", "height", "n_header", "done", "max_side")
-
-    def keep(self, idx: torch.Tensor) -> None:
-        """Only the samples ``idx`` go on (finished ones leave the decoding batch)."""
-        for name in self.STATE:
-            setattr(self, name, getattr(self, name)[idx])
-
-    def allowed(self) -> torch.Tensor:
-        """(B, V) bool: what each sample may emit next."""
-        B = self.done.shape[0]
-        in_header = ~self.done & (self.n_header < 2) if self.header else torch.zeros_like(self.done)
-        in_grid = ~self.done & ~in_header
-        width_cap = torch.where(self.first_w > 0, self.first_w, self.max_side)
-        row_full = (self.first_w == 0) | (self.row_w == self.first_w)
-        colour = in_grid & (self.row_w < width_cap)
-        close_row = in_grid & (self.row_w > 0) & row_full
-        mask = torch.zeros(B, self.vocab, dtype=torch.bool, device=self.done.device)
-        mask[:, :N_COLOURS] = colour[:, None]
-        if self.header:
-            sides = torch.arange(1, MAX_SIDE + 1, device=self.done.device)
-            mask[:, SIZE0:SIZE0 + MAX_SIDE] = in_header[:, None] & (sides[None, :] <= self.max_side[:, None])
-            mask[:, ROW] = close_row & (self.rows < self.height)
-            mask[:, END] = close_row & (self.rows == self.height)
-        else:
-            mask[:, ROW] = close_row & (self.rows < self.max_side)
-            mask[:, END] = close_row
-        mask[:, PAD] = self.done  # finished samples idle on padding
-        return mask
-
-    def update(self, tok: torch.Tensor) -> None:
-        if self.header:  # #h, then #w: the width is known before the first cell
-            size = tok - SIZE0 + 1
-            first, second = ~self.done & (self.n_header == 0), ~self.done & (self.n_header == 1)
-            self.height = torch.where(first, size, self.height)
-            self.first_w = torch.where(second, size, self.first_w)
-            self.n_header = self.n_header + (first | second).long()
-            tok = torch.where(first | second, torch.full_like(tok, PAD), tok)  # not a cell or separator
-        is_colour = tok < N_COLOURS
-        is_row = (tok == ROW) & ~self.done
-        self.row_w = torch.where(is_colour & ~self.done, self.row_w + 1, self.row_w)
-        self.first_w = torch.where(is_row & (self.first_w == 0), self.row_w, self.first_w)
-        self.rows = self.rows + is_row.long()
-        self.row_w = torch.where(is_row, torch.zeros_like(self.row_w), self.row_w)
-        self.done = self.done | (tok == END)
-
-
-@dataclass
-class Generation:
-    tokens: list[int]  # generated tokens up to and including END (when reached)
-    grid: np.ndarray | None  # None when the tokens are not a well-formed grid (unconstrained decoding only)
-    logprob: float  # sum of token log-probabilities (under the constrained distribution when constrained)
-    steps: int  # recursion steps used (ACT)
-
-    @property
-    def mean_logprob(self) -> float:
-        return self.logprob / max(len(self.tokens), 1)
-
-
-@torch.no_grad()
-def generate(model, prompts: Sequence[np.ndarray], *, max_new: int = MAX_ANSWER_TOKENS, constrain: bool = True,
-             temperature: float = 0.0, top_k: int = 0, steps: torch.Tensor | None = None,
-             generator: torch.Generator | None = None, compact: float = 0.5,
-             max_sides: Sequence[int] | None = None) -> list[Generation]:
-    """Decode one answer per prompt (token arrays ending with the query's OUT), as one batch.
-
-    Greedy by default; ``temperature > 0`` samples (optionally from the ``top_k`` most likely tokens). Samples that
-    finish leave the batch once the finished fraction exceeds ``compact``. ``max_sides`` optionally limits each
-    answer's rows and columns (default 30).
-    """
-    device = next(model.parameters()).device
-    B = len(prompts)
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    T = int(lengths.max())
-    if T + max_new > model.cfg.max_positions:  # evaluate_items skips such prompts; a direct call is a mistake
-        raise ValueError(f"a prompt of {T} tokens plus {max_new} answer tokens exceeds model.max_positions="
-                         f"{model.cfg.max_positions}")
-    tokens = torch.full((B, T), PAD, dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        tokens[i, :len(p)] = torch.as_tensor(p, device=device)
-    logits, state = model.prefill(tokens, lengths, max_new, steps=steps)
-    header = bool(getattr(model.cfg, "size_header", False))
-    con = GridConstraint(B, logits.shape[-1], device,
-                         None if max_sides is None else torch.tensor(list(max_sides), dtype=torch.long), header)
-    alive = torch.arange(B, device=device)  # original index of each row still in the batch
-    out_tok = torch.full((B, max_new), PAD, dtype=torch.long, device=device)
-    n_out = torch.zeros(B, dtype=torch.long, device=device)
-    logprob = torch.zeros(B, dtype=torch.float64, device=device)
-    steps_used = state.steps.clone()
-    for t in range(max_new):
-        lg = logits.float()
-        if constrain:
-            lg = lg.masked_fill(~con.allowed(), float("-inf"))
-        else:
-            lg[:, PAD] = float("-inf")
-        logp = torch.log_softmax(lg, -1)
-        if temperature > 0:
-            z = lg / temperature
-            if top_k > 0:
-                kth = torch.topk(z, min(top_k, z.shape[-1]), -1).values[:, -1:]
-                z = z.masked_fill(z < kth, float("-inf"))
-            tok = torch.multinomial(torch.softmax(z, -1), 1, generator=generator)[:, 0]
-        else:
-            tok = lg.argmax(-1)
-        tok = torch.where(con.done, torch.full_like(tok, PAD), tok)
-        live = ~con.done
-        logprob[alive[live]] += logp[live].gather(1, tok[live, None])[:, 0].double()
-        out_tok[alive[live], n_out[alive[live]]] = tok[live]
-        n_out[alive[live]] += 1
-        con.update(tok)
-        if not constrain:  # unconstrained: stop at END or when a row runs past the limits
-            con.done |= (con.rows > MAX_SIDE) | (con.row_w > MAX_SIDE)
-        if bool(con.done.all()):
-            break
-        if t + 1 == max_new:
-            break
-        if float(con.done.float().mean()) > compact:
-            keep = torch.nonzero(~con.done, as_tuple=True)[0]
-            state = state.keep(keep)
-            alive, tok = alive[keep], tok[keep]
-            con.keep(keep)
-        logits = model.decode(tok, state)
-    results = []
-    for i in range(B):
-        toks = out_tok[i, :n_out[i]].tolist()
-        try:
-            grid = decode_answer(toks, header=header) if toks and toks[-1] == END else None
-        except GridDecodeError:
-            grid = None
-        results.append(Generation(toks, grid, float(logprob[i]), int(steps_used[i])))
-    return results
-
-
-def generate_batched(model, prompts: Sequence[np.ndarray], *, tokens_per_batch: int = 131072, **kw
-                     ) -> list[Generation]:
-    """:func:`generate` over prompts grouped by length into batches of about ``tokens_per_batch`` prompt +
-    answer-capacity tokens. Results come back in the input order."""
-    max_new = kw.get("max_new", MAX_ANSWER_TOKENS)
-    sides = kw.pop("max_sides", None)  # per-prompt options follow their prompts into the batches
-    steps = kw.pop("steps", None)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    results: list[Generation | None] = [None] * len(prompts)
-    i = 0
-    while i < len(order):
-        j = i + 1
-        while j < len(order) and (j - i + 1) * (padded(len(prompts[order[j]])) + max_new) <= tokens_per_batch:
-            j += 1
-        idx = order[i:j]
-        part = None if sides is None else [sides[k] for k in idx]
-        part_steps = None if steps is None else torch.as_tensor(steps)[idx]
-        for k, g in zip(idx, generate(model, [prompts[k] for k in idx], max_sides=part, steps=part_steps, **kw)):
-            results[k] = g
-        i = j
-    return results  # type: ignore[return-value]
-
-
-# ------------------------------------------------------------------------------------------------ voting
-
-def grid_key(g: np.ndarray) -> bytes:
-    return bytes(g.shape) + np.ascontiguousarray(g, dtype=np.uint8).tobytes()
-
-
-@dataclass
-class Ranked:
-    grid: np.ndarray
-    votes: int
-    best_mean_logprob: float
-
-
-def vote(candidates: Sequence[tuple[np.ndarray | None, float]]) -> list[Ranked]:
-    """Group identical grids; rank by votes, then best mean log-probability, then grid bytes (deterministic).
-
-    ``candidates`` are (grid or None, mean token log-probability); None (a failed decode) casts no vote."""
-    groups: dict[bytes, Ranked] = {}
-    for grid, lp in candidates:
-        if grid is None:
-            continue
-        k = grid_key(grid)
-        if k in groups:
-            groups[k].votes += 1
-            groups[k].best_mean_logprob = max(groups[k].best_mean_logprob, lp)
-        else:
-            groups[k] = Ranked(np.asarray(grid), 1, lp)
-    return sorted(groups.values(), key=lambda r: (-r.votes, -r.best_mean_logprob, grid_key(r.grid)))
-
-
-def attempts(ranked: Sequence[Ranked], k: int = 2) -> list[np.ndarray]:
-    """The first k attempts; with fewer candidates the last one repeats (ARC's format wants k grids); with none,
-    a 1x1 zero grid stands in (it scores like a miss unless the target is exactly that)."""
-    grids = [r.grid for r in ranked[:k]]
-    if not grids:
-        grids = [np.zeros((1, 1), np.uint8)]
-    while len(grids) < k:
-        grids.append(grids[-1])
-    return grids
-
-
-# ------------------------------------------------------------------------------------------------ scoring
-
-def solved(attempt_grids: Sequence[np.ndarray], target: np.ndarray, k: int) -> bool:
-    target = np.asarray(target)
-    return any(np.array_equal(np.asarray(a), target) for a in attempt_grids[:k])
-
-
-def partial_credit(attempt: np.ndarray, target: np.ndarray) -> tuple[bool, float]:
-    """Diagnostics, not ARC's metric: whether ``attempt`` has the target's shape, and the fraction of the target's
-    cells it gets right (0 when the shape differs)."""
-    attempt, target = np.asarray(attempt), np.asarray(target)
-    if attempt.shape != target.shape:
-        return False, 0.0
-    return True, float((attempt == target).mean()) if target.size else 1.0
-
-
-DIAGNOSTICS = ("shape@1", "cells@1")  # partial credit of attempt 1, averaged like pass@k (per task, then tasks)
-
-
-def score(submission: dict[str, list[dict[str, Any]]], targets: dict[str, list[np.ndarray]],
-          no_answer: frozenset[tuple[str, int]] = frozenset()) -> dict[str, Any]:
-    """pass@1 and pass@2 of an ARC Prize submission ``{task: [{"attempt_1": g, "attempt_2": g}, ...]}``
-    against ``{task: [target grid per test input]}``: per task the fraction of test inputs solved, overall the
-    mean over tasks. A task missing from the submission scores 0.
-
-    Beside them, two diagnostics of attempt 1 that show progress long before exact answers appear (they are not
-    ARC's metric): ``shape@1``, the fraction of test inputs answered with the target's shape, and ``cells@1``, the
-    fraction of target cells right (a wrongly shaped answer scores 0). Entries listed in ``no_answer`` (task,
-    test index) hold a stand-in, not a model's answer, and get no diagnostic credit."""
-    keys = ("pass@1", "pass@2") + DIAGNOSTICS
-    per_task = {}
-    for tid, tgts in targets.items():
-        entries = submission.get(tid, [])
-        acc = dict.fromkeys(keys, 0.0)
-        for i, tgt in enumerate(tgts):
-            if i >= len(entries):
-                continue
-            a = [np.asarray(entries[i]["attempt_1"]), np.asarray(entries[i]["attempt_2"])]
-            acc["pass@1"] += solved(a, tgt, 1)
-            acc["pass@2"] += solved(a, tgt, 2)
-            if (tid, i) in no_answer:
-                continue
-            shape_ok, cells = partial_credit(a[0], tgt)
-            acc["shape@1"] += shape_ok
-            acc["cells@1"] += cells
-        per_task[tid] = {k: v / len(tgts) for k, v in acc.items()}
-    n = max(len(per_task), 1)
-    return {**{k: sum(t[k] for t in per_task.values()) / n for k in keys}, "tasks": per_task}
-
-
-# ------------------------------------------------------------------------------------------------ evaluation
 
 @dataclass
 class ItemResult:
@@ -390,26 +114,6 @@ def metrics_of(results: Sequence[ItemResult], stats: dict) -> dict[str, Any]:
             "n_test_inputs": len(results), **stats, "tasks": scored["tasks"]}
 
 
-def targets_of(items: Sequence[EvalItem]) -> dict[str, list[np.ndarray]]:
-    """``{task: [target per test input, in order]}`` of the items that have one (the scorer's input)."""
-    targets: dict[str, list] = {}
-    for it in sorted(items, key=lambda it: (it.task_id, it.index)):
-        if it.target is not None:
-            targets.setdefault(it.task_id, []).append(it.target)
-    return targets
-
-
-def copy_input_reference(items: Sequence[EvalItem]) -> dict[str, Any]:
-    """The scores of the trivial answer "the test input itself" (both attempts), on the same items: the reference
-    beside which a model's pass@k and diagnostics are read."""
-    sub: dict[str, list] = {}
-    for it in sorted(items, key=lambda it: (it.task_id, it.index)):
-        if it.target is not None:
-            sub.setdefault(it.task_id, []).append({"attempt_1": it.input.tolist(), "attempt_2": it.input.tolist()})
-    scored = score(sub, targets_of(items))
-    return {k: scored[k] for k in ("pass@1", "pass@2") + DIAGNOSTICS}
-
-
 def score_line(m: dict[str, Any]) -> str:
     """One-line summary of :func:`metrics_of` output; a split without targets has no score, only a submission."""
     if m["pass@2"] is None:
@@ -420,36 +124,18 @@ def score_line(m: dict[str, Any]) -> str:
     return line
 
 
-def split_items(cfg, split: str | None = None, limit: int | None = None) -> list[EvalItem]:
-    """The scored test inputs of a config's evaluation split (tasks filtered by ``data.max_side``)."""
-    from .data.arc import filter_max_side, load_source
-    from .data.dataset import eval_items
+def run_eval(model, items: Sequence[EvalItem], out_dir: Path, *, n_views: int, seed: int = 0,
+             title: str = "evaluation", extra: dict | None = None, **gen_kw) -> tuple[dict, list[ItemResult]]:
+    """Evaluate items and write metrics.json, submission.json and report.html into ``out_dir``."""
+    from .report import write_report  # matplotlib comes with it: loaded only when a report is written
 
-    src = load_source(cfg.data.source)
-    name = split or cfg.data.eval_split
-    if name not in src.splits and len(src.splits) == 1:
-        name = next(iter(src.splits))  # a flat directory or a single file has one split: use it
-    items = eval_items(filter_max_side(src.split(name), cfg.data.max_side))
-    return items[:limit] if limit else items
-
-
-def evaluate_subset(trainer, metrics_path) -> dict[str, Any] | None:
-    """In-training evaluation: the EMA model, 1 view, the first ``train.eval_tasks`` test inputs of the eval split
-    (a fixed subset); appended to metrics.jsonl by rank 0 while the other ranks wait."""
-    from .train import append_jsonl
-
-    cfg, rt = trainer.cfg, trainer.rt
-    out = None
-    if rt.is_main:
-        items = split_items(cfg, limit=cfg.train.eval_tasks)
-        model = trainer.ema_model()
-        results, stats = evaluate_items(model, items, n_views=1, max_len=cfg.data.max_len)
-        m = metrics_of(results, stats)
-        out = {"kind": "eval", "step": trainer.state.step, "pass@1": m["pass@1"], "pass@2": m["pass@2"],
-               "n_test_inputs": m["n_test_inputs"], "mean_steps": m["mean_steps"],
-               "decode_tokens_per_s": m["decode_tokens_per_s"]}
-        append_jsonl(metrics_path, out)
-        rt.print0(f"eval @ step {out['step']}: {score_line(m)} ({out['n_test_inputs']} test inputs), "
-                  f"mean steps {out['mean_steps']:.2f}")
-    rt.barrier()
-    return out
+    results, stats = evaluate_items(model, items, n_views=n_views, seed=seed, **gen_kw)
+    metrics = {**metrics_of(results, stats), **(extra or {})}
+    if metrics["pass@2"] is not None:
+        metrics["reference_copy_input"] = copy_input_reference(items)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "metrics.json", metrics)
+    write_json(out_dir / "submission.json", submission_of(results), indent=None)
+    summary = {k: v for k, v in metrics.items() if k != "tasks"}
+    write_report(out_dir / "report.html", title, summary=summary, results=results)
+    return metrics, results

@@ -1,4 +1,5 @@
-"""Atomic file writes: a crash mid-write leaves the previous file (or none), never a half-written one."""
+"""Files: atomic writes (a crash mid-write leaves the previous file, or none, never a half-written one), JSON reads
+whose errors name the line and column, and a run's metrics log (JSON lines, appended; read back for plots)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 
 @contextlib.contextmanager
@@ -45,3 +46,41 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Path:
     return write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def read_json(path: str | os.PathLike, error: Callable[[str], Exception]) -> Any:
+    """Read a JSON file; an unreadable file or invalid JSON raises ``error(what)``, what naming line and column
+    (the caller's error type adds the file and its context)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise error(f"cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise error(f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise error(f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+
+
+def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
+    """One record as one line of a JSON-lines file (a run's metrics.jsonl)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    """The records of a run's metrics.jsonl, in order. A run killed mid-line leaves a partial last line: skipped."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no metrics (is this a run directory?)")
+    lines = path.read_text().splitlines()
+    out = []
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                if n < len(lines):
+                    raise ValueError(f"{path}:{n}: invalid JSON: {e.msg}") from None
+    return out

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .io import write_text
+from .scoring import solved
 from .viz import ARC_COLOURS
 
 CSS = """
@@ -58,8 +59,6 @@ def fmt(v: Any) -> str:
 
 def results_html(results: Sequence[Any]) -> str:
     """One block per test input: input, target, attempts (marked right or wrong) and vote counts."""
-    from .evaluate import solved
-
     parts = []
     for r in sorted(results, key=lambda r: (r.item.task_id, r.item.index)):
         it = r.item

@@ -1,37 +1,39 @@
-"""Training (DESIGN §3.6, §4): build(), train_step(), train().
+"""Training (DESIGN §4): the Trainer (model, DDP wrapper, AdamW groups, EMA, checkpoints, one optimizer step) and
+the loop, ``train()``: {step, log, evaluate every k, save every k}.
 
-Loss = deep-supervised LM loss (mean over recursion steps of the token-mean cross-entropy on output grids)
-     + act_weight · (BCE(q_halt, halt_t) + BCE(q_continue, continue_t))
-     + l1_coef · mean_tokens Σ_e w_e                              (DynMoE sparsity, coefficient adapted per step)
-
-with, per sample and step t, ``halt_t = 1[every answer token is predicted correctly at step t]`` and
-``continue_t = γ · max_{t' > t} halt_t'`` (0 at the last step). Every sum is normalised by the *global* count of
-its terms over all micro-batches and ranks, so 2 processes or 4 accumulated micro-batches give the same update as
-one process on the whole batch (tested). After the backward pass a routing shaper may add its own gradients
-(``shaping.kind``: SARS by default, FARS, or none).
+One step: for each micro-batch, forward with the routing shaper's tap, the loss (``loss.py``), backward; then the
+shaper adds its gradients (``shaping.kind``: SARS by default, FARS, or none), the logged sums and the finiteness
+verdict are all-reduced in one go, the optimizer steps, the EMA follows, and DynMoE's sparsity controller moves the
+L1 coefficient. A non-finite step is skipped; too many in a row stop the run with its last checkpoint intact.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import signal
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint
 from .config import Config, ConfigError, to_dict
 from .data.arc import load_source
 from .data.batching import Batch
-from .data.dataset import Epoch, TrainingSet, training_items
-from .io import write_json
-from .model import ArcTransformer, ModelOutput
-from .runtime import Runtime
+from .data.dataset import Epoch, TrainingSet, split_items, training_items
+from .evaluate import evaluate_items, metrics_of, score_line
+from .io import append_jsonl, write_json
+from .loss import compute_loss, global_counts
+from .model import ArcTransformer
+from .model.moe import SparsityController
+from .runtime import Runtime, setup
 from .shaping import make_shaper
 
 
@@ -105,107 +107,11 @@ class EMA:
             self.shadow[k].copy_(v)
 
 
-@dataclass
-class Norms:
-    """Global term counts of one optimizer step, divided by the world size (DDP averages gradients)."""
-
-    targets: torch.Tensor
-    samples: torch.Tensor
-    tokens: torch.Tensor
-
-
-def global_norms(micro: list[Batch], rt: Runtime) -> Norms:
-    counts = torch.tensor([[float(b.target[:, 1:].sum()), float(b.tokens.shape[0]), float(b.attention_mask.sum())]
-                           for b in micro], device=rt.device).sum(0)
-    rt.all_reduce_(counts)
-    counts = counts.clamp(min=1) / rt.world
-    return Norms(counts[0], counts[1], counts[2])
-
-
-def next_l1_coef(coef: float, active: float, target: float, factor: float, floor: float | None,
-                 cap: float = math.inf) -> float:
-    """The DynMoE sparsity controller (ReMoE): the L1 coefficient is multiplied by ``factor`` while more experts
-    are active than the target and divided by it while fewer.
-
-    ReMoE's coefficient stays positive (``floor=None``): it can only push activity down, and in short runs here
-    the main loss pushed activity below the target (2 of 16) and kept it there (0.84 after 551 demo steps). With a
-    ``floor`` the rule is two-sided: a positive coefficient that would shrink below ``floor`` turns into a reward
-    for routing weight (``-floor``), which grows by ``factor`` per step while activity stays below the target and
-    is dropped (back to ``+floor``) as soon as activity reaches it, so that the reward never lingers to overshoot.
-    Either way the magnitude stays within ``cap``; at an exact tie the coefficient holds.
-    """
-    if active == target:
-        return coef
-    above = active > target
-    if floor is None or coef > 0:
-        coef = coef * factor if above else coef / factor
-        if floor is not None and coef < floor:
-            coef = -floor  # the penalty has decayed away and activity is still low: reward instead
-    else:  # a reward
-        coef = floor if above else coef * factor
-    return max(-cap, min(cap, coef))
-
-
-def act_targets(correct_SB: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """halt_t = correct_t; continue_t = γ · max_{t' > t} halt_t' (0 at the last step)."""
-    halt = correct_SB.float()
-    later = torch.zeros_like(halt)
-    if halt.shape[0] > 1:
-        # reverse cumulative max over the steps after t
-        rev = torch.flip(halt[1:], [0]).cummax(0).values
-        later[:-1] = torch.flip(rev, [0])
-    return halt, gamma * later
-
-
-def compute_loss(out: ModelOutput, batch: Batch, cfg: Config, l1_coef: float, norms: Norms
-                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The training loss of one micro-batch (already scaled for accumulation and DDP) and its parts."""
-    t = cfg.train
-    S, B = out.logits.shape[:2]
-    V = out.logits.shape[-1]
-    g = out.grad_from  # steps before g ran without gradient (train.grad_steps): only later ones are trained
-    sel_BT = batch.target[:, 1:]  # token t+1 is predicted at position t
-    tgt_M = batch.tokens[:, 1:][sel_BT]  # (M,)
-    logits_SMV = out.logits[:, :, :-1][:, sel_BT].float()  # only the positions that enter the loss
-    ce_SM = F.cross_entropy(logits_SMV.reshape(-1, V), tgt_M.repeat(S), reduction="none").view(S, -1)
-    ce_S = ce_SM.sum(1)
-    lm = (ce_S[g:].mean() if t.deep_supervision else ce_S[-1]) / norms.targets
-
-    with torch.no_grad():
-        correct_SM = logits_SMV.argmax(-1) == tgt_M
-        b_of_M = torch.nonzero(sel_BT, as_tuple=True)[0]
-        ans_M = batch.answer[:, 1:][sel_BT]
-        wrong_SB = torch.zeros(S, B, device=ce_SM.device).index_add_(
-            1, b_of_M[ans_M], (~correct_SM[:, ans_M]).float())
-        halt_SB, cont_SB = act_targets(wrong_SB == 0, t.act_gamma)
-    bce = lambda q, y: F.binary_cross_entropy_with_logits(q.float(), y, reduction="sum")  # noqa: E731
-    act_halt = bce(out.q_halt[g:], halt_SB[g:]) / ((S - g) * norms.samples)
-    act_cont = bce(out.q_continue[g:], cont_SB[g:]) / ((S - g) * norms.samples)
-    n_real = batch.attention_mask.sum()
-    l1 = out.moe_l1 * (n_real / norms.tokens)
-    loss = lm + t.act_weight * (act_halt + act_cont) + l1_coef * l1
-
-    with torch.no_grad():
-        # the step at which inference would stop each sample (the halting rule on these q values)
-        fire_SB = torch.sigmoid(out.q_halt - out.q_continue) > cfg.model.halt_threshold
-        fire_SB[-1] = True
-        halt_step = fire_SB.float().argmax(0) + 1
-        parts = {
-            "lm": lm.detach(), "act_halt": act_halt.detach(), "act_continue": act_cont.detach(),
-            "l1": (out.moe_l1.detach() * (n_real / norms.tokens)),
-            # sums over this micro-batch; divided by the global counts when logged
-            "lm_first_sum": ce_S[0].detach(), "lm_last_sum": ce_S[-1].detach(),
-            "acc_last_sum": correct_SM[-1].float().sum(), "solved_last_sum": halt_SB[-1].sum(),
-            "halt_step_sum": halt_step.float().sum(), "active_sum": out.moe_active * n_real,
-        }
-    return loss, parts
-
-
 # ------------------------------------------------------------------------------------------------ the trainer
 
 class Trainer:
-    """What build() makes: the raw model (saved, evaluated), its DDP wrapper (trained), the optimizer,
-    the EMA, the data stream and the state."""
+    """The raw model (saved, evaluated), its DDP wrapper (trained), the optimizer, the EMA, the data stream, the
+    routing shaper, the sparsity controller and the state."""
 
     def __init__(self, cfg: Config, rt: Runtime, run_dir: str | Path | None = None, *, resume: bool = False,
                  data: TrainingSet | None = None):
@@ -227,6 +133,9 @@ class Trainer:
         self.state = TrainState(l1_coef=cfg.train.l1_init)
         self.data = data if data is not None else self._training_set()
         self.shaper = make_shaper(cfg, self.model, rt, self.optimizer)  # shaping.kind: sars, fars or none
+        # train.grad_steps: the first steps of the recursion run without gradient (0: full BPTT)
+        self.detach_steps = cfg.model.max_steps - cfg.train.grad_steps if cfg.train.grad_steps else 0
+        self.sparsity = SparsityController.for_config(cfg)
         if resume:
             self.restore(checkpoint.load(self.run_dir))
 
@@ -267,10 +176,10 @@ class Trainer:
         return path
 
     def restore(self, ckpt: dict[str, Any]) -> None:
-        import json
-
-        saved, now = ckpt["meta"]["config"], json.loads(json.dumps(to_dict(self.cfg)))
-        changed = [f"{sec}.{k}" for sec in ("model", "data") for k in now[sec] if saved[sec].get(k) != now[sec][k]]
+        # compared as JSON: the saved config's tuples came back as lists
+        saved, current = ckpt["meta"]["config"], json.loads(json.dumps(to_dict(self.cfg)))
+        changed = [f"{sec}.{k}" for sec in ("model", "data") for k in current[sec]
+                   if saved[sec].get(k) != current[sec][k]]
         if changed:  # the data position and the weights only mean something under the same model and data
             raise ConfigError(f"{ckpt['dir']}: cannot resume with changed {', '.join(changed)} "
                               f"(train.* and shaping.* may change on resume)")
@@ -305,7 +214,7 @@ class Trainer:
         """One optimizer step over ``micro`` batches. Returns logged metrics (global means)."""
         cfg, rt, st = self.cfg, self.rt, self.state
         self.net.train()
-        norms = global_norms(micro, rt)
+        counts = global_counts(micro, rt)
         sums: dict[str, torch.Tensor] = {}
         for i, mb in enumerate(micro):
             sync = contextlib.nullcontext()
@@ -314,14 +223,13 @@ class Trainer:
             with sync:
                 with rt.autocast(cfg.train.bf16):
                     out = self.net(mb.tokens, mb.attention_mask, mb.prompt_end, tap=self.shaper.tap(),
-                                   detach_steps=max(cfg.model.max_steps - cfg.train.grad_steps, 0)
-                                   if cfg.train.grad_steps else 0)
-                    loss, parts = compute_loss(out, mb, cfg, st.l1_coef, norms)
-                    extra = self.shaper.extra_loss(norms)
+                                   detach_steps=self.detach_steps)
+                    loss, parts = compute_loss(out, mb, cfg, st.l1_coef, counts)
+                    extra = self.shaper.extra_loss(counts)
                     if extra is not None:
                         loss = loss + extra
                 loss.backward()
-            self.shaper.after_backward(norms)
+            self.shaper.after_backward(counts)
             parts["loss"] = loss.detach()
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0) + v.float()
@@ -340,8 +248,8 @@ class Trainer:
         g = dict(zip(keys, packed[:-1].tolist()))
         # lm, act, l1 and loss arrive pre-divided by (global count / world): their all-reduced sum is world x mean
         metrics = {k: g[k] / rt.world for k in ("loss", "lm", "act_halt", "act_continue", "l1")}
-        world_counts = {"targets": float(norms.targets) * rt.world, "samples": float(norms.samples) * rt.world,
-                        "tokens": float(norms.tokens) * rt.world}
+        world_counts = {"targets": float(counts.targets) * rt.world, "samples": float(counts.samples) * rt.world,
+                        "tokens": float(counts.tokens) * rt.world}
         metrics["lm_first"] = g["lm_first_sum"] / world_counts["targets"]
         metrics["lm_last"] = g["lm_last_sum"] / world_counts["targets"]
         metrics["acc_last"] = g["acc_last_sum"] / world_counts["targets"]
@@ -371,11 +279,7 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.model, st.step)
         if cfg.model.variant == "dyn":  # move the L1 coefficient toward the sparsity target
-            t = cfg.train
-            # two-sided only where a reward can act: routers learning from the main loss, a target below the library
-            two = t.l1_two_sided and not cfg.shaping.meta_only and cfg.model.ffn_active < cfg.model.ffn_experts
-            st.l1_coef = next_l1_coef(st.l1_coef, metrics["active_experts"], cfg.model.ffn_active, t.l1_factor,
-                                      t.l1_init if two else None, t.l1_max)
+            st.l1_coef = self.sparsity.next_coef(st.l1_coef, metrics["active_experts"])
         st.tokens += int(world_counts["tokens"])
         metrics.update(grad_norm=float(gnorm), lr=cfg.train.lr * lr_f, l1_coef=st.l1_coef, skipped=0.0,
                        tokens=world_counts["tokens"])
@@ -392,10 +296,6 @@ class Trainer:
         return m.eval()
 
 
-def build(cfg: Config, rt: Runtime, run_dir: str | Path | None = None, *, resume: bool = False) -> Trainer:
-    return Trainer(cfg, rt, run_dir, resume=resume)
-
-
 def write_run_files(run_dir: Path, cfg: Config) -> None:
     write_json(run_dir / "config.json", to_dict(cfg))
     write_json(run_dir / "run.json", checkpoint.run_info())
@@ -407,8 +307,6 @@ class Reporter:
     FIELDS = ("loss", "lm", "act_halt", "l1", "lr", "tok/s", "active", "halt", "acc")
 
     def __init__(self, rt: Runtime, total: int, start: int, live: bool | None = None):
-        import sys
-
         self.enabled = rt.is_main
         self.live = self.enabled and (sys.stdout.isatty() if live is None else live)
         self.progress = None
@@ -444,13 +342,6 @@ class Reporter:
             self.progress.stop()
 
 
-def append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    import json
-
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, rt: Runtime | None = None,
           live: bool | None = None, on_eval=None) -> tuple[Trainer, dict[str, float]]:
     """The training loop: {step, log, eval every k, save every k}; Ctrl-C saves and stops cleanly.
@@ -459,14 +350,11 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, rt: Runtime
     subset of the evaluation split, logged to metrics.jsonl). Returns the trainer and the last logged metrics.
     Raises :class:`TrainingStopped` after too many non-finite steps (its last checkpoint intact).
     """
-    from .evaluate import evaluate_subset
-    from .runtime import setup
-
     on_eval = on_eval or evaluate_subset
 
     rt = rt or setup(cfg.train.threads)
     run_dir = Path(run_dir)
-    tr = build(cfg, rt, run_dir, resume=resume)  # a refused resume raises here, before any file is touched
+    tr = Trainer(cfg, rt, run_dir, resume=resume)  # a refused resume raises here, before any file is touched
     if rt.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_run_files(run_dir, cfg)
@@ -481,7 +369,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, rt: Runtime
     interrupted = InterruptFlag()
     try:
         while st.step < t.steps:
-            t0 = now()
+            t0 = time.perf_counter()
             micro, pos, plans = tr.micro_batches(stream)
             for epoch, plan in plans.items():
                 if epoch > seen_epoch and rt.is_main:  # first batch of an epoch (or of a resumed run)
@@ -493,7 +381,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, rt: Runtime
                                   f"data.max_len={cfg.data.max_len} and were skipped")
                 seen_epoch = max(seen_epoch, epoch)
             m = tr.step(micro)
-            dt = now() - t0
+            dt = time.perf_counter() - t0
             st.elapsed += dt
             st.step += 1
             st.epoch, st.batch = pos
@@ -549,9 +437,6 @@ class InterruptFlag:
     interrupts at once. Only installed in the main thread."""
 
     def __init__(self):
-        import signal
-        import threading
-
         self.set = False
         self._old = None
         if threading.current_thread() is threading.main_thread():
@@ -563,8 +448,6 @@ class InterruptFlag:
         self.set = True
 
     def restore(self) -> None:
-        import signal
-
         if self._old is not None:
             signal.signal(signal.SIGINT, self._old)
             self._old = None
@@ -576,5 +459,22 @@ def time_left(st: TrainState, cfg: Config, step_seconds: float) -> float:
     return (cfg.train.steps - st.step) * step_seconds
 
 
-def now() -> float:
-    return time.perf_counter()
+
+def evaluate_subset(trainer: Trainer, metrics_path: Path) -> dict[str, Any] | None:
+    """In-training evaluation: the EMA model, 1 view, the first ``train.eval_tasks`` test inputs of the eval split
+    (a fixed subset); appended to metrics.jsonl by rank 0 while the other ranks wait."""
+    cfg, rt = trainer.cfg, trainer.rt
+    out = None
+    if rt.is_main:
+        items = split_items(cfg, limit=cfg.train.eval_tasks)
+        model = trainer.ema_model()
+        results, stats = evaluate_items(model, items, n_views=1, max_len=cfg.data.max_len)
+        m = metrics_of(results, stats)
+        out = {"kind": "eval", "step": trainer.state.step, "pass@1": m["pass@1"], "pass@2": m["pass@2"],
+               "n_test_inputs": m["n_test_inputs"], "mean_steps": m["mean_steps"],
+               "decode_tokens_per_s": m["decode_tokens_per_s"]}
+        append_jsonl(metrics_path, out)
+        rt.print0(f"eval @ step {out['step']}: {score_line(m)} ({out['n_test_inputs']} test inputs), "
+                  f"mean steps {out['mean_steps']:.2f}")
+    rt.barrier()
+    return out

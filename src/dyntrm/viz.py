@@ -1,4 +1,5 @@
-"""Pictures: ARC grids in the standard palette, tasks, and (later) routing maps and curves.
+"""Pictures: ARC grids in the standard palette, tasks, training curves and expert usage (read from a run's
+metrics.jsonl), routing maps per recursion step and module, the halting decision.
 
 Everything renders with matplotlib's Agg backend (no screen needed) and writes files atomically.
 """
@@ -17,7 +18,8 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
 from .data.arc import Task  # noqa: E402
-from .io import atomic_path  # noqa: E402
+from .io import atomic_path, read_metrics  # noqa: E402
+from .model.context import ATTN_CHANNELS, CHANNELS, Routed  # noqa: E402
 
 # The standard ARC palette: black, blue, red, green, yellow, grey, magenta, orange, sky, maroon.
 ARC_COLOURS = ["#000000", "#0074D9", "#FF4136", "#2ECC40", "#FFDC00",
@@ -77,23 +79,6 @@ def draw_task(task: Task, path: str | os.PathLike, *, with_test_outputs: bool = 
     return draw_pairs(rows, path, title=f"task {task.id}")
 
 
-def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
-    import json
-
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no metrics (is this a run directory?)")
-    out = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as e:  # a run killed mid-line leaves a partial last line
-                if n < len(path.read_text().splitlines()):
-                    raise ValueError(f"{path}:{n}: invalid JSON: {e.msg}") from None
-    return out
-
-
 def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[Path]:
     """Curves of the loss parts, tokens/s, active experts and halting steps (and evaluations) of a run."""
     records = read_metrics(run_dir)
@@ -148,14 +133,13 @@ class RoutingRecorder:
         self.n_heads = n_heads
         self.weights: dict[tuple[int, str], np.ndarray] = {}
 
-    def __call__(self, step: int, name: str, **t) -> None:
-        w = t["weights"].detach().float().cpu()
-        if name == "attn":
-            w = w.reshape(-1, self.n_heads, *w.shape[1:])  # (T, H, 3, E)
-            for c, ch in enumerate(t["channels"]):
-                self.weights[(step, ch)] = w[:, :, c].numpy()
-        else:
-            self.weights[(step, name)] = w.numpy()
+    def __call__(self, r: Routed) -> None:
+        w_NCE = r.weights.detach().float().cpu()
+        for c, ch in enumerate(r.names):
+            w_NE = w_NCE[:, c]
+            # attention rows are (token, head) pairs
+            self.weights[(r.step, ch)] = (w_NE.reshape(-1, self.n_heads, w_NE.shape[-1]) if ch in ATTN_CHANNELS
+                                          else w_NE).numpy()
 
     @property
     def steps(self) -> int:
@@ -170,7 +154,7 @@ def plot_routing(rec: RoutingRecorder, out_dir: str | os.PathLike, title: str = 
     S = rec.steps
     fig, axes = plt.subplots(S, 4, figsize=(16, 1.6 * S + 1), squeeze=False)
     for s in range(S):
-        for c, name in enumerate(("q", "k", "v", "ffn")):
+        for c, name in enumerate(CHANNELS):
             ax = axes[s][c]
             w = rec.weights.get((s, name))
             if w is None:
@@ -231,7 +215,7 @@ def plot_usage(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
     out_dir = Path(out_dir or Path(run_dir) / "plots")
     steps = [r["step"] for r in train]
     fig, axes = plt.subplots(2, 3, figsize=(16, 7))
-    for ax, name in zip(axes.flat, ("q", "k", "v", "ffn")):
+    for ax, name in zip(axes.flat, CHANNELS):
         u = np.array([r[f"usage_{name}"] for r in train]).T  # (E, logs)
         im = ax.imshow(u, aspect="auto", cmap="magma", interpolation="nearest", vmin=0,
                        extent=(steps[0] - 0.5, steps[-1] + 0.5, u.shape[0] - 0.5, -0.5))
@@ -240,12 +224,12 @@ def plot_usage(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
         ax.set_ylabel("expert")
         fig.colorbar(im, ax=ax, fraction=0.04)
     ax = axes.flat[4]
-    for name in ("q", "k", "v", "ffn"):
+    for name in CHANNELS:
         ax.plot(steps, [r.get(f"entropy_{name}", np.nan) for r in train], label=name)
     ax.set_title("routing entropy (nats, normalised weights)")
     ax.legend()
     ax = axes.flat[5]
-    for name in ("q", "k", "v", "ffn"):
+    for name in CHANNELS:
         ax.plot(steps, [r.get(f"active_{name}", np.nan) for r in train], label=name)
     ax.set_title("active experts per token")
     ax.set_yscale("log")

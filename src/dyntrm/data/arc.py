@@ -17,13 +17,14 @@ id, the pair and what is wrong. Test outputs are optional (a task to be *predict
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+
+from .. import io
 
 MAX_SIDE = 30
 N_COLOURS = 10
@@ -168,17 +169,8 @@ def parse_task(obj: Any, *, task_id: str, file: str, solutions: list | None = No
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    """Read a JSON file; invalid JSON is reported with its file, line and column."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise ArcDataError(f"cannot read: {e.strerror or e}", file=path) from None
-    except UnicodeDecodeError as e:
-        raise ArcDataError(f"not UTF-8 text ({e.reason} at byte {e.start})", file=path) from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ArcDataError(f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}", file=path) from None
+    """Read a task-data JSON file; an unreadable file or invalid JSON raises :class:`ArcDataError` naming it."""
+    return io.read_json(path, lambda what: ArcDataError(what, file=path))
 
 
 def _task_map(obj: Any, file: str, solutions: Any = None) -> list[Task]:

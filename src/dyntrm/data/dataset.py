@@ -1,5 +1,8 @@
 """Which pairs train and which are scored (DESIGN §2, "Splits"), and the per-epoch training stream.
 
+``training_items`` and ``split_items`` are the two sides: what a run trains on, and the test inputs it is scored
+on.
+
 Training uses *full* tasks (every pair, test pairs included) of ``train_splits`` and only the *demonstration*
 pairs of ``demo_splits`` (the TRM protocol adds the evaluation tasks' demonstrations). The split that is scored
 must not be among the full ones: its test outputs can then never reach a training batch (tested).
@@ -16,7 +19,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .arc import Pair, Source, Task, filter_max_side
+from ..config import Config, ConfigError
+from .arc import Pair, Source, Task, filter_max_side, load_source
 from .augment import Augmentation, random_augmentation
 from .batching import Batch, collate, padded, plan_batches, shard
 from .tokens import Encoded, encode, encode_prompt
@@ -74,7 +78,19 @@ def training_items(source: Source, *, train_splits: Sequence[str] = ("train",), 
 
 
 def eval_items(tasks: Sequence[Task]) -> list[EvalItem]:
+    """Every test input of ``tasks``, in order, as a scored item."""
     return [EvalItem(t.id, i, t.train, p.input, p.output) for t in tasks for i, p in enumerate(t.test)]
+
+
+def split_items(cfg: Config, split: str | None = None, limit: int | None = None) -> list[EvalItem]:
+    """The scored test inputs of a config's evaluation split (or ``split``), tasks filtered by ``data.max_side``;
+    the first ``limit`` of them when given."""
+    src = load_source(cfg.data.source)
+    name = split or cfg.data.eval_split
+    if name not in src.splits and len(src.splits) == 1:
+        name = next(iter(src.splits))  # a flat directory or a single file has one split: use it
+    items = eval_items(filter_max_side(src.split(name), cfg.data.max_side))
+    return items[:limit] if limit else items
 
 
 @dataclass
@@ -137,8 +153,6 @@ class TrainingSet:
         while True:
             plan = self.epoch(epoch)
             if not plan.batches:
-                from ..config import ConfigError
-
                 if plan.dropped:
                     raise ConfigError(f"an epoch makes {plan.dropped} batch(es) for {self.world} ranks, and every "
                                       f"rank needs one: lower data.tokens_per_batch or raise data.repeats")

@@ -8,73 +8,40 @@ With ``h = RMSNorm(x).view(B, T, H, d_head)`` and, for c in {q, k, v}, prototype
 
 Dense composition: every expert runs once on every (token, head) row and the three weighted sums reuse those
 outputs. Then 1-D RoPE on Q and K, causal scaled-dot-product attention with padding, heads merged, output
-projection. Shapes: ``B`` batch, ``T`` time, ``H`` heads, ``d`` head width, ``E`` experts, ``N = B·T·H`` rows.
+projection. The step's tap sees q, k and v routing as one ``Routed`` record of C = 3 channels.
+Shapes: ``B`` batch, ``T`` time, ``H`` heads, ``d`` head width, ``E`` experts, ``N = B·T·H`` rows.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .context import ATTN_CHANNELS, Routed, StepContext
 from .experts import ExpertLibrary
-from .layers import apply_rope, call_tap
-
-if TYPE_CHECKING:
-    from .dyntrm import StepContext
-
-QKV = ("q", "k", "v")
+from .layers import apply_rope
 
 
-@dataclass
-class AttnMask:
-    """How keys are masked: plain causal (right padding needs nothing more), or an explicit boolean mask
-    broadcastable to (B, H, T_q, T_k), True where attention is allowed."""
-
-    is_causal: bool
-    mask: torch.Tensor | None = None
-
-
-class KVCache:
-    """Keys and values of one recursion step for a batch of sequences, preallocated to ``capacity``."""
-
-    def __init__(self, batch: int, heads: int, capacity: int, head_dim: int, device, dtype):
-        self.k = torch.zeros(batch, heads, capacity, head_dim, device=device, dtype=dtype)
-        self.v = torch.zeros_like(self.k)
-
-    def fill(self, k_BTHd: torch.Tensor, v_BTHd: torch.Tensor) -> None:
-        """Prefill: positions 0..T-1 of every row."""
-        T = k_BTHd.shape[1]
-        self.k[:, :, :T] = k_BTHd.transpose(1, 2)
-        self.v[:, :, :T] = v_BTHd.transpose(1, 2)
-
-    def write(self, k_B1Hd: torch.Tensor, v_B1Hd: torch.Tensor, pos_B: torch.Tensor) -> None:
-        """Decode: one new key/value per row, each at its own position."""
-        rows = torch.arange(k_B1Hd.shape[0], device=pos_B.device)
-        self.k[rows, :, pos_B] = k_B1Hd[:, 0]
-        self.v[rows, :, pos_B] = v_B1Hd[:, 0]
-
-
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: "StepContext") -> torch.Tensor:
-    """RoPE + scaled-dot-product attention. q, k, v: (B, T, H, d) -> (B, T, H, d)."""
-    q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+def attend(q_BTHd: torch.Tensor, k_BTHd: torch.Tensor, v_BTHd: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    """RoPE + scaled-dot-product attention -> (B, T, H, d). When generating, the step's KV cache takes the new keys
+    and values: all of them at prefill, one per row while decoding (then attention reads the cached ones)."""
+    q_BTHd, k_BTHd = apply_rope(q_BTHd, ctx.cos, ctx.sin), apply_rope(k_BTHd, ctx.cos, ctx.sin)
     if ctx.cache is not None:
         if ctx.decode_pos is None:
-            ctx.cache.fill(k, v)
+            ctx.cache.fill(k_BTHd, v_BTHd)
         else:
-            ctx.cache.write(k, v, ctx.decode_pos)
+            ctx.cache.write(k_BTHd, v_BTHd, ctx.decode_pos)
             L = ctx.attn.mask.shape[-1]  # keys up to the furthest position in the batch; the mask does the rest
-            k, v = ctx.cache.k[:, :, :L], ctx.cache.v[:, :, :L]
-            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.to(q.dtype), v.to(q.dtype),
-                                               attn_mask=ctx.attn.mask)
-            return o.transpose(1, 2)
-    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       attn_mask=ctx.attn.mask, is_causal=ctx.attn.is_causal)
-    return o.transpose(1, 2)
+            k_BHLd, v_BHLd = ctx.cache.k[:, :, :L], ctx.cache.v[:, :, :L]
+            o_BHTd = F.scaled_dot_product_attention(q_BTHd.transpose(1, 2), k_BHLd.to(q_BTHd.dtype),
+                                                    v_BHLd.to(q_BTHd.dtype), attn_mask=ctx.attn.mask)
+            return o_BHTd.transpose(1, 2)
+    o_BHTd = F.scaled_dot_product_attention(q_BTHd.transpose(1, 2), k_BTHd.transpose(1, 2), v_BTHd.transpose(1, 2),
+                                            attn_mask=ctx.attn.mask, is_causal=ctx.attn.is_causal)
+    return o_BHTd.transpose(1, 2)
 
 
 class DynSIHA(nn.Module):
@@ -102,23 +69,22 @@ class DynSIHA(nn.Module):
         r = h_ND @ self.proto.reshape(3 * self.n_experts, self.d_head).T / math.sqrt(self.d_head)
         return r.view(-1, 3, self.n_experts) - self.gate
 
-    def forward(self, h_BTD: torch.Tensor, lib: ExpertLibrary, ctx: "StepContext") -> torch.Tensor:
+    def forward(self, h_BTD: torch.Tensor, lib: ExpertLibrary, ctx: StepContext) -> torch.Tensor:
         B, T, D = h_BTD.shape
         H, d = self.n_heads, self.d_head
         h_ND = h_BTD.reshape(B * T * H, d)  # one row per (token, head)
         r_NCE = self.logits(h_ND)
         w_NCE = F.relu(r_NCE)
         qkv_NCd = lib.compose(h_ND, w_NCE)  # Q, K, V = Σ_e w_c[e] · Expert_e(h), experts run once
-        if ctx.tap is not None:  # one call for q, k, v: ``out`` is the tensor on the loss path
-            valid = None if ctx.valid_flat is None else ctx.valid_flat.repeat_interleave(H)
-            call_tap(ctx.tap, ctx.step, "attn", x=h_ND, logits=r_NCE, weights=w_NCE, out=qkv_NCd, valid=valid,
-                     library=lib, router=self, channels=QKV)
+        if ctx.tapped:  # one record for q, k and v: they share the rows and the library
+            valid_N = None if ctx.valid is None else ctx.valid_flat.repeat_interleave(H)
+            ctx.tap(Routed(ctx.step, ATTN_CHANNELS, h_ND, r_NCE, w_NCE, qkv_NCd, valid_N, lib, self))
         qkv_BTHCd = qkv_NCd.view(B, T, H, 3, d)
         if self.shared is not None:
             qkv_BTHCd = qkv_BTHCd + self.shared(h_BTD).view(B, T, 3, H, d).transpose(2, 3)
-        q, k, v = qkv_BTHCd.unbind(3)
-        o = attend(q, k, v, ctx)
-        return self.out(o.reshape(B, T, D))
+        q_BTHd, k_BTHd, v_BTHd = qkv_BTHCd.unbind(3)
+        o_BTHd = attend(q_BTHd, k_BTHd, v_BTHd, ctx)
+        return self.out(o_BTHd.reshape(B, T, D))
 
 
 class DenseAttention(nn.Module):
@@ -134,8 +100,8 @@ class DenseAttention(nn.Module):
         nn.init.normal_(self.qkv.weight, std=1.0 / math.sqrt(self.qkv.in_features))
         nn.init.normal_(self.out.weight, std=out_std)
 
-    def forward(self, h_BTD: torch.Tensor, lib: None, ctx: "StepContext") -> torch.Tensor:
+    def forward(self, h_BTD: torch.Tensor, lib: None, ctx: StepContext) -> torch.Tensor:
         B, T, D = h_BTD.shape
-        q, k, v = self.qkv(h_BTD).view(B, T, 3, self.n_heads, self.d_head).unbind(2)
-        o = attend(q, k, v, ctx)
-        return self.out(o.reshape(B, T, D))
+        q_BTHd, k_BTHd, v_BTHd = self.qkv(h_BTD).view(B, T, 3, self.n_heads, self.d_head).unbind(2)
+        o_BTHd = attend(q_BTHd, k_BTHd, v_BTHd, ctx)
+        return self.out(o_BTHd.reshape(B, T, D))

@@ -1,105 +1,64 @@
-"""DynTRMBlock and ArcTransformer (DESIGN §3.1, §3.6): one re-entrant block, applied up to N times.
+"""DynTRMBlock and ArcTransformer (DESIGN §3.1, §3.6): one re-entrant block, applied N times.
 
 ::
 
-    x = embed(tokens)                                         # (B, T, D)
-    for step in range(N):                                     # the same block, the same global libraries
-        x = x + DynSIHA(norm(x); attn_library)                # Q, K, V composed per token and head
-        x = x + DynMoE(norm(x); ffn_library)                  # sparse ReLU-gated experts
-        logits[step] = lm_head(norm(x))                       # deep supervision: every step predicts
-        q_halt, q_continue = halt_head(x[prompt_end])         # ACT, read at the last prompt position
-        (inference) samples with sigmoid(q_halt - q_continue) > threshold stop here
+    x0 = embed(tokens)                                        # (B, T, D)
+    x = x0
+    for s in range(N):                                        # the same block, the same global libraries
+        x = step(x, x0, s):                                   # one block application
+            x = x + DynSIHA(norm(x); attn_library)            #   Q, K, V composed per token and head
+            x = x + DynMoE(norm(x); ffn_library)              #   sparse ReLU-gated experts
+        logits[s] = lm_head(norm(x))                          # deep supervision: every step predicts
+        q_halt[s], q_continue[s] = halt_head(x[prompt_end])   # ACT, read at the last prompt position
 
-Training unrolls all N steps for every sample (full BPTT). Inference (``halt=True``, :meth:`prefill`) drops each
-sample from the batch at its halting step, so halted samples cost nothing more; the step count chosen at the
-prompt's end is reused for every generated token through one KV cache per step.
-
-``variant="dense"`` swaps DynSIHA for linear Q/K/V and DynMoE for one FFN of the same active width: same code
-path, same recursion and ACT.
+:meth:`ArcTransformer.forward` is this loop as training runs it: all N steps for every sample (full BPTT).
+Inference (``halt=True``, :meth:`~ArcTransformer.prefill`, :meth:`~ArcTransformer.decode`) lives in
+``model/generate.py``: there each sample leaves the batch once :func:`should_halt` fires, so halted samples cost
+nothing more, and the step count chosen at the prompt's end is reused for every generated token through one KV
+cache per step. Shapes: ``B`` batch, ``T`` time, ``D`` width, ``S`` steps, ``V`` vocabulary.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
 from ..data.arc import MAX_SIDE
-from .attention import AttnMask, DenseAttention, DynSIHA, KVCache
+from . import generate
+from .attention import DenseAttention, DynSIHA
+from .context import AttnMask, ModelOutput, StepContext, Tap
 from .experts import ExpertLibrary
-from .layers import GridCursor, RMSNorm, Rope, grid_coords
-from .moe import DenseFFN, DynMoE
-
-Tap = Callable[..., None]  # tap(step, module, **tensors): observes routing (SARS capture, statistics, pictures)
+from .layers import RMSNorm, Rope, grid_coords
+from .moe import DenseFFN, DynMoE, MoEStats
 
 
-@dataclass
-class StepContext:
-    """What one block application needs besides x."""
-
-    step: int
-    cos: torch.Tensor
-    sin: torch.Tensor
-    attn: AttnMask
-    valid: torch.Tensor | None = None  # (B, T) real tokens, None when there is no padding
-    cache: KVCache | None = None
-    decode_pos: torch.Tensor | None = None  # (B,) position of the single new token, when decoding
-    tap: Tap | None = None
-
-    @property
-    def valid_flat(self) -> torch.Tensor | None:
-        return None if self.valid is None else self.valid.reshape(-1)
+def should_halt(q_halt: torch.Tensor, q_continue: torch.Tensor, step: int | torch.Tensor,
+                cfg: ModelConfig) -> torch.Tensor:
+    """The inference halting rule (DESIGN §3.6): a sample stops after step ``step`` (0-based) once
+    ``sigmoid(q_halt - q_continue) > halt_threshold``, and after the last step always. ``step`` is an int, or a
+    tensor broadcastable against the logits (every step at once: ``arange(S)[:, None]`` for (S, B) logits)."""
+    return (torch.sigmoid(q_halt - q_continue) > cfg.halt_threshold) | (step + 1 >= cfg.max_steps)
 
 
-@dataclass
-class ModelOutput:
-    logits: torch.Tensor  # (S, B, T, V): every step's prediction; a halted sample repeats its last step
-    q_halt: torch.Tensor  # (S, B)
-    q_continue: torch.Tensor  # (S, B)
-    steps: torch.Tensor  # (B,) recursion steps each sample ran
-    moe_l1: torch.Tensor  # mean over steps and real tokens of Σ_e w_e (the sparsity penalty; 0 for dense)
-    moe_active: torch.Tensor  # mean active FFN experts per real token and step (no gradient)
-    caches: list[tuple[torch.Tensor, KVCache]] | None = None  # per step: (rows that ran it, their KV cache)
-    grad_from: int = 0  # steps before this one ran without gradient (``detach_steps``): the loss skips them
-
-    @property
-    def final_logits(self) -> torch.Tensor:
-        return self.logits[-1]
-
-
-@dataclass
-class DecodeState:
-    """KV-cached generation state: step s ran for the batch rows ``rows[s]`` and cached their keys/values."""
-
-    rows: list[torch.Tensor]
-    caches: list[KVCache]
-    pos: torch.Tensor  # (B,) position the next token takes
-    steps: torch.Tensor  # (B,) steps per sample, fixed at prefill
-    q_halt: torch.Tensor  # (S, B) halting logits seen at prefill
-    q_continue: torch.Tensor
-    cursor: GridCursor | None = None  # each sample's place in its grid (model.grid_coords)
-
-    def keep(self, idx: torch.Tensor) -> "DecodeState":
-        """Only the batch rows ``idx`` go on, renumbered in that order: used to drop finished sequences from a
-        decoding batch so that they stop costing compute. The caches shrink *in place*: the old state is spent."""
-        B = self.pos.shape[0]
-        new_index = torch.full((B,), -1, dtype=torch.long, device=idx.device)
-        new_index[idx] = torch.arange(idx.numel(), device=idx.device)
-        rows, caches = [], []
-        for r, c in zip(self.rows, self.caches):
-            sel = torch.nonzero(new_index[r] >= 0, as_tuple=True)[0]
-            c.k, c.v = c.k[sel], c.v[sel]
-            rows.append(new_index[r[sel]])
-            caches.append(c)
-        if self.cursor is not None:
-            self.cursor.keep(idx)
-        return DecodeState(rows, caches, self.pos[idx], self.steps[idx], self.q_halt[:, idx], self.q_continue[:, idx],
-                           self.cursor)
+def padding_mask(attention_mask: torch.Tensor | None) -> tuple[AttnMask, torch.Tensor | None]:
+    """The attention mask and the (B, T) real tokens (None without padding). Right-padded batches need only the
+    causal mask; anything else gets an explicit one."""
+    if attention_mask is None:
+        return AttnMask(True), None
+    valid_BT = attention_mask.bool()
+    if bool(valid_BT.all()):
+        return AttnMask(True), None
+    if bool((valid_BT[:, 1:] <= valid_BT[:, :-1]).all()):  # every row a prefix: right padding
+        return AttnMask(True), valid_BT
+    T = valid_BT.shape[1]
+    causal_TT = torch.ones(T, T, dtype=torch.bool, device=valid_BT.device).tril()
+    # Padding queries attend to themselves, so no row of the mask is empty (no NaN); their outputs are unused.
+    mask_BTT = (causal_TT[None] & valid_BT[:, None, :]) | torch.eye(T, dtype=torch.bool, device=valid_BT.device)[None]
+    return AttnMask(False, mask_BTT[:, None]), valid_BT
 
 
 class DynTRMBlock(nn.Module):
@@ -118,15 +77,16 @@ class DynTRMBlock(nn.Module):
         self.halt_norm = RMSNorm(d, cfg.norm_eps)
         self.halt = nn.Linear(d, 2)  # (q_halt, q_continue)
 
-    def forward(self, x: torch.Tensor, attn_lib: ExpertLibrary | None, ffn_lib: ExpertLibrary | None,
-                ctx: StepContext):
-        x = x + self.attn(self.norm1(x), attn_lib, ctx)
-        y, stats = self.ffn(self.norm2(x), ffn_lib, ctx)
-        return x + y, stats
+    def forward(self, x_BTD: torch.Tensor, attn_lib: ExpertLibrary | None, ffn_lib: ExpertLibrary | None,
+                ctx: StepContext) -> tuple[torch.Tensor, MoEStats]:
+        x_BTD = x_BTD + self.attn(self.norm1(x_BTD), attn_lib, ctx)
+        y_BTD, stats = self.ffn(self.norm2(x_BTD), ffn_lib, ctx)
+        return x_BTD + y_BTD, stats
 
     def halt_logits(self, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        q = self.halt(self.halt_norm(x_BD)).float()
-        return q[:, 0], q[:, 1]
+        """(q_halt, q_continue), each (B,), from the hidden state at one position per sample."""
+        q_B2 = self.halt(self.halt_norm(x_BD)).float()
+        return q_B2[:, 0], q_B2[:, 1]
 
 
 class ArcTransformer(nn.Module):
@@ -140,7 +100,7 @@ class ArcTransformer(nn.Module):
         else:
             self.row_embed = self.col_embed = None
         if cfg.variant == "dyn":
-            self.attn_expert_library = ExpertLibrary(cfg.attn_experts, dh, cfg.attn_hidden_, dh)
+            self.attn_expert_library = ExpertLibrary(cfg.attn_experts, dh, cfg.attn_expert_hidden, dh)
             self.ffn_expert_library = ExpertLibrary(cfg.ffn_experts, d, cfg.ffn_mult * d, d)
         else:
             self.attn_expert_library = self.ffn_expert_library = None
@@ -172,7 +132,7 @@ class ArcTransformer(nn.Module):
             # Q = Σ_e w_e·out_e sums ~E/2 active experts with E[w²] = 1/2 each: w2 ~ N(0, (2/E)·(2/F)) (F the
             # expert's hidden width; silu halves the variance of its unit-variance input) starts Q, K, V near unit RMS.
             n = cfg.attn_experts
-            self.attn_expert_library.init_weights(out_std=math.sqrt(2.0 / n) * math.sqrt(2.0 / cfg.attn_hidden_))
+            self.attn_expert_library.init_weights(out_std=math.sqrt(2.0 / n) * math.sqrt(2.0 / cfg.attn_expert_hidden))
             self.ffn_expert_library.init_weights(out_std=out_std * math.sqrt(cfg.d_model / (cfg.ffn_mult * cfg.d_model))
                                                  / math.sqrt(max(cfg.ffn_active, 1.0)))
             self.block.attn.init_weights(out_std)
@@ -186,172 +146,91 @@ class ArcTransformer(nn.Module):
         if self.step_embed is not None:
             nn.init.normal_(self.step_embed, std=0.02)
 
-    # ------------------------------------------------------------------------------------------ helpers
+    # ------------------------------------------------------------------------------------------ the recursion
 
     def should_halt(self, q_halt: torch.Tensor, q_continue: torch.Tensor, step: int) -> torch.Tensor:
-        """The inference halting rule (DESIGN §3.6); the last step always halts."""
-        if step + 1 >= self.cfg.max_steps:
-            return torch.ones_like(q_halt, dtype=torch.bool)
-        return torch.sigmoid(q_halt - q_continue) > self.cfg.halt_threshold
+        """:func:`should_halt` under this model's config: where generation asks (and tests force a step count)."""
+        return should_halt(q_halt, q_continue, step, self.cfg)
 
-    def embed_tokens(self, tokens: torch.Tensor, coords: tuple[torch.Tensor, torch.Tensor] | None = None
-                     ) -> torch.Tensor:
-        """Token embeddings (B, T, D), plus the grid-coordinate embeddings under ``model.grid_coords``
-        (``coords``: given while decoding, else read from ``tokens``)."""
-        x = self.embed(tokens)
-        if self.row_embed is not None:
-            row, col = coords if coords is not None else grid_coords(tokens)
-            # clamped: a token stream that is not a valid task (tests feed random ones) may count past 30
-            x = x + self.row_embed(row.clamp(max=MAX_SIDE)) + self.col_embed(col.clamp(max=MAX_SIDE + 1))
-        return x
-
-    def _step_input(self, x: torch.Tensor, x0: torch.Tensor, step: int) -> torch.Tensor:
-        if self.cfg.input_injection and step > 0:
-            x = x + x0
-        if self.step_embed is not None:
-            x = x + self.step_embed[step]
-        return x
-
-    @staticmethod
-    def _mask(attention_mask: torch.Tensor | None) -> tuple[AttnMask, torch.Tensor | None]:
-        """Right-padded batches need only the causal mask; anything else gets an explicit one."""
-        if attention_mask is None:
-            return AttnMask(True), None
-        valid = attention_mask.bool()
-        if bool(valid.all()):
-            return AttnMask(True), None
-        if bool((valid[:, 1:] <= valid[:, :-1]).all()):  # every row a prefix: right padding
-            return AttnMask(True), valid
-        T = valid.shape[1]
-        causal = torch.ones(T, T, dtype=torch.bool, device=valid.device).tril()
-        # Padding queries attend to themselves, so no row of the mask is empty (no NaN); their outputs are unused.
-        m = (causal[None] & valid[:, None, :]) | torch.eye(T, dtype=torch.bool, device=valid.device)[None]
-        return AttnMask(False, m[:, None]), valid
-
-    # ------------------------------------------------------------------------------------------ forward
-
-    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                prompt_end: torch.Tensor | None = None, *, halt: bool = False, tap: Tap | None = None,
-                steps: torch.Tensor | None = None, cache_capacity: int | None = None,
-                detach_steps: int = 0) -> ModelOutput:
-        """Run the recursion over (B, T) ``tokens``.
-
-        ``halt=False`` (training) runs all N steps for every sample. ``halt=True`` stops each sample at its
-        halting step; ``steps`` (B,) forces given step counts instead. The halt head reads ``prompt_end`` (B,)
-        (default: the last real token). With ``cache_capacity`` every step keeps a KV cache of that many positions
-        for the rows that ran it (used by :meth:`prefill`). The first ``detach_steps`` steps run without gradient
-        (``train.grad_steps``: backpropagation through the last steps only, as TRM trains; no tap sees them).
-        """
-        B, T = tokens.shape
-        attn, valid = self._mask(attention_mask)
+    def context(self, tokens_BT: torch.Tensor, attention_mask: torch.Tensor | None, prompt_end: torch.Tensor | None,
+                tap: Tap | None) -> tuple[StepContext, torch.Tensor, torch.Tensor]:
+        """What every step of a forward pass shares: the step context (mask, padding, RoPE tables, tap), the
+        position the halt head reads (B,) (default: the last real token) and the number of real tokens."""
+        B, T = tokens_BT.shape
+        attn, valid_BT = padding_mask(attention_mask)
         if prompt_end is None:  # the last real position of every row (right or left padding)
             prompt_end = (T - 1 - attention_mask.flip(1).long().argmax(1) if attention_mask is not None
-                          else torch.full((B,), T - 1, device=tokens.device))
+                          else torch.full((B,), T - 1, device=tokens_BT.device))
         if attn.mask is None:
             cos, sin = self.rope.prefix(T)
         else:  # e.g. left padding: number real tokens from 0 in every row, so outputs match the unpadded ones
-            cos, sin = self.rope.at((valid.long().cumsum(1) - 1).clamp(min=0))
-        caches = [] if cache_capacity is not None else None
-        x0 = self.embed_tokens(tokens)
-        x = x0
-        N = self.cfg.max_steps
-        active = None  # None: every row runs (training fast path); else the rows still recursing
-        ran = torch.zeros(B, dtype=torch.long, device=tokens.device)
-        logits, q_h, q_c = [], [], []
-        l1 = act = tokens.new_zeros((), dtype=torch.float32)
-        n_real = (valid.sum() if valid is not None else torch.tensor(B * T, device=tokens.device)).clamp(min=1)
-        for s in range(N):
-            if s < detach_steps:  # the recursion's early steps: no graph, no tap (TRM's gradient truncation)
-                with torch.no_grad():
-                    x = self._run_step(x, x0, s, cos, sin, attn, valid, None)
-                    logits.append(self.lm_head(self.norm(x)))
-                    qh, qc = self.block.halt_logits(x[torch.arange(B, device=x.device), prompt_end])
-                    q_h.append(qh)
-                    q_c.append(qc)
-                ran += 1
-                continue
-            rows = active if active is not None else slice(None)
-            xa = self._step_input(x[rows], x0[rows], s)
-            va = None if valid is None else valid[rows]
-            am = attn if attn.mask is None else AttnMask(False, attn.mask[rows])
-            cache = None
-            if caches is not None:
-                cache = KVCache(xa.shape[0], self.cfg.n_heads, cache_capacity, self.cfg.d_head, xa.device, xa.dtype)
-                caches.append((torch.arange(B, device=x.device) if active is None else active, cache))
-            ca, sa = (cos, sin) if cos.dim() == 2 else (cos[rows], sin[rows])
-            ctx = StepContext(s, ca, sa, am, va, cache, None, tap)
-            xa, stats = self.block(xa, self.attn_expert_library, self.ffn_expert_library, ctx)
-            l1, act = l1 + stats.l1, act + stats.active
-            pe = prompt_end[rows]
-            qh, qc = self.block.halt_logits(xa[torch.arange(xa.shape[0], device=xa.device), pe])
-            la = self.lm_head(self.norm(xa))
-            if active is None:
-                x, step_logits = xa, la
-                qh_full, qc_full = qh, qc
-            else:
-                x = x.index_copy(0, active, xa)
-                step_logits = logits[-1].index_copy(0, active, la)
-                qh_full, qc_full = q_h[-1].index_copy(0, active, qh), q_c[-1].index_copy(0, active, qc)
-            logits.append(step_logits)
-            q_h.append(qh_full)
-            q_c.append(qc_full)
-            ran[rows] += 1
-            if not halt:
-                continue
-            idx = torch.arange(B, device=x.device) if active is None else active
-            stop = (ran[idx] >= steps[idx]) if steps is not None else self.should_halt(qh, qc, s)
-            if bool(stop.all()):
-                break
-            active = idx[~stop]
-        n_steps = len(logits) - detach_steps
-        return ModelOutput(torch.stack(logits), torch.stack(q_h), torch.stack(q_c), ran,
-                           l1 / (n_real * n_steps), (act / (n_real * n_steps)).detach(), caches, detach_steps)
+            cos, sin = self.rope.at((valid_BT.long().cumsum(1) - 1).clamp(min=0))
+        n_real = (valid_BT.sum() if valid_BT is not None else torch.tensor(B * T, device=tokens_BT.device)).clamp(min=1)
+        return StepContext(0, cos, sin, attn, valid_BT, observer=tap), prompt_end, n_real
 
-    def _run_step(self, x, x0, s, cos, sin, attn, valid, tap) -> torch.Tensor:
-        """One block application to every row (the no-gradient steps of :meth:`forward`)."""
-        ctx = StepContext(s, cos, sin, attn, valid, None, None, tap)
-        x, _ = self.block(self._step_input(x, x0, s), self.attn_expert_library, self.ffn_expert_library, ctx)
-        return x
+    def embed_tokens(self, tokens_BT: torch.Tensor, coords: tuple[torch.Tensor, torch.Tensor] | None = None
+                     ) -> torch.Tensor:
+        """Token embeddings (B, T, D), plus each cell's row and column embeddings under ``model.grid_coords``
+        (``coords`` (B, T) each: given while decoding, else read from the tokens)."""
+        x_BTD = self.embed(tokens_BT)
+        if self.row_embed is not None:
+            row_BT, col_BT = coords if coords is not None else grid_coords(tokens_BT)
+            # clamped: a token stream that is not a valid task (tests feed random ones) may count past 30
+            x_BTD = x_BTD + self.row_embed(row_BT.clamp(max=MAX_SIDE)) + self.col_embed(col_BT.clamp(max=MAX_SIDE + 1))
+        return x_BTD
+
+    def step(self, x_BTD: torch.Tensor, x0_BTD: torch.Tensor, s: int, ctx: StepContext
+             ) -> tuple[torch.Tensor, MoEStats]:
+        """Recursion step ``s`` (0-based): one application of the block to ``x`` (optionally with the input
+        embedding ``x0`` re-injected and a learned step embedding added; both off by default)."""
+        if self.cfg.input_injection and s > 0:
+            x_BTD = x_BTD + x0_BTD
+        if self.step_embed is not None:
+            x_BTD = x_BTD + self.step_embed[s]
+        return self.block(x_BTD, self.attn_expert_library, self.ffn_expert_library, replace(ctx, step=s))
+
+    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                prompt_end: torch.Tensor | None = None, *, halt: bool = False, tap: Tap | None = None,
+                steps: torch.Tensor | None = None, detach_steps: int = 0) -> ModelOutput:
+        """The recursion over (B, T) ``tokens``; ``attention_mask`` (B, T) marks real tokens, the halt head reads
+        ``prompt_end`` (B,) (default: the last real token), ``tap`` sees every routed module's ``Routed`` record.
+
+        Training (default) runs all N steps for every sample. ``halt=True`` is inference: each sample stops at its
+        halting step, or after ``steps`` (B,) steps when given (``generate.recur_until_halted``). The first
+        ``detach_steps`` steps run without gradient, loss or tap (``train.grad_steps``: TRM's truncation).
+        """
+        if halt:
+            return generate.recur_until_halted(self, tokens, attention_mask, prompt_end, tap=tap, steps_B=steps)[0]
+        ctx, prompt_end_B, n_real = self.context(tokens, attention_mask, prompt_end, tap)
+        B, N = tokens.shape[0], self.cfg.max_steps
+        batch_B = torch.arange(B, device=tokens.device)
+        x0_BTD = self.embed_tokens(tokens)
+        x_BTD = x0_BTD
+        logits, q_halt, q_continue = [], [], []
+        l1 = active = tokens.new_zeros((), dtype=torch.float32)  # DynMoE's Σ_e w_e and active experts, summed
+        grad = torch.is_grad_enabled()
+        for s in range(N):  # the same block every step; gradients flow back through all trained steps
+            trained = s >= detach_steps
+            with torch.set_grad_enabled(grad and trained):  # detached steps: no graph, no tap, no loss
+                x_BTD, stats = self.step(x_BTD, x0_BTD, s, ctx if trained else replace(ctx, observer=None))
+                logits.append(self.lm_head(self.norm(x_BTD)))  # deep supervision: every step predicts
+                qh_B, qc_B = self.block.halt_logits(x_BTD[batch_B, prompt_end_B])  # ACT, at the last prompt position
+            q_halt.append(qh_B)
+            q_continue.append(qc_B)
+            if trained:
+                l1, active = l1 + stats.l1, active + stats.active
+        n_trained = N - detach_steps
+        return ModelOutput(torch.stack(logits), torch.stack(q_halt), torch.stack(q_continue),
+                           torch.full((B,), N, device=tokens.device), l1 / (n_real * n_trained),
+                           (active / (n_real * n_trained)).detach(), detach_steps)
 
     # ------------------------------------------------------------------------------------------ generation
 
-    @torch.no_grad()
     def prefill(self, tokens: torch.Tensor, prompt_len: torch.Tensor, max_new: int, *,
-                steps: torch.Tensor | None = None) -> tuple[torch.Tensor, DecodeState]:
-        """Run right-padded prompts (B, T) of lengths ``prompt_len``; decide each sample's steps (ACT, or the
-        given ``steps``), keep one KV cache per step with room for ``max_new`` tokens. Returns the logits
-        (B, V) of each prompt's last position (the first answer token) and the decoding state."""
-        B, T = tokens.shape
-        mask = torch.arange(T, device=tokens.device)[None, :] < prompt_len[:, None]
-        out = self.forward(tokens, mask, prompt_len - 1, halt=True, steps=steps, cache_capacity=T + max_new)
-        caches = out.caches
-        last = out.final_logits[torch.arange(B, device=tokens.device), prompt_len - 1]
-        cursor = GridCursor(tokens, prompt_len) if self.row_embed is not None else None
-        state = DecodeState([r for r, _ in caches], [c for _, c in caches], prompt_len.clone(), out.steps,
-                            out.q_halt, out.q_continue, cursor)
-        return last, state
+                steps: torch.Tensor | None = None) -> tuple[torch.Tensor, generate.DecodeState]:
+        """:func:`generate.prefill`: run the prompts, fix each sample's steps, fill one KV cache per step."""
+        return generate.prefill(self, tokens, prompt_len, max_new, steps_B=steps)
 
-    @torch.no_grad()
-    def decode(self, token: torch.Tensor, state: DecodeState, tap: Tap | None = None) -> torch.Tensor:
-        """Feed one token per sample (B,) at its own position; returns next-token logits (B, V)."""
-        coords = None if state.cursor is None else tuple(c[:, None] for c in state.cursor.step(token))
-        x0 = self.embed_tokens(token[:, None], coords)  # (B, 1, D)
-        x = x0
-        pos = state.pos
-        length = int(pos.max()) + 1  # one host sync per token: attention then reads only the keys in use
-        if length > state.caches[0].k.shape[2]:
-            raise ValueError("decode ran past the KV cache capacity chosen at prefill (max_new)")
-        keys = torch.arange(length, device=pos.device)
-        for s, (rows, cache) in enumerate(zip(state.rows, state.caches)):
-            if rows.numel() == 0:  # every sample that needed this step has left the batch
-                break
-            p = pos[rows]
-            cos, sin = self.rope.at(p[:, None])
-            mask = AttnMask(False, (keys[None, :] <= p[:, None])[:, None, None, :])
-            ctx = StepContext(s, cos, sin, mask, None, cache, p, tap)
-            xa = self._step_input(x[rows], x0[rows], s)
-            xa, _ = self.block(xa, self.attn_expert_library, self.ffn_expert_library, ctx)
-            x = x.index_copy(0, rows, xa)
-        state.pos = pos + 1
-        return self.lm_head(self.norm(x[:, 0]))
-
+    def decode(self, token: torch.Tensor, state: generate.DecodeState, tap: Tap | None = None) -> torch.Tensor:
+        """:func:`generate.decode`: one token per sample through the cached steps; next-token logits (B, V)."""
+        return generate.decode(self, token, state, tap)

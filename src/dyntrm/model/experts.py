@@ -6,7 +6,8 @@ Two ways to run it:
 
 - :meth:`ExpertLibrary.compose` runs every expert on every row and returns weighted sums of their outputs (the
   attention library's dense composition); :meth:`ExpertLibrary.dense` returns the outputs themselves;
-- :meth:`ExpertLibrary.grouped` runs each row through one expert, rows sorted by expert (the sparse FFN).
+- :meth:`ExpertLibrary.grouped` runs each row through one expert, rows sorted by expert (the sparse FFN), as
+  :func:`group_by_expert` lays them out.
 
 :class:`ExpertMLP` is the plain per-expert module that defines the semantics; tests compare against it.
 """
@@ -18,6 +19,13 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def group_by_expert(active_NE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The (row, expert) pairs where the boolean ``active_NE`` is set, sorted by expert: their experts ``e_M``,
+    their rows ``n_M``, and the number of rows of each expert ``counts_E`` (the layout of :meth:`grouped`)."""
+    e_M, n_M = torch.nonzero(active_NE.T, as_tuple=True)  # row-major over (E, N): sorted by expert
+    return e_M, n_M, torch.bincount(e_M, minlength=active_NE.shape[1])
 
 
 class ExpertMLP(nn.Module):
@@ -67,8 +75,8 @@ class ExpertLibrary(nn.Module):
         expert run once per row. (N, d_in), (N, C, E) -> (N, C, d_out).
 
         Rows are processed in chunks (1024 on CPU): the (chunk, E, F) hidden activations then stay small and warm
-        in cache, which measured 1.5x faster than one pass over all rows and than a per-expert loop
-        (benchmarks/bench_layers.py). On CUDA one chunk covers everything.
+        in cache, which measured faster than one pass over all rows and than a per-expert loop (the loop's ratio:
+        BENCHMARKS.md, section layers). On CUDA one chunk covers everything.
         """
         if chunk is None:
             chunk = x_ND.shape[0] if x_ND.is_cuda else 1024
@@ -94,8 +102,8 @@ class ExpertLibrary(nn.Module):
     def grouped(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """Rows sorted by expert, ``counts_E[e]`` rows for expert e -> outputs in the same order.
 
-        Two grouped GEMMs (``torch._grouped_mm``: CUDA bf16, and CPU fp32 where it measured 15% faster than a
-        loop) with no host sync on CUDA; otherwise (float64, older torch) a loop over the experts that received
+        Two grouped GEMMs (``torch._grouped_mm``: CUDA bf16, and CPU fp32 where it measured faster than a loop)
+        with no host sync on CUDA; otherwise (float64, older torch) a loop over the experts that received
         rows. Either way an expert with no rows costs nothing.
         """
         dt = x_MD.dtype

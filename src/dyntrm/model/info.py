@@ -26,7 +26,7 @@ def model_info(cfg: ModelConfig, context: int = 1024) -> dict[str, float]:
         "lm_head": 2 * d * V,  # every step predicts (deep supervision)
     }
     if cfg.variant == "dyn":
-        E, F, Ef, Ff = cfg.attn_experts, cfg.attn_hidden_, cfg.ffn_experts, cfg.ffn_mult * d
+        E, F, Ef, Ff = cfg.attn_experts, cfg.attn_expert_hidden, cfg.ffn_experts, cfg.ffn_mult * d
         params = {
             "attn_library": E * 2 * dh * F,
             "ffn_library": Ef * 2 * d * Ff,

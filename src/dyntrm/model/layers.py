@@ -61,14 +61,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
-@torch.compiler.disable
-def call_tap(tap, *args, **kwargs) -> None:
-    """Run a routing tap (SARS capture, statistics, pictures) outside any compiled graph. A tap does Python
-    bookkeeping (dicts of captures, autograd hooks) that dynamo would otherwise trace, guard on and recompile each
-    time it changes: under ``torch.compile`` with SARS that hit the recompile limit on an H200."""
-    tap(*args, **kwargs)
-
-
 def grid_coords(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each token's (row, column) inside its grid, counted from 1, and 0 outside grids (specials, size header).
 

@@ -3,25 +3,24 @@
 Per token, ``r = h · Pᵀ/√d − g`` (prototypes ``P: (E, d)``, gates ``g: (E,)``), ``w = ReLU(r)``, and
 ``y = Σ_{e: w_e > 0} w_e · Expert_e(h)``. Only the active (token, expert) pairs are computed: pairs are sorted by
 expert and each expert runs on its own contiguous rows (a grouped GEMM on CUDA). A token with no active expert gets
-``y = 0`` and passes through the residual. The L1 norm of ``w`` is returned for the sparsity penalty whose
-coefficient the trainer adapts toward ``ffn_active`` experts per token (ReMoE, made two-sided: ``train.next_l1_coef``).
+``y = 0`` and passes through the residual. The L1 norm of ``w`` is returned for the sparsity penalty, whose
+coefficient :class:`SparsityController` moves toward ``ffn_active`` experts per token after every optimizer step
+(ReMoE, made two-sided). The step's tap sees the routing as one ``Routed`` record of C = 1 channel.
+Shapes: ``B`` batch, ``T`` time, ``D`` width, ``E`` experts, ``N = B·T`` rows, ``M`` active (row, expert) pairs.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .experts import ExpertLibrary, ExpertMLP
-from .layers import call_tap
-
-if TYPE_CHECKING:
-    from .dyntrm import StepContext
+from ..config import Config
+from .context import FFN_CHANNELS, Routed, StepContext
+from .experts import ExpertLibrary, ExpertMLP, group_by_expert
 
 
 @dataclass
@@ -51,26 +50,64 @@ class DynMoE(nn.Module):
         nn.init.constant_(self.gate, math.sqrt(2.0) * torch.erfinv(torch.tensor(2 * q - 1)).item())
 
     def logits(self, h_ND: torch.Tensor) -> torch.Tensor:
-        return h_ND @ self.proto.T / math.sqrt(self.d_model) - self.gate
+        """Routing logits r: (N, D) -> (N, 1, E), one channel."""
+        return (h_ND @ self.proto.T / math.sqrt(self.d_model) - self.gate)[:, None]
 
-    def forward(self, h_BTD: torch.Tensor, lib: ExpertLibrary, ctx: "StepContext") -> tuple[torch.Tensor, MoEStats]:
+    def forward(self, h_BTD: torch.Tensor, lib: ExpertLibrary, ctx: StepContext) -> tuple[torch.Tensor, MoEStats]:
         B, T, D = h_BTD.shape
         h_ND = h_BTD.reshape(B * T, D)
-        r_NE = self.logits(h_ND)
-        w_NE = F.relu(r_NE)
+        r_N1E = self.logits(h_ND)
+        w_NE = F.relu(r_N1E[:, 0])
         if ctx.valid is not None:  # padding never activates an expert
             w_NE = w_NE * ctx.valid.reshape(B * T, 1)
-        # (expert, token) pairs with w > 0, sorted by expert (nonzero is row-major over w.T).
-        e_idx, n_idx = torch.nonzero(w_NE.T > 0, as_tuple=True)
-        counts_E = torch.bincount(e_idx, minlength=self.n_experts)
-        out_MD = lib.grouped(h_ND[n_idx], counts_E)
-        out_MD = out_MD * w_NE[n_idx, e_idx].unsqueeze(1).to(out_MD.dtype)
-        y_ND = torch.zeros_like(h_ND).index_add_(0, n_idx, out_MD.to(h_ND.dtype))
-        if ctx.tap is not None:
-            call_tap(ctx.tap, ctx.step, "ffn", x=h_ND, logits=r_NE, weights=w_NE, out=y_ND, valid=ctx.valid_flat,
-                     library=lib, router=self)
+        e_M, n_M, counts_E = group_by_expert(w_NE > 0)
+        out_MD = lib.grouped(h_ND[n_M], counts_E)
+        out_MD = out_MD * w_NE[n_M, e_M].unsqueeze(1).to(out_MD.dtype)
+        # viewed as (N, C=1, D) before use, so that the tap's ``out`` is the tensor on the loss path
+        y_N1D = torch.zeros_like(h_ND).index_add_(0, n_M, out_MD.to(h_ND.dtype)).view(B * T, 1, D)
+        if ctx.tapped:
+            ctx.tap(Routed(ctx.step, FFN_CHANNELS, h_ND, r_N1E, w_NE[:, None], y_N1D, ctx.valid_flat, lib, self))
         stats = MoEStats(w_NE.sum(), (w_NE > 0).sum().detach().to(w_NE.dtype))
-        return y_ND.view(B, T, D), stats
+        return y_N1D.view(B, T, D), stats
+
+
+@dataclass(frozen=True)
+class SparsityController:
+    """DynMoE's sparsity control (ReMoE): after every optimizer step the L1 coefficient is multiplied by ``factor``
+    while more experts are active per token than the ``target`` and divided by it while fewer.
+
+    ReMoE's coefficient stays positive (``floor=None``): it can only push activity down, and in short runs here the
+    main loss pushed activity below the target and kept it there (README). With a ``floor`` the rule is two-sided:
+    a positive coefficient that would shrink below ``floor`` turns into a reward for routing weight (``-floor``),
+    which grows by ``factor`` per step while activity stays below the target and is dropped (back to ``+floor``) as
+    soon as activity reaches it, so that the reward never lingers to overshoot. Either way the magnitude stays
+    within ``cap``; at an exact tie the coefficient holds.
+    """
+
+    target: float
+    factor: float
+    floor: float | None = None
+    cap: float = math.inf
+
+    @classmethod
+    def for_config(cls, cfg: Config) -> "SparsityController":
+        t, m = cfg.train, cfg.model
+        # two-sided only where a reward can act: routers learning from the main loss, a target below the library
+        two_sided = t.l1_two_sided and not cfg.shaping.meta_only and m.ffn_active < m.ffn_experts
+        return cls(m.ffn_active, t.l1_factor, t.l1_init if two_sided else None, t.l1_max)
+
+    def next_coef(self, coef: float, active: float) -> float:
+        """The coefficient after a step that saw ``active`` experts per token on average."""
+        if active == self.target:
+            return coef
+        above = active > self.target
+        if self.floor is None or coef > 0:
+            coef = coef * self.factor if above else coef / self.factor
+            if self.floor is not None and coef < self.floor:
+                coef = -self.floor  # the penalty has decayed away and activity is still low: reward instead
+        else:  # a reward
+            coef = self.floor if above else coef * self.factor
+        return max(-self.cap, min(self.cap, coef))
 
 
 class DenseFFN(nn.Module):
@@ -84,6 +121,6 @@ class DenseFFN(nn.Module):
         nn.init.normal_(self.mlp.w1.weight, std=1.0 / math.sqrt(self.mlp.w1.in_features))
         nn.init.normal_(self.mlp.w2.weight, std=out_std)
 
-    def forward(self, h_BTD: torch.Tensor, lib: None, ctx: "StepContext") -> tuple[torch.Tensor, MoEStats]:
+    def forward(self, h_BTD: torch.Tensor, lib: None, ctx: StepContext) -> tuple[torch.Tensor, MoEStats]:
         zero = h_BTD.new_zeros(())
         return self.mlp(h_BTD), MoEStats(zero, zero)

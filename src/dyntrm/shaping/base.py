@@ -2,12 +2,12 @@
 
 A shaper is called around each micro-batch of a training step::
 
-    tap = shaper.tap()                     # passed to model(..., tap=tap): sees every routed module's tensors
-    loss = loss + shaper.extra_loss()      # FARS adds its term here (one backward)
+    tap = shaper.tap()                       # passed to model(..., tap=tap): sees every Routed record
+    loss = loss + shaper.extra_loss(counts)  # FARS adds its term here (one backward)
     loss.backward()
-    shaper.after_backward(norms)           # SARS: learning cost, goodness, meta loss, separate backward
+    shaper.after_backward(counts)            # SARS: learning cost, goodness, meta loss, separate backward
     ...
-    metrics = shaper.finish()              # all micro-batches done: meta gradients all-reduced and applied
+    metrics = shaper.finish()                # all micro-batches done: meta gradients all-reduced and applied
 
 Every shaper (``none`` included) records routing statistics through its tap: active experts, the entropy of the
 normalised routing weights, and each expert's usage, per module kind (q, k, v, ffn), averaged over recursion steps
@@ -22,22 +22,7 @@ from typing import Any
 
 import torch
 
-MODULES = ("q", "k", "v", "ffn")
-
-
-@dataclass
-class Routed:
-    """What a routed module shows the tap at one recursion step (C channels share x and the library)."""
-
-    step: int
-    names: tuple[str, ...]  # channel names: ("q", "k", "v") or ("ffn",)
-    x: torch.Tensor  # (N, d_in) expert inputs
-    logits: torch.Tensor  # (N, C, E)
-    weights: torch.Tensor  # (N, C, E) = ReLU(logits), padding zeroed for the FFN
-    out: torch.Tensor  # (N, C, d_out) or (N, d_out): the composed output, on the loss path
-    valid: torch.Tensor | None  # (N,) real rows
-    library: Any  # ExpertLibrary
-    router: Any  # module with .logits(x) -> (N, C, E) or (N, E)
+from ..model.context import ATTN_CHANNELS, CHANNELS, Routed, routing_entropy
 
 
 @dataclass
@@ -51,15 +36,14 @@ class RoutingStats:
 
     @torch.no_grad()
     def add(self, r: Routed) -> None:
-        w = r.weights.detach()
+        w_nCE = r.weights.detach()
         if r.valid is not None:
-            w = w[r.valid]
-        on = (w > 0).float()  # (n, C, E)
-        p = w / w.sum(-1, keepdim=True).clamp(min=1e-12)
-        ent = -(p * torch.log(p.clamp(min=1e-12))).sum(-1)  # (n, C)
+            w_nCE = w_nCE[r.valid]
+        on_nCE = (w_nCE > 0).float()
+        ent_nC = routing_entropy(w_nCE)
         for c, name in enumerate(r.names):
-            for store, val in ((self.active, on[:, c].sum()), (self.entropy, ent[:, c].sum()),
-                               (self.usage, on[:, c].sum(0)), (self.rows, torch.tensor(float(w.shape[0])))):
+            for store, val in ((self.active, on_nCE[:, c].sum()), (self.entropy, ent_nC[:, c].sum()),
+                               (self.usage, on_nCE[:, c].sum(0)), (self.rows, torch.tensor(float(w_nCE.shape[0])))):
                 store[name] = store.get(name, 0) + val
 
     def metrics(self) -> dict[str, Any]:
@@ -86,21 +70,22 @@ class Shaper:
     def tap(self):
         return self.observe if self.routed_params else None
 
-    def observe(self, step: int, name: str, **t: Any) -> None:
-        self.stats.add(self._routed(step, name, t))
+    def observe(self, r: Routed) -> None:
+        self.stats.add(r)
 
-    @staticmethod
-    def _routed(step: int, name: str, t: dict[str, Any]) -> Routed:
-        logits, weights = t["logits"], t["weights"]
-        if logits.dim() == 2:  # one channel (the FFN)
-            logits, weights = logits[:, None], weights[:, None]
-        return Routed(step, tuple(t.get("channels", (name,))), t["x"], logits, weights, t["out"], t["valid"],
-                      t["library"], t["router"])
+    def mean_weight(self, channel: str, counts, rate: float = 1.0) -> float:
+        """The factor that turns a sum over the rows of one (step, ``channel``) into its share of the mean over
+        every routed module (N steps x q, k, v, ffn) and every real row of the global batch (a token; a (token,
+        head) pair for attention; a ``rate`` subsample of them). x world: the shapers' gradients are averaged
+        across ranks afterwards."""
+        heads = self.cfg.model.n_heads if channel in ATTN_CHANNELS else 1
+        rows_global = float(counts.tokens) * self.rt.world * heads * rate
+        return self.rt.world / (rows_global * (self.cfg.model.max_steps * len(CHANNELS)))
 
-    def extra_loss(self, norms) -> torch.Tensor | None:
+    def extra_loss(self, counts) -> torch.Tensor | None:
         return None
 
-    def after_backward(self, norms) -> None:
+    def after_backward(self, counts) -> None:
         pass
 
     # --- per optimizer step

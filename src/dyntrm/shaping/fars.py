@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..model.context import Routed, routing_probs
 from .base import Shaper
 
 
@@ -25,8 +26,7 @@ class FARS(Shaper):
         self.captures: list[tuple[tuple[str, ...], torch.Tensor, Any, Any]] = []  # one per routed call
         self.sums: dict[str, Any] = {}
 
-    def observe(self, step: int, name: str, **t: Any) -> None:
-        r = self._routed(step, name, t)
+    def observe(self, r: Routed) -> None:
         self.stats.add(r)
         if torch.is_grad_enabled():
             x = r.x.detach() if r.valid is None else r.x.detach()[r.valid]
@@ -46,20 +46,15 @@ class FARS(Shaper):
             count += p[0].numel()
         return total / count
 
-    def extra_loss(self, norms) -> torch.Tensor | None:
+    def extra_loss(self, counts) -> torch.Tensor | None:
         if not self.captures:
             return None
-        n_modules = self.cfg.model.max_steps * 4
-        H = self.cfg.model.n_heads
         costs: dict[int, torch.Tensor] = {}
         terms = []
         for names, x, router, lib in self.captures:
-            cost = costs.setdefault(id(lib), self.expert_cost(lib))
-            r = router.logits(x)  # routing of every channel (q, k, v) from one GEMM
-            w = F.relu(r if r.dim() == 3 else r[:, None])  # (n, C, E)
-            p = w / w.sum(-1, keepdim=True).clamp(min=1e-12)
-            rows_global = float(norms.tokens) * self.rt.world * (H if names != ("ffn",) else 1)
-            terms.append((p @ cost).sum() * (self.rt.world / (rows_global * n_modules)))
+            cost_E = costs.setdefault(id(lib), self.expert_cost(lib))
+            p_nCE = routing_probs(F.relu(router.logits(x)))  # every channel (q, k, v) from one GEMM
+            terms.append((p_nCE @ cost_E).sum() * self.mean_weight(names[0], counts))
         self.captures.clear()
         loss = self.cfg.shaping.fars_weight * torch.stack(terms).sum()
         self.sums["fars_loss"] = self.sums.get("fars_loss", 0.0) + loss.detach()

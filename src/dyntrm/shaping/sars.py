@@ -26,7 +26,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .base import Routed, Shaper
+from ..model.context import Routed
+from ..model.experts import group_by_expert
+from .base import Shaper
 
 
 # ------------------------------------------------------------------------------------------------ pure maths
@@ -97,10 +99,10 @@ def _dense_costs(x, w_NCE, delta_NCd, w1, w2, chunk):
 def _sparse_cost(x, w, delta, w1, w2):
     N, E = w.shape
     out = torch.zeros(N, E, dtype=x.dtype, device=x.device)
-    e_idx, n_idx = torch.nonzero((w != 0).T, as_tuple=True)  # pairs sorted by expert
+    e_idx, n_idx, counts_E = group_by_expert(w != 0)
     if e_idx.numel() == 0:
         return out
-    counts = torch.bincount(e_idx, minlength=E).tolist()
+    counts = counts_E.tolist()
     xs, ds = x[n_idx], delta[n_idx]
     s2_parts, h2_parts = [], []
     for e, (xe, de) in enumerate(zip(torch.split(xs, counts), torch.split(ds, counts))):
@@ -163,20 +165,19 @@ class SARS(Shaper):
         self.micro = 0  # micro-batches since the last finish()
         # token subsampling draws from the global torch RNG, which checkpoints save: resume stays exact
 
-    def observe(self, step: int, name: str, **t: Any) -> None:
-        r = self._routed(step, name, t)
+    def observe(self, r: Routed) -> None:
         self.stats.add(r)
         if not torch.is_grad_enabled():
             return
         rows = self._sample(r)
         x = r.x.detach()[rows]
         for c, ch in enumerate(r.names):
-            key = (step, ch)
+            key = (r.step, ch)
             if key in self.captures:
                 raise RuntimeError(f"SARS captured {key} twice in one micro-batch")
             self.captures[key] = Capture(x, r.weights.detach()[rows, c], r.logits.detach()[rows, c], rows,
                                          r.router, c, r.library)
-        r.out.register_hook(self._hook(step, r.names, rows))
+        r.out.register_hook(self._hook(r.step, r.names, rows))
 
     def _sample(self, r: Routed) -> torch.Tensor:
         """Real rows, each kept with probability ``token_rate`` (an unbiased estimate of the mean)."""
@@ -188,11 +189,8 @@ class SARS(Shaper):
         return torch.nonzero(valid, as_tuple=True)[0]
 
     def _hook(self, step: int, names: tuple[str, ...], rows: torch.Tensor):
-        def hook(grad: torch.Tensor) -> None:
-            g = grad.detach()
-            if g.dim() == 2:
-                g = g[:, None]
-            g = g[rows]
+        def hook(grad_NCd: torch.Tensor) -> None:
+            g = grad_NCd.detach()[rows]
             # the gradient of *this* module's output, stored under its own (step, channel) keys
             caps = [self.captures[(step, ch)] for ch in names]
             lib, x = caps[0].library, caps[0].x
@@ -204,14 +202,12 @@ class SARS(Shaper):
                     cap.delta = g[:, c]
         return hook
 
-    def after_backward(self, norms) -> None:
+    def after_backward(self, counts) -> None:
         """Build this micro-batch's meta loss from its captures, backward it into the routing parameters only,
         and release the captures."""
         if not self.captures:
             return
         s = self.cfg.shaping
-        n_modules = self.cfg.model.max_steps * 4
-        H = self.cfg.model.n_heads
         terms = []
         recomputed: dict[tuple[int, int], torch.Tensor] = {}  # q, k, v share one routing GEMM per step
         for (step, name), cap in self.captures.items():
@@ -220,14 +216,11 @@ class SARS(Shaper):
             good = goodness(cap.logits, cap.cost)
             key = (step, id(cap.router))
             if key not in recomputed:  # graph: routing parameters only (the inputs are detached)
-                r = cap.router.logits(cap.x)
-                recomputed[key] = r if r.dim() == 3 else r[:, None]
+                recomputed[key] = cap.router.logits(cap.x)
             r_new = recomputed[key][:, cap.channel]
             ent = entropy_of_softmax(r_new + good)
-            # global mean over tokens (x rate: the subsample's expected size), mean over modules; x world because
-            # the meta gradients are averaged across ranks afterwards
-            rows_global = float(norms.tokens) * self.rt.world * (H if name != "ffn" else 1) * s.token_rate
-            terms.append(ent.sum() * (self.rt.world / (rows_global * n_modules)))
+            # the subsample's expected size is token_rate x the rows: the sum estimates the mean without bias
+            terms.append(ent.sum() * self.mean_weight(name, counts, s.token_rate))
             with torch.no_grad():  # logged means over modules (kept on the device until finish())
                 for k, v in (("goodness", good.mean()), ("cost", cap.cost.sum() / (cap.w > 0).sum().clamp(min=1)),
                              ("meta_entropy", ent.mean())):

@@ -7,6 +7,7 @@ import pytest
 
 from dyntrm.cli import main
 from dyntrm.data.arc import ArcDataError, load_source, load_task_file
+from helpers import assert_user_error, cli
 
 GOOD = {"train": [{"input": [[1, 2], [3, 4]], "output": [[4, 3], [2, 1]]}],
         "test": [{"input": [[5, 6], [7, 8]], "output": [[8, 7], [6, 5]]}]}
@@ -127,9 +128,8 @@ def test_cli_reports_bad_input_without_traceback(tmp_tasks, tmp_path, capsys):
 
 
 def test_cli_unknown_task_and_missing_source(capsys, tmp_path):
-    assert main(["show", "arc1", "nope", "--out", str(tmp_path / "x.png")]) == 2
-    assert main(["data", "stats", "--source", str(tmp_path / "missing")]) == 2
-    assert "no task 'nope'" in capsys.readouterr().out
+    assert_user_error(cli(capsys, "show", "arc1", "nope", "--out", tmp_path / "x.png"), "no task 'nope'")
+    assert_user_error(cli(capsys, "data", "stats", "--source", tmp_path / "missing"), "no such file or directory")
 
 
 def test_cli_stats_and_show(capsys, tmp_path):

@@ -6,7 +6,7 @@ import re
 import pytest
 
 from dyntrm.cli import main
-from helpers import TASKS
+from helpers import TASKS, assert_user_error, cli
 
 TRAIN = ["train", "--preset", "debug", "--source", str(TASKS), "--set", "data.train_splits=",
          "--set", "data.demo_splits=all", "--set", "data.eval_split=all", "--set", "train.warmup=1"]
@@ -30,10 +30,9 @@ def test_help_lists_the_subcommands(capsys):
 
 def test_unknown_override_is_an_error_listing_valid_keys(capsys):
     assert main([*TRAIN, "--set", "model.widht=3"]) == 2
-    out = capsys.readouterr().out
-    assert "unknown config key 'model.widht'" in out and "model.d_model" in out and "Traceback" not in out
-    assert main([*TRAIN, "--set", "model.d_model=abc"]) == 2
-    assert "model.d_model='abc'" in capsys.readouterr().out
+    err = capsys.readouterr().err
+    assert "unknown config key 'model.widht'" in err and "model.d_model" in err and "Traceback" not in err
+    assert_user_error(cli(capsys, *TRAIN, "--set", "model.d_model=abc"), "model.d_model='abc'")
 
 
 def test_a_bad_config_json_is_a_config_error(tmp_path, capsys):
@@ -50,14 +49,13 @@ def test_a_bad_config_json_is_a_config_error(tmp_path, capsys):
     path.write_text('{"model": {"widht": 3}}')
     with pytest.raises(ConfigError, match="unknown config key 'model.widht'"):
         load_config(path)
-    assert main(["train", "--resume", str(tmp_path)]) == 2  # a user error: one line, no traceback
-    assert "unknown config key 'model.widht'" in capsys.readouterr().out
+    assert main(["train", "--resume", str(tmp_path)]) == 2  # a user error, on stderr, no traceback
+    assert "unknown config key 'model.widht'" in capsys.readouterr().err
 
 
 def test_leaky_split_configuration_is_refused(capsys, tmp_path):
-    assert main(["train", "--preset", "debug", "--source", str(TASKS), "--set", "data.train_splits=all",
-                 "--set", "data.eval_split=all", "--out", str(tmp_path)]) == 2
-    assert "would be trained on" in capsys.readouterr().out
+    assert_user_error(cli(capsys, "train", "--preset", "debug", "--source", TASKS, "--set", "data.train_splits=all",
+                          "--set", "data.eval_split=all", "--out", tmp_path), "would be trained on")
 
 
 def test_train_then_eval_predict_inspect_plot_resume(tmp_path, capsys):
@@ -91,8 +89,7 @@ def test_train_then_eval_predict_inspect_plot_resume(tmp_path, capsys):
 
 
 def test_eval_of_a_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
-    assert main(["eval", str(tmp_path)]) == 2
-    assert "no complete checkpoint" in capsys.readouterr().out
+    assert_user_error(cli(capsys, "eval", tmp_path), "no complete checkpoint")
 
 
 def test_torchrun_two_processes_end_to_end(tmp_path):
@@ -134,3 +131,10 @@ def test_demo_end_to_end_on_the_debug_preset(tmp_path, capsys, monkeypatch):
         assert m["n_test_inputs"] == len(split_items(cli.demo_config(0)))
     report = (out / "report.html").read_text()
     assert "answering with the test input" in report and "pass@2 (2 views)" in report
+
+
+def test_errors_go_to_stderr_as_one_line_even_when_they_look_like_markup(tmp_path, capsys):
+    """A message holding ``[...]`` (a pair such as train[0], a file name such as [red]bad.json) prints as it is."""
+    bad = tmp_path / "[red]bad.json"
+    bad.write_text('{"train": [{"input": [[1]], "output": [[1, 2], [3]]}], "test": [{"input": [[1]]}]}')
+    assert_user_error(cli(capsys, "show", bad, "x", "--out", tmp_path / "x.png"), "[red]bad.json", "train[0].output")

@@ -1,7 +1,7 @@
 """Command line: ``dyntrm SUBCOMMAND ...`` (also ``python -m dyntrm``).
 
-Errors in the user's input (bad data, bad config, a missing file) are printed as one line without a traceback
-and exit with code 2.
+Errors in the user's input (bad data, bad config, a missing file) are printed as one line on stderr without a
+traceback and exit with code 2.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .config import MAX_ANSWER_TOKENS, ConfigError
@@ -22,6 +23,9 @@ USER_ERRORS = (ArcDataError, ConfigError, LeakageError, FileNotFoundError)
 
 # Piped output (logs, CI) gets a wide console rather than rich's 80-column default, so tables stay readable.
 console = Console() if sys.stdout.isatty() else Console(width=160)
+# Errors and warnings go to stderr, so that a script reading stdout (or a file it was redirected to) never takes
+# them for results.
+errors = Console(stderr=True)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -126,7 +130,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     try:
         trainer, last = train(cfg, run_dir, resume=bool(args.resume), rt=rt)
     except KeyboardInterrupt:
-        rt.print0(f"stopped: checkpoint saved in {run_dir}; continue with `dyntrm train --resume {run_dir}`")
+        rt.print0(f"stopped: checkpoint saved in {run_dir}; continue with `dyntrm train --resume {run_dir}`",
+                  file=sys.stderr)
         raise SystemExit(130)
     del trainer  # DDP's reducer must go before its process group, or gloo aborts the process at exit
     teardown()
@@ -380,18 +385,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def say_error(label: str, e: BaseException) -> None:
+    """``label: message`` on stderr, as one line; the message is escaped, since file names and pairs such as
+    ``train[0]`` would otherwise read as rich markup (and a stray ``[/x]`` would raise)."""
+    errors.print(f"[bold red]{label}:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except USER_ERRORS as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        say_error("error", e)
         return 2
     except TrainingStoppedError as e:
-        console.print(f"[bold red]stopped:[/] {e}", highlight=False, soft_wrap=True)
+        say_error("stopped", e)
         return 1
     except KeyboardInterrupt:
-        console.print("interrupted")
+        errors.print("interrupted")
         return 130
     return 0
 

@@ -42,7 +42,10 @@ def cli(capsys, *argv: str) -> tuple[int, str, str]:
     """Run ``dyntrm ARGV`` in-process: (exit code, stdout, stderr)."""
     from dyntrm.cli import main
 
-    code = main([str(a) for a in argv])
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse refuses bad arguments this way
+        code = e.code
     out = capsys.readouterr()
     return code, out.out, out.err
 

@@ -138,3 +138,33 @@ def test_errors_go_to_stderr_as_one_line_even_when_they_look_like_markup(tmp_pat
     bad = tmp_path / "[red]bad.json"
     bad.write_text('{"train": [{"input": [[1]], "output": [[1, 2], [3]]}], "test": [{"input": [[1]]}]}')
     assert_user_error(cli(capsys, "show", bad, "x", "--out", tmp_path / "x.png"), "[red]bad.json", "train[0].output")
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["eval", "RUN", "--views", "0"], "argument --views: must be >= 1, got 0"),
+    (["eval", "RUN", "--limit", "-1"], "argument --limit: must be >= 1, got -1"),
+    (["eval", "RUN", "--temperature", "-1"], "argument --temperature: must be >= 0, got -1"),
+    (["eval", "RUN", "--temperature", "nan"], "argument --temperature"),
+    (["eval", "RUN", "--top-k", "-1"], "argument --top-k"),
+    (["eval", "RUN", "--seed", "-1"], "argument --seed"),
+    (["eval", "RUN", "--views", "two"], "argument --views: expected an integer, got 'two'"),
+    (["predict", "RUN", "task.json", "--views", "0"], "argument --views"),
+    (["demo", "--minutes", "0"], "argument --minutes: must be > 0"),
+    (["demo", "--views", "1", "0"], "argument --views"),
+    (["data", "stats", "--max-len", "0"], "argument --max-len"),
+    (["data", "synth", "--out", "x", "--tasks", "-1"], "argument --tasks"),
+    (["info", "--context", "0"], "argument --context"),
+    (["eval"], "required: RUN_DIR_OR_CHECKPOINT"),
+])
+def test_bad_arguments_are_one_line_errors(capsys, argv, words):
+    assert_user_error(cli(capsys, *argv), words, f"dyntrm {argv[0]}")
+
+
+def test_eval_of_a_split_the_source_lacks_is_refused(tmp_path, capsys):
+    """A flat task directory has one split, `all`: the run's default split falls back to it, a split the user
+    names does not."""
+    run = tmp_path / "run"
+    assert main([*TRAIN, "--out", str(run), "--set", "train.steps=1"]) == 0
+    assert_user_error(cli(capsys, "eval", run, "--split", "nope", "--out", tmp_path / "ev"), "no split 'nope'",
+                      "['all']")
+    assert not (tmp_path / "ev").exists()

@@ -7,6 +7,7 @@ traceback and exit with code 2.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -297,26 +298,50 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 # ------------------------------------------------------------------------------------------------ main
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its refusals as one ``error:`` line (like every other user error) instead of usage + error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def number(kind: type, lo: float, *, strict: bool = False):
+    """An argparse type: a finite ``kind`` (int or float) >= ``lo`` (> ``lo`` when ``strict``)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not math.isfinite(value) or (value <= lo if strict else value < lo):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {lo:g}, got {text}")
+        return value
+    return parse
+
+
+POSITIVE, NONNEGATIVE = number(int, 1), number(int, 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dyntrm", description="DynTRM: a Dynamic Tiny Recursive Model for ARC-AGI")
+    p = Parser(prog="dyntrm", description="DynTRM: a Dynamic Tiny Recursive Model for ARC-AGI")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     data = sub.add_parser("data", help="inspect a data source")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     stats = data_sub.add_parser("stats", help="task and pair counts, sequence-length percentiles")
     stats.add_argument("--source", default="arc1", help="arc1, arc2 or a PATH")
-    stats.add_argument("--max-len", type=int, default=None, help="also count sequences longer than this")
+    stats.add_argument("--max-len", type=POSITIVE, default=None, help="also count sequences longer than this")
     stats.set_defaults(func=cmd_data_stats)
     from .data.synth import FAMILIES
 
     synth = data_sub.add_parser("synth", help="write procedural ARC tasks of known rules (the sanity ladder)")
     synth.add_argument("--out", required=True, help="directory; training/ and evaluation/ are written in it")
     synth.add_argument("--families", default=",".join(FAMILIES), help=f"comma-separated: {', '.join(FAMILIES)}")
-    synth.add_argument("--tasks", type=int, default=100, help="training tasks per family")
-    synth.add_argument("--eval-tasks", type=int, default=20, help="held-out evaluation tasks per family")
+    synth.add_argument("--tasks", type=POSITIVE, default=100, help="training tasks per family")
+    synth.add_argument("--eval-tasks", type=NONNEGATIVE, default=20, help="held-out evaluation tasks per family")
     synth.add_argument("--sides", default="3-6", help="input grid sides A-B")
-    synth.add_argument("--demos", type=int, default=3, help="demonstrations per task (one test input each)")
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--demos", type=POSITIVE, default=3, help="demonstrations per task (one test input each)")
+    synth.add_argument("--seed", type=NONNEGATIVE, default=0)
     synth.set_defaults(func=cmd_data_synth)
 
     show = sub.add_parser("show", help="draw one task's pairs in the ARC palette")
@@ -339,11 +364,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT")
     ev.add_argument("--source", default=None, help="data source (default: the run's)")
     ev.add_argument("--split", default=None, help="split to score (default: the run's data.eval_split)")
-    ev.add_argument("--views", type=int, default=8, help="augmented views per test input (1: no voting)")
-    ev.add_argument("--limit", type=int, default=None, help="score only the first N test inputs")
-    ev.add_argument("--seed", type=int, default=0, help="seed of the views' colour permutations")
-    ev.add_argument("--temperature", type=float, default=0.0, help="> 0 samples instead of greedy decoding")
-    ev.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens")
+    ev.add_argument("--views", type=POSITIVE, default=8, help="augmented views per test input (1: no voting)")
+    ev.add_argument("--limit", type=POSITIVE, default=None, help="score only the first N test inputs")
+    ev.add_argument("--seed", type=NONNEGATIVE, default=0, help="seed of the views' colour permutations")
+    ev.add_argument("--temperature", type=number(float, 0), default=0.0, help="> 0 samples instead of greedy decoding")
+    ev.add_argument("--top-k", type=NONNEGATIVE, default=0, help="sample from the k most likely tokens")
     ev.add_argument("--cap-to-prompt", action="store_true",
                     help="limit answers to the largest grid side in their prompt (bounds decoding cost; a heuristic)")
     ev.add_argument("--out", default=None, help="output directory (default RUN/eval-SPLIT)")
@@ -352,8 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="answers for any task file, in the ARC Prize format")
     pr.add_argument("checkpoint", metavar="CHECKPOINT")
     pr.add_argument("task", metavar="TASK.json")
-    pr.add_argument("--views", type=int, default=8)
-    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--views", type=POSITIVE, default=8)
+    pr.add_argument("--seed", type=NONNEGATIVE, default=0)
     pr.add_argument("--out", default=None, help="answers file (default TASK_ID.answers.json)")
     pr.set_defaults(func=cmd_predict)
 
@@ -361,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("checkpoint", metavar="CHECKPOINT")
     ins.add_argument("source", help="arc1, arc2, a task directory or a task file")
     ins.add_argument("task_id")
-    ins.add_argument("--test", type=int, default=0, help="which test input of the task")
+    ins.add_argument("--test", type=NONNEGATIVE, default=0, help="which test input of the task")
     ins.add_argument("--out", default="inspect", help="output directory")
     ins.set_defaults(func=cmd_inspect)
 
@@ -373,13 +398,13 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="parameters per library, active parameters, FLOPs per token per step")
     info.add_argument("--preset", default="tiny")
     info.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
-    info.add_argument("--context", type=int, default=1024, help="context length for attention-score FLOPs")
+    info.add_argument("--context", type=POSITIVE, default=1024, help="context length for attention-score FLOPs")
     info.set_defaults(func=cmd_info)
 
     demo = sub.add_parser("demo", help="the main job of `make demo`: train tiny, evaluate, write a report")
     demo.add_argument("--out", default="runs/demo")
-    demo.add_argument("--minutes", type=float, default=4.0, help="training time budget")
-    demo.add_argument("--views", type=int, nargs="+", default=[1],
+    demo.add_argument("--minutes", type=number(float, 0, strict=True), default=4.0, help="training time budget")
+    demo.add_argument("--views", type=POSITIVE, nargs="+", default=[1],
                       help="evaluate with these view counts (e.g. --views 1 8; each view costs a full decode)")
     demo.set_defaults(func=cmd_demo)
     return p

@@ -87,8 +87,8 @@ def split_items(cfg: Config, split: str | None = None, limit: int | None = None)
     the first ``limit`` of them when given."""
     src = load_source(cfg.data.source)
     name = split or cfg.data.eval_split
-    if name not in src.splits and len(src.splits) == 1:
-        name = next(iter(src.splits))  # a flat directory or a single file has one split: use it
+    if split is None and name not in src.splits and len(src.splits) == 1:
+        name = next(iter(src.splits))  # a flat directory or a single file has one split: the run's default is it
     items = eval_items(filter_max_side(src.split(name), cfg.data.max_side))
     return items[:limit] if limit else items
 

@@ -139,3 +139,16 @@ def test_cli_stats_and_show(capsys, tmp_path):
     png = tmp_path / "task.png"
     assert main(["show", "arc1", "007bbfb7", "--out", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("raw,words", [
+    ('{"train": [{"input": [[' + "7" * 5000 + ']], "output": [[1]]}], "test": [{"input": [[1]]}]}',
+     "a number too long to read"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+])
+def test_hostile_json_is_a_one_line_error(tmp_tasks, capsys, raw, words):
+    """A 5000-digit integer (over Python's int-parsing limit) and 100k-deep nesting (over the recursion limit)."""
+    path = tmp_tasks("hostile", None, raw=raw)
+    with pytest.raises(ArcDataError, match=words):
+        load_task_file(path)
+    assert_user_error(cli(capsys, "data", "stats", "--source", path), str(path), words)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -61,6 +62,10 @@ def read_json(path: str | os.PathLike, error: Callable[[str], Exception]) -> Any
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise error(f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except ValueError:  # Python refuses to parse integers of more than sys.get_int_max_str_digits() digits
+        raise error(f"invalid JSON: a number too long to read (over {sys.get_int_max_str_digits()} digits)") from None
+    except RecursionError:
+        raise error("invalid JSON: nested too deeply") from None
 
 
 def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:

@@ -1,6 +1,7 @@
 """The command line end to end on the `debug` preset: train -> eval / predict / inspect / plot, errors."""
 
 import json
+import os
 import re
 
 import pytest
@@ -168,3 +169,53 @@ def test_eval_of_a_split_the_source_lacks_is_refused(tmp_path, capsys):
     assert_user_error(cli(capsys, "eval", run, "--split", "nope", "--out", tmp_path / "ev"), "no split 'nope'",
                       "['all']")
     assert not (tmp_path / "ev").exists()
+
+
+@pytest.fixture(scope="module")
+def run3(tmp_path_factory):
+    """A 3-step debug run that tests read but never change."""
+    run = tmp_path_factory.mktemp("run3") / "run"
+    assert main([*TRAIN, "--out", str(run), "--set", "train.steps=3"]) == 0
+    return run
+
+
+def _no_decoding(monkeypatch):
+    import dyntrm.evaluate as E
+
+    def refuse(*a, **k):
+        raise AssertionError("decoding started before the output path was checked")
+
+    monkeypatch.setattr(E, "generate_batched", refuse)
+
+
+def test_eval_and_predict_check_where_they_write_before_decoding(run3, tmp_path, capsys, monkeypatch):
+    _no_decoding(monkeypatch)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    assert_user_error(cli(capsys, "eval", run3, "--out", a_file), str(a_file), "not a directory")
+    assert_user_error(cli(capsys, "eval", run3, "--out", a_file / "sub"), str(a_file))
+    assert_user_error(cli(capsys, "predict", run3, TASKS / "flip_lr.json", "--out", tmp_path), str(tmp_path),
+                      "is a directory")
+    assert_user_error(cli(capsys, "predict", run3, TASKS / "flip_lr.json", "--out", a_file / "x.json"), str(a_file))
+
+
+def test_eval_and_predict_refuse_a_read_only_output_before_decoding(run3, tmp_path, capsys, monkeypatch):
+    _no_decoding(monkeypatch)
+    read_only = tmp_path / "read_only"
+    read_only.mkdir(mode=0o555)
+    if os.access(read_only, os.W_OK):  # root writes anywhere: nothing to refuse
+        pytest.skip("running as root: a read-only directory is writable")
+    assert_user_error(cli(capsys, "eval", run3, "--out", read_only / "ev"), str(read_only), "Permission denied")
+    assert_user_error(cli(capsys, "predict", run3, TASKS / "flip_lr.json", "--out", read_only / "x.json"),
+                      str(read_only), "Permission denied")
+
+
+def test_a_full_disk_is_a_one_line_error_saying_so(tmp_path, capsys, monkeypatch):
+    import errno
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    assert_user_error(cli(capsys, *TRAIN, "--out", tmp_path / "run", "--set", "train.steps=1"), "disk full",
+                      str(tmp_path / "run"))

@@ -144,18 +144,22 @@ def test_exact_resume_after_interrupt_and_after_a_crash(tmp_path, monkeypatch):
         assert (other.state.epoch, other.state.batch) == (straight.state.epoch, straight.state.batch)
 
 
-def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+def test_checkpoint_write_is_atomic_and_a_full_disk_names_the_file(tmp_path, monkeypatch):
+    import errno
+
     cfg = debug_cfg("train.steps=2")
     tr, _ = train(cfg, tmp_path, rt=CPU, live=False)
     good = checkpoint.latest(tmp_path)
     tr.state.step = 99
 
-    def broken(*a, **k):
-        raise OSError("disk full")
+    def full(fd):  # where a full disk shows on a write that the page cache took: at fsync
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(checkpoint, "save_file", broken)
-    with pytest.raises(OSError):
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError) as e:
         tr.save()
+    assert e.value.errno == errno.ENOSPC and e.value.filename.endswith("model.safetensors")
+    monkeypatch.undo()
     assert checkpoint.latest(tmp_path) == good
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", good.name]
     assert checkpoint.load(tmp_path)["meta"]["step"] == 2

@@ -13,6 +13,7 @@ It is written to a temporary directory that is renamed into place once complete,
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -22,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_tensors
 
 from .config import Config, from_dict, to_dict
-from .io import _fsync_dir, write_text
+from .io import _fsync_dir, write_bytes, write_text
 
 CKPT_DIR = "checkpoints"
 LATEST = "latest"
@@ -70,14 +72,15 @@ def save(run_dir: str | os.PathLike, step: int, *, model_state: dict[str, torch.
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        save_file(_tensors(model_state), str(tmp / "model.safetensors"))
+        # Serialised in memory and written by Python: the libraries' own writers turn a full disk into errors
+        # that do not say so, Python's carry the errno (ENOSPC) and the file.
+        write_bytes(tmp / "model.safetensors", save_tensors(_tensors(model_state)))
         if ema_state is not None:
-            save_file(_tensors(ema_state), str(tmp / "ema.safetensors"))
-        torch.save(state, tmp / "state.pt")
-        (tmp / COMPLETE).write_text(json.dumps({**meta, "step": step}, indent=2) + "\n")
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+            write_bytes(tmp / "ema.safetensors", save_tensors(_tensors(ema_state)))
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        write_bytes(tmp / "state.pt", buf.getbuffer())
+        write_bytes(tmp / COMPLETE, (json.dumps({**meta, "step": step}, indent=2) + "\n").encode())
         if final.exists():  # an incomplete leftover of a crashed save
             shutil.rmtree(final)
         os.replace(tmp, final)

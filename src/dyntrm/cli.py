@@ -7,6 +7,7 @@ traceback and exit with code 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import sys
 from pathlib import Path
@@ -20,7 +21,8 @@ from .data.arc import ArcDataError, load_source
 from .data.dataset import LeakageError
 from .train import TrainingStopped as TrainingStoppedError
 
-USER_ERRORS = (ArcDataError, ConfigError, LeakageError, FileNotFoundError)
+# A failed file operation (a missing file, a full disk, a read-only directory) is the user's environment, not a bug.
+USER_ERRORS = (ArcDataError, ConfigError, LeakageError, OSError)
 
 # Piped output (logs, CI) gets a wide console rather than rich's 80-column default, so tables stay readable.
 console = Console() if sys.stdout.isatty() else Console(width=160)
@@ -145,13 +147,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .checkpoint import load_model
     from .data.dataset import split_items
     from .evaluate import run_eval, score_line
+    from .io import writable_dir
     from .runtime import pick_device
 
     model, cfg, ckpt_dir = load_model(args.checkpoint, device=pick_device())
     if args.source:
         cfg.data.source = args.source
     items = split_items(cfg, args.split, args.limit)
-    out = Path(args.out or Path(args.checkpoint) / f"eval-{args.split or cfg.data.eval_split}")
+    out = writable_dir(args.out or Path(args.checkpoint) / f"eval-{args.split or cfg.data.eval_split}")
     m, _ = run_eval(model, items, out, n_views=args.views, seed=args.seed, title=f"dyntrm eval: {ckpt_dir}",
                     extra={"checkpoint": str(ckpt_dir), "source": cfg.data.source,
                            "split": args.split or cfg.data.eval_split},
@@ -166,13 +169,16 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from .data.arc import load_task_file
     from .data.dataset import eval_items
     from .evaluate import evaluate_items, metrics_of, submission_of
-    from .io import write_json
+    from .io import writable_dir, write_json
     from .runtime import pick_device
 
     model, cfg, _ = load_model(args.checkpoint, device=pick_device())
     task = load_task_file(args.task)
-    results, stats = evaluate_items(model, eval_items([task]), n_views=args.views, seed=args.seed)
     out = Path(args.out or f"{task.id}.answers.json")
+    if out.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a directory (--out names the answers file)", str(out))
+    writable_dir(out.parent)
+    results, stats = evaluate_items(model, eval_items([task]), n_views=args.views, seed=args.seed)
     write_json(out, submission_of(results), indent=None)
     msg = f"{task.id}: {len(task.test)} test inputs -> {out}"
     if all(p.output is not None for p in task.test):
@@ -412,8 +418,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def say_error(label: str, e: BaseException) -> None:
     """``label: message`` on stderr, as one line; the message is escaped, since file names and pairs such as
-    ``train[0]`` would otherwise read as rich markup (and a stray ``[/x]`` would raise)."""
-    errors.print(f"[bold red]{label}:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+    ``train[0]`` would otherwise read as rich markup (and a stray ``[/x]`` would raise). An OSError reads as its
+    file and the system's reason, a full disk called so."""
+    text = str(e)
+    if isinstance(e, OSError) and e.strerror:
+        reason = f"disk full ({e.strerror})" if e.errno == errno.ENOSPC else e.strerror
+        text = f"{e.filename}: {reason}" if e.filename else reason
+    errors.print(f"[bold red]{label}:[/] {escape(text)}", highlight=False, soft_wrap=True)
 
 
 def main(argv: list[str] | None = None) -> int:

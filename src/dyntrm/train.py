@@ -137,7 +137,7 @@ class Trainer:
         self.detach_steps = cfg.model.max_steps - cfg.train.grad_steps if cfg.train.grad_steps else 0
         self.sparsity = SparsityController.for_config(cfg)
         if resume:
-            self.restore(checkpoint.load(self.run_dir))
+            self.restore(checkpoint.load(self.run_dir, warn=lambda m: rt.print0(f"warning: {m}", file=sys.stderr)))
 
     def _training_set(self) -> TrainingSet:
         d = self.cfg.data
@@ -183,8 +183,10 @@ class Trainer:
         if changed:  # the data position and the weights only mean something under the same model and data
             raise ConfigError(f"{ckpt['dir']}: cannot resume with changed {', '.join(changed)} "
                               f"(train.* and shaping.* may change on resume)")
+        checkpoint.check_weights(self.model.state_dict(), ckpt["model"], ckpt["dir"] / "model.safetensors")
         self.model.load_state_dict(ckpt["model"])
         if self.ema is not None and ckpt["ema"] is not None:
+            checkpoint.check_weights(self.ema.state_dict(), ckpt["ema"], ckpt["dir"] / "ema.safetensors")
             self.ema.load_state_dict(ckpt["ema"])
         self.optimizer.load_state_dict(ckpt["state"]["optimizer"])
         rngs = ckpt["state"]["rng"]

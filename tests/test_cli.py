@@ -132,6 +132,9 @@ def test_demo_end_to_end_on_the_debug_preset(tmp_path, capsys, monkeypatch):
         assert m["n_test_inputs"] == len(split_items(cli.demo_config(0)))
     report = (out / "report.html").read_text()
     assert "answering with the test input" in report and "pass@2 (2 views)" in report
+    # a second demo into the same directory replaces the first one's run (run directories belong to one run)
+    assert main(["demo", "--out", str(out), "--views", "1"]) == 0
+    assert not (out / "eval-2view").exists() and "pass@2 (2 views)" not in (out / "report.html").read_text()
 
 
 def test_errors_go_to_stderr_as_one_line_even_when_they_look_like_markup(tmp_path, capsys):

@@ -19,10 +19,11 @@ from rich.table import Table
 from .config import MAX_ANSWER_TOKENS, ConfigError
 from .data.arc import ArcDataError, load_source
 from .data.dataset import LeakageError
+from .rundir import RunDirError
 from .train import TrainingStopped as TrainingStoppedError
 
 # A failed file operation (a missing file, a full disk, a read-only directory) is the user's environment, not a bug.
-USER_ERRORS = (ArcDataError, ConfigError, LeakageError, OSError)
+USER_ERRORS = (ArcDataError, ConfigError, LeakageError, RunDirError, OSError)
 
 # Piped output (logs, CI) gets a wide console rather than rich's 80-column default, so tables stay readable.
 console = Console() if sys.stdout.isatty() else Console(width=160)
@@ -127,11 +128,14 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .runtime import setup, teardown
     from .train import train
 
+    if args.resume and (args.overwrite or (args.out and Path(args.out) != Path(args.resume))):
+        raise ConfigError("--resume RUN_DIR continues that run in place: it takes neither --overwrite nor another "
+                          "--out")
     cfg = resolve_config(args)
     run_dir = Path(args.resume or args.out or f"runs/{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
     rt = setup(cfg.train.threads)  # torchrun-aware: one process per rank
     try:
-        trainer, last = train(cfg, run_dir, resume=bool(args.resume), rt=rt)
+        trainer, last = train(cfg, run_dir, resume=bool(args.resume), overwrite=args.overwrite, rt=rt)
     except KeyboardInterrupt:
         rt.print0(f"stopped: checkpoint saved in {run_dir}; continue with `dyntrm train --resume {run_dir}`",
                   file=sys.stderr)
@@ -250,7 +254,6 @@ def demo_config(minutes: float):
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    import shutil
     import time
 
     from .data.dataset import split_items
@@ -262,14 +265,12 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     cfg = demo_config(args.minutes)
     out = Path(args.out)
-    if out.exists() and (out / "config.json").exists():  # a previous demo run: start afresh
-        shutil.rmtree(out)
     t0 = time.perf_counter()
     items = split_items(cfg)
     console.print(f"demo: training `tiny` for {args.minutes:g} min on the demonstration pairs of "
                   f"{len({i.task_id for i in items})} ARC-AGI-1 training tasks with grids <= 8x8; "
                   f"their {len(items)} held-out test inputs are scored afterwards")
-    tr, last = train(cfg, out)
+    tr, last = train(cfg, out, overwrite=True)  # a previous demo's run there is replaced
     train_s = time.perf_counter() - t0
     model = tr.ema_model()
     summary = {"training steps": last["step"], "training minutes": round(train_s / 60, 2),
@@ -362,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--source", default=None, help="arc1, arc2 or a PATH (sets data.source)")
     tr.add_argument("--out", default=None, help="run directory (default runs/PRESET-TIME)")
     tr.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this run from its last checkpoint")
+    tr.add_argument("--overwrite", action="store_true",
+                    help="--out holds a run: delete its checkpoints, metrics and evaluations and start afresh")
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override, e.g. --set model.d_model=256 (unknown keys list the valid ones)")
     tr.set_defaults(func=cmd_train)

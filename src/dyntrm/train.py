@@ -23,7 +23,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from . import checkpoint
+from . import checkpoint, rundir
 from .config import Config, ConfigError, to_dict
 from .data.arc import load_source
 from .data.batching import Batch
@@ -344,23 +344,32 @@ class Reporter:
             self.progress.stop()
 
 
-def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, rt: Runtime | None = None,
-          live: bool | None = None, on_eval=None) -> tuple[Trainer, dict[str, float]]:
-    """The training loop: {step, log, eval every k, save every k}; Ctrl-C saves and stops cleanly.
+def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
+          rt: Runtime | None = None, live: bool | None = None, on_eval=None) -> tuple[Trainer, dict[str, float]]:
+    """Train into ``run_dir``, continuing its run (``resume``), replacing it (``overwrite``), or into a directory
+    that holds none (``rundir.py``); rank 0 holds the directory's lock throughout.
 
     ``on_eval(trainer, metrics_path)`` runs every ``train.eval_every`` steps (default: the EMA model on a fixed
     subset of the evaluation split, logged to metrics.jsonl). Returns the trainer and the last logged metrics.
-    Raises :class:`TrainingStopped` after too many non-finite steps (its last checkpoint intact).
+    Raises :class:`TrainingStopped` after too many non-finite steps (naming the checkpoint to resume from).
     """
-    on_eval = on_eval or evaluate_subset
-
     rt = rt or setup(cfg.train.threads)
     run_dir = Path(run_dir)
-    tr = Trainer(cfg, rt, run_dir, resume=resume)  # a refused resume raises here, before any file is touched
-    if rt.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_run_files(run_dir, cfg)
-    rt.barrier()
+    rundir.check(run_dir, resume=resume, overwrite=overwrite)  # every rank, before any file is touched
+    say = lambda m: rt.print0(m, file=sys.stderr)  # noqa: E731
+    with rundir.lock(run_dir, say) if rt.is_main else contextlib.nullcontext():
+        tr = Trainer(cfg, rt, run_dir, resume=resume)  # a refused resume raises here, before any file is touched
+        if rt.is_main:
+            rundir.prepare(run_dir, overwrite=overwrite, say=say)
+            write_run_files(run_dir, cfg)
+        rt.barrier()
+        return tr, loop(tr, live, on_eval or evaluate_subset)
+
+
+def loop(tr: Trainer, live: bool | None, on_eval) -> dict[str, float]:
+    """The training loop: {step, log, eval every k, save every k}; Ctrl-C saves and stops cleanly. Returns the last
+    logged metrics."""
+    cfg, rt, run_dir = tr.cfg, tr.rt, tr.run_dir
     st, t = tr.state, cfg.train
     metrics_path = run_dir / "metrics.jsonl"
     stream = tr.data.iterate(st.epoch, st.batch)
@@ -418,7 +427,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, rt: Runtime
         reporter.close()
         interrupted.restore()
     tr.save()
-    return tr, last
+    return last
 
 
 def window_mean(window: list[dict[str, Any]]) -> dict[str, Any]:

@@ -165,10 +165,12 @@ def test_checkpoint_write_is_atomic_and_a_full_disk_names_the_file(tmp_path, mon
     assert checkpoint.load(tmp_path)["meta"]["step"] == 2
 
 
-def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
+def test_non_finite_steps_are_skipped_then_stop_with_the_checkpoint_before_them(tmp_path, monkeypatch):
+    """No checkpoint is saved during a streak of non-finite steps, so pruning (train.keep=1 here) never deletes the
+    last one before it; the message names it, and the run resumes from it."""
     import dyntrm.train as T
 
-    cfg = debug_cfg("train.steps=10", "train.max_bad_steps=3", "train.save_every=2")
+    cfg = debug_cfg("train.steps=10", "train.max_bad_steps=3", "train.save_every=2", "train.keep=1")
     real = T.compute_loss
     calls = {"n": 0}
 
@@ -180,12 +182,28 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
         return loss, parts
 
     monkeypatch.setattr(T, "compute_loss", poisoned)
-    with pytest.raises(TrainingStopped, match="3 non-finite steps in a row"):
+    before = tmp_path / "checkpoints" / "step_0000004"  # the streak runs over the periodic save of step 6
+    with pytest.raises(TrainingStopped, match=f"3 non-finite steps in a row at step 7 .*newest checkpoint, from "
+                                              f"before them, is {before}"):
         train(cfg, tmp_path, rt=CPU, live=False)
-    ck = checkpoint.load(tmp_path)  # the last good checkpoint is intact and finite
-    assert ck["meta"]["step"] == 6
-    assert ck["meta"]["train_state"]["bad_total"] >= 2
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == [before.name]
+    ck = checkpoint.load(tmp_path)
+    assert ck["meta"]["step"] == 4 and ck["meta"]["train_state"]["bad_in_row"] == 0
+    assert ck["meta"]["train_state"]["bad_total"] == 1  # the isolated one
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
+    monkeypatch.setattr(T, "compute_loss", real)  # the cause is gone: resume from it, to the end
+    tr, _ = train(cfg, tmp_path, rt=CPU, live=False, resume=True)
+    assert tr.state.step == 10 and checkpoint.load(tmp_path)["meta"]["step"] == 10
+
+
+def test_without_a_checkpoint_before_the_streak_the_message_says_so(tmp_path, monkeypatch):
+    import dyntrm.train as T
+
+    real = T.compute_loss
+    monkeypatch.setattr(T, "compute_loss", lambda *a, **k: (lambda l, p: (l * float("nan"), p))(*real(*a, **k)))
+    with pytest.raises(TrainingStopped, match="no checkpoint was saved before them"):
+        train(debug_cfg("train.max_bad_steps=2", "train.save_every=1"), tmp_path, rt=CPU, live=False)
+    assert not (tmp_path / "checkpoints").exists() or not list((tmp_path / "checkpoints").glob("step_*"))
 
 
 def _first_batches(cfg, n):

@@ -137,7 +137,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     try:
         trainer, last = train(cfg, run_dir, resume=bool(args.resume), overwrite=args.overwrite, rt=rt)
     except KeyboardInterrupt:
-        rt.print0(f"stopped: checkpoint saved in {run_dir}; continue with `dyntrm train --resume {run_dir}`",
+        rt.print0(f"stopped: continue from the newest checkpoint with `dyntrm train --resume {run_dir}`",
                   file=sys.stderr)
         raise SystemExit(130)
     del trainer  # DDP's reducer must go before its process group, or gloo aborts the process at exit

@@ -4,7 +4,8 @@ the loop, ``train()``: {step, log, evaluate every k, save every k}.
 One step: for each micro-batch, forward with the routing shaper's tap, the loss (``loss.py``), backward; then the
 shaper adds its gradients (``shaping.kind``: SARS by default, FARS, or none), the logged sums and the finiteness
 verdict are all-reduced in one go, the optimizer steps, the EMA follows, and DynMoE's sparsity controller moves the
-L1 coefficient. A non-finite step is skipped; too many in a row stop the run with its last checkpoint intact.
+L1 coefficient. A non-finite step is skipped; too many in a row stop the run, and no checkpoint is saved while they
+last, so the newest one is from before them.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from .shaping import make_shaper
 
 
 class TrainingStopped(RuntimeError):
-    """The run cannot go on (e.g. too many non-finite steps); its last checkpoint is intact."""
+    """The run cannot go on (too many non-finite steps); the message names the checkpoint to resume from."""
 
 
 @dataclass
@@ -267,8 +268,7 @@ class Trainer:
             # the sums of a non-finite step are meaningless: log only that it was skipped
             metrics = {"skipped": 1.0, "lr": cfg.train.lr * lr_f, "l1_coef": st.l1_coef, "tokens": 0.0}
             if st.bad_in_row >= cfg.train.max_bad_steps:
-                raise TrainingStopped(f"{st.bad_in_row} non-finite steps in a row at step {st.step} "
-                                      f"(train.max_bad_steps={cfg.train.max_bad_steps}); the last checkpoint is intact")
+                raise TrainingStopped(self.stop_message())
             return metrics
         st.bad_in_row = 0
         metrics.update(shaping)
@@ -286,6 +286,18 @@ class Trainer:
         metrics.update(grad_norm=float(gnorm), lr=cfg.train.lr * lr_f, l1_coef=st.l1_coef, skipped=0.0,
                        tokens=world_counts["tokens"])
         return metrics
+
+    def stop_message(self) -> str:
+        """What stopping after a non-finite streak leaves: the newest checkpoint, saved before the streak (none is
+        saved during one), to resume from."""
+        st, run = self.state, self.run_dir
+        text = (f"{st.bad_in_row} non-finite steps in a row at step {st.step + 1} "  # numbered as logged, from 1
+                f"(train.max_bad_steps={self.cfg.train.max_bad_steps}); ")
+        last = checkpoint.latest(run) if run is not None else None
+        if last is None:
+            return text + "no checkpoint was saved before them"
+        return (text + f"the newest checkpoint, from before them, is {last}: resume with `dyntrm train --resume "
+                       f"{run}` (train.* may change, e.g. a lower train.lr)")
 
     def ema_model(self) -> ArcTransformer:
         """A copy of the model carrying the EMA weights (or the raw weights when EMA is off), in eval mode.
@@ -378,6 +390,13 @@ def loop(tr: Trainer, live: bool | None, on_eval) -> dict[str, float]:
     seen_epoch = -1
     window_tokens, window_time, window_metrics = 0.0, 0.0, []
     interrupted = InterruptFlag()
+
+    def save_sound() -> None:
+        # Never during a non-finite streak: its state is the streak's, and pruning (train.keep) would delete the
+        # checkpoints from before it, the ones to resume from. Skipped steps leave the weights as they were.
+        if st.bad_in_row == 0:
+            tr.save()
+
     try:
         while st.step < t.steps:
             t0 = time.perf_counter()
@@ -406,8 +425,8 @@ def loop(tr: Trainer, live: bool | None, on_eval) -> dict[str, float]:
                 stop, interrupted.set = bool(flags[0]), bool(flags[1])
             if interrupted.set:
                 reporter.close()
-                rt.print0(f"interrupted after step {st.step}: saving a checkpoint")
-                tr.save()
+                rt.print0(f"interrupted after step {st.step}", file=sys.stderr)
+                save_sound()
                 raise KeyboardInterrupt
             if st.step % t.log_every == 0 or st.step == t.steps or stop:
                 last = window_mean(window_metrics)
@@ -420,13 +439,13 @@ def loop(tr: Trainer, live: bool | None, on_eval) -> dict[str, float]:
             if t.eval_every and st.step % t.eval_every == 0:
                 on_eval(tr, metrics_path)
             if t.save_every and st.step % t.save_every == 0:
-                tr.save()
+                save_sound()
             if stop:
                 break
     finally:
         reporter.close()
         interrupted.restore()
-    tr.save()
+    save_sound()
     return last
 
 

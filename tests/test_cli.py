@@ -125,11 +125,13 @@ def test_demo_end_to_end_on_the_debug_preset(tmp_path, capsys, monkeypatch):
     from dyntrm.data.dataset import split_items
     from dyntrm.scoring import copy_input_reference
 
-    expected = copy_input_reference(split_items(cli.demo_config(0)))  # the demo's items, scored independently
+    cfg = cli.demo_config(0)
+    items = split_items(cfg, max_side=cfg.data.max_side)  # the demo's items: its tasks within its max_side
+    expected = copy_input_reference(items)  # scored independently
     for views in (1, 2):
         m = json.loads((out / f"eval-{views}view" / "metrics.json").read_text())
         assert m["reference_copy_input"] == pytest.approx(expected)
-        assert m["n_test_inputs"] == len(split_items(cli.demo_config(0)))
+        assert m["n_test_inputs"] == len(items)
     report = (out / "report.html").read_text()
     assert "answering with the test input" in report and "pass@2 (2 views)" in report
     # a second demo into the same directory replaces the first one's run (run directories belong to one run)
@@ -222,3 +224,52 @@ def test_a_full_disk_is_a_one_line_error_saying_so(tmp_path, capsys, monkeypatch
     monkeypatch.setattr(os, "fsync", full)
     assert_user_error(cli(capsys, *TRAIN, "--out", tmp_path / "run", "--set", "train.steps=1"), "disk full",
                       str(tmp_path / "run"))
+
+
+@pytest.fixture
+def short_model(tmp_path):
+    """A run whose model answers prompts of at most 24 tokens, trained (never) on grids of at most 2x2, and three
+    tasks: `a` fits, `b` fits without its demonstration, `c`'s 5x5 test input alone is 32 tokens."""
+    from dyntrm import checkpoint
+    from dyntrm.config import apply_overrides, preset
+    from dyntrm.model import ArcTransformer
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    sq = lambda side, c=1: [[c] * side] * side  # noqa: E731
+    for name, demo, query in (("a", sq(2), sq(2)), ("b", sq(3), sq(2)), ("c", sq(1), sq(5, 3))):
+        (tasks / f"{name}.json").write_text(json.dumps({"train": [{"input": demo, "output": demo}],
+                                                        "test": [{"input": query, "output": sq(1)}]}))
+    cfg = apply_overrides(preset("debug"), [f"data.source={tasks}", "data.eval_split=all", "data.max_side=2",
+                                            "data.max_len=24", "data.tokens_per_batch=64",
+                                            "model.max_positions=956"])
+    run = tmp_path / "run"
+    model = ArcTransformer(cfg.model)
+    checkpoint.save(run, 1, model_state=model.state_dict(), ema_state=None, state={},
+                    meta=checkpoint.meta_for(cfg, train_state={}))
+    return run, tasks
+
+
+def test_predict_answers_a_long_prompt_with_fewer_demonstrations_and_refuses_one_too_long(short_model, tmp_path,
+                                                                                          capsys, monkeypatch):
+    run, tasks = short_model
+    code, out, err = cli(capsys, "predict", run, tasks / "b.json", "--views", "1", "--out", tmp_path / "b.json")
+    assert code == 0 and "task b test 0: its prompt of 33 tokens is over the 24 this model answers" in err
+    assert "answered from 0 of 1 demonstrations" in err and list(json.loads((tmp_path / "b.json").read_text())) == ["b"]
+    _no_decoding(monkeypatch)
+    assert_user_error(cli(capsys, "predict", run, tasks / "c.json", "--out", tmp_path / "c.json"),
+                      "task c test 0: even without demonstrations its prompt is 32 tokens, over the 24")
+    assert not (tmp_path / "c.json").exists()
+
+
+def test_eval_answers_every_task_of_the_split_and_counts_what_did_not_fit(short_model, tmp_path, capsys):
+    """Tasks over the run's data.max_side (b, c) stay in the submission; c, too long even alone, is answered with
+    its test input."""
+    run, tasks = short_model
+    code, out, err = cli(capsys, "eval", run, "--views", "1", "--cap-to-prompt", "--out", tmp_path / "ev")
+    assert code == 0, err
+    assert "1 prompts too long for the model lost demonstrations" in out and "1 test inputs too long" in out
+    sub = json.loads((tmp_path / "ev" / "submission.json").read_text())
+    assert sorted(sub) == ["a", "b", "c"] and sub["c"] == [{"attempt_1": [[3] * 5] * 5, "attempt_2": [[3] * 5] * 5}]
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert (m["n_test_inputs"], m["prompts_shortened"], m["too_long"]) == (3, 1, 1)

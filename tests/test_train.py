@@ -326,12 +326,13 @@ def test_evaluation_inside_training_is_logged(tmp_path, monkeypatch):
              if json.loads(l)["kind"] == "eval"]
     assert [e["step"] for e in evals] == [2, 4]
     # a fixed subset: the first train.eval_tasks test inputs of the eval split, 1 view
-    first = [(it.task_id, it.index) for it in split_items(cfg)[:2]]
+    first = [(it.task_id, it.index) for it in split_items(cfg, max_side=cfg.data.max_side)[:2]]
     assert [(ids, views) for _, ids, views in seen] == [(first, 1), (first, 1)]
     # the last evaluation saw the EMA weights of the end of the run (not the raw ones), and logged its figures
     weights, ema, raw = seen[-1][0], tr.ema.state_dict(), params(tr.model)
     assert all(torch.equal(weights[k], ema[k]) for k in ema) and not all(torch.equal(weights[k], raw[k]) for k in raw)
-    m = metrics_of(*real(tr.ema_model(), split_items(cfg, limit=2), n_views=1, max_len=cfg.data.max_len))
+    m = metrics_of(*real(tr.ema_model(), split_items(cfg, limit=2, max_side=cfg.data.max_side), n_views=1,
+                         max_len=cfg.data.max_len))
     keys = ("pass@1", "pass@2", "n_test_inputs", "mean_steps")
     assert {k: evals[-1][k] for k in keys} == {k: m[k] for k in keys}
 

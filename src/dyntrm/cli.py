@@ -25,8 +25,9 @@ from .train import TrainingStopped as TrainingStoppedError
 # A failed file operation (a missing file, a full disk, a read-only directory) is the user's environment, not a bug.
 USER_ERRORS = (ArcDataError, ConfigError, LeakageError, RunDirError, OSError)
 
-# Piped output (logs, CI) gets a wide console rather than rich's 80-column default, so tables stay readable.
-console = Console() if sys.stdout.isatty() else Console(width=160)
+# Piped output (logs, CI) gets a wide console rather than rich's 80-column default, so tables stay readable; lines
+# are never broken (soft_wrap), so that a result line stays one line for whoever reads it.
+console = Console(soft_wrap=True) if sys.stdout.isatty() else Console(width=160, soft_wrap=True)
 # Errors and warnings go to stderr, so that a script reading stdout (or a file it was redirected to) never takes
 # them for results.
 errors = Console(stderr=True)
@@ -163,7 +164,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
                     extra={"checkpoint": str(ckpt_dir), "source": cfg.data.source,
                            "split": args.split or cfg.data.eval_split},
                     temperature=args.temperature, top_k=args.top_k, cap_to_prompt=args.cap_to_prompt)
-    console.print(f"{score_line(m)} ({m['n_test_inputs']} test inputs, {args.views} views); "
+    console.print(f"{score_line(m)}; {m['n_test_inputs']} test inputs, {args.views} views; "
                   f"mean ACT steps {m['mean_steps']:.2f}; "
                   f"{m['decode_tokens_per_s']:.0f} decode tok/s -> {out}/report.html")
 
@@ -172,7 +173,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from .checkpoint import load_model
     from .data.arc import load_task_file
     from .data.dataset import eval_items
-    from .evaluate import evaluate_items, metrics_of, submission_of
+    from .evaluate import evaluate_items, fit_prompts, metrics_of, prompt_limit, submission_of
     from .io import writable_dir, write_json
     from .runtime import pick_device
 
@@ -182,7 +183,18 @@ def cmd_predict(args: argparse.Namespace) -> None:
     if out.is_dir():
         raise IsADirectoryError(errno.EISDIR, "is a directory (--out names the answers file)", str(out))
     writable_dir(out.parent)
-    results, stats = evaluate_items(model, eval_items([task]), n_views=args.views, seed=args.seed)
+    items, limit = eval_items([task]), prompt_limit(model)
+    for f in fit_prompts(items, args.views, args.seed, limit, cfg.model.size_header):
+        if not f.prompts:  # refused before decoding anything: a stand-in answer would pass for the model's
+            raise ConfigError(f"task {task.id} test {f.item.index}: even without demonstrations its prompt is "
+                              f"{f.fitted_length} tokens, over the {limit} this model answers "
+                              f"(model.max_positions={cfg.model.max_positions} less a 30x30 answer's room)")
+        if f.dropped:
+            errors.print(f"note: task {task.id} test {f.item.index}: its prompt of {f.length} tokens is over the "
+                         f"{limit} this model answers; answered from {len(f.item.demos) - f.dropped} of "
+                         f"{len(f.item.demos)} demonstrations (the largest left out)", highlight=False,
+                         soft_wrap=True, markup=False)
+    results, stats = evaluate_items(model, items, n_views=args.views, seed=args.seed)
     write_json(out, submission_of(results), indent=None)
     msg = f"{task.id}: {len(task.test)} test inputs -> {out}"
     if all(p.output is not None for p in task.test):
@@ -266,7 +278,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     cfg = demo_config(args.minutes)
     out = Path(args.out)
     t0 = time.perf_counter()
-    items = split_items(cfg)
+    items = split_items(cfg, max_side=cfg.data.max_side)  # the tasks it trains on
     console.print(f"demo: training `tiny` for {args.minutes:g} min on the demonstration pairs of "
                   f"{len({i.task_id for i in items})} ARC-AGI-1 training tasks with grids <= 8x8; "
                   f"their {len(items)} held-out test inputs are scored afterwards")

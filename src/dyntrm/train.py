@@ -492,11 +492,12 @@ def time_left(st: TrainState, cfg: Config, step_seconds: float) -> float:
 
 def evaluate_subset(trainer: Trainer, metrics_path: Path) -> dict[str, Any] | None:
     """In-training evaluation: the EMA model, 1 view, the first ``train.eval_tasks`` test inputs of the eval split
-    (a fixed subset); appended to metrics.jsonl by rank 0 while the other ranks wait."""
+    among its tasks within ``data.max_side`` (a fixed subset); appended to metrics.jsonl by rank 0 while the other
+    ranks wait."""
     cfg, rt = trainer.cfg, trainer.rt
     out = None
     if rt.is_main:
-        items = split_items(cfg, limit=cfg.train.eval_tasks)
+        items = split_items(cfg, limit=cfg.train.eval_tasks, max_side=cfg.data.max_side)  # what it trains on
         model = trainer.ema_model()
         results, stats = evaluate_items(model, items, n_views=1, max_len=cfg.data.max_len)
         m = metrics_of(results, stats)

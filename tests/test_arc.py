@@ -152,3 +152,21 @@ def test_hostile_json_is_a_one_line_error(tmp_tasks, capsys, raw, words):
     with pytest.raises(ArcDataError, match=words):
         load_task_file(path)
     assert_user_error(cli(capsys, "data", "stats", "--source", path), str(path), words)
+
+
+def test_two_challenges_files_of_one_split_are_refused_naming_both(tmp_path):
+    ch = {"t1": GOOD}
+    for prefix in ("arc-agi", "arc-prize-2025"):
+        (tmp_path / f"{prefix}_evaluation_challenges.json").write_text(json.dumps(ch))
+    with pytest.raises(ArcDataError, match=r"arc-agi_evaluation_challenges.json and "
+                                           r"arc-prize-2025_evaluation_challenges.json.*split 'eval'"):
+        load_source(tmp_path)
+
+
+def test_a_file_of_many_tasks_given_as_one_says_what_it_is_and_how_to_pass_it(tmp_path, capsys):
+    path = tmp_path / "arc-agi_test_challenges.json"
+    path.write_text(json.dumps({"t1": GOOD, "t2": GOOD}))
+    with pytest.raises(ArcDataError, match="a file of 2 tasks"):
+        load_task_file(path)
+    assert_user_error(cli(capsys, "predict", tmp_path / "run", path), str(path), "a file of 2 tasks",
+                      f"dyntrm eval RUN --source {path}")

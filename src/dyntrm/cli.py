@@ -177,8 +177,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from .io import writable_dir, write_json
     from .runtime import pick_device
 
+    task = load_task_file(args.task)  # the user's input first: it is quicker to check than a model to load
     model, cfg, _ = load_model(args.checkpoint, device=pick_device())
-    task = load_task_file(args.task)
     out = Path(args.out or f"{task.id}.answers.json")
     if out.is_dir():
         raise IsADirectoryError(errno.EISDIR, "is a directory (--out names the answers file)", str(out))

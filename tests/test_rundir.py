@@ -78,3 +78,19 @@ def test_leftovers_of_a_killed_save_are_removed_at_the_next_start(tmp_path, caps
     assert code == 0 and "3 leftovers" in err, err
     assert not any(p.exists() for p in leftovers)
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_0000002", "step_0000003"]
+
+
+def test_run_files_follow_the_umask(tmp_path, capsys):
+    """Not mode 0600 whatever the umask (a temporary file from mkstemp, safetensors' own writer)."""
+    import os
+
+    old = os.umask(0o027)
+    try:
+        run = tmp_path / "run"
+        assert cli(capsys, *TRAIN, "--out", run)[0] == 0
+        assert cli(capsys, "eval", run, "--views", "1", "--limit", "1", "--cap-to-prompt")[0] == 0
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(run)): p.stat().st_mode & 0o777 for p in [run, *run.rglob("*")]}
+    want = {k: 0o750 if (run / k).is_dir() else 0o640 for k in modes}
+    assert modes == want and "checkpoints/step_0000002/model.safetensors" in modes and "eval-all/metrics.json" in modes

@@ -7,6 +7,7 @@ import contextlib
 import errno
 import json
 import os
+import secrets
 import sys
 import tempfile
 from pathlib import Path
@@ -30,9 +31,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is fsynced and renamed over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    # Created the way open() creates a file, so the umask decides its mode (mkstemp's would be 0600 whatever it is);
+    # O_EXCL: the random name is never another writer's.
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
         with names_file(path):
             yield tmp

@@ -69,9 +69,6 @@ def save(run_dir: str | os.PathLike, step: int, *, model_state: dict[str, torch.
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:07d}"
     final = root / name
-    if (final / COMPLETE).exists():  # this step is saved already (e.g. stopped right after a periodic save):
-        write_text(root / LATEST, name + "\n")  # the state is the same, so keep the files and move the pointer
-        return final
     tmp = root / f".tmp_{name}_{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -85,7 +82,7 @@ def save(run_dir: str | os.PathLike, step: int, *, model_state: dict[str, torch.
         torch.save(state, buf)
         write_bytes(tmp / "state.pt", buf.getbuffer())
         write_bytes(tmp / COMPLETE, (json.dumps({**meta, "step": step}, indent=2) + "\n").encode())
-        if final.exists():  # an incomplete leftover of a crashed save
+        if final.exists():  # a leftover of a crashed save, or a checkpoint that did not load and was passed over
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)

@@ -137,6 +137,7 @@ class Trainer:
         # train.grad_steps: the first steps of the recursion run without gradient (0: full BPTT)
         self.detach_steps = cfg.model.max_steps - cfg.train.grad_steps if cfg.train.grad_steps else 0
         self.sparsity = SparsityController.for_config(cfg)
+        self.saved: tuple[int | None, Path | None] = (None, None)  # the step whose state is on disk, and where
         if resume:
             self.restore(checkpoint.load(self.run_dir, warn=lambda m: rt.print0(f"warning: {m}", file=sys.stderr)))
 
@@ -160,6 +161,8 @@ class Trainer:
     def save(self) -> Path | None:
         if self.run_dir is None:
             return None
+        if self.saved[0] == self.state.step:  # nothing changed since (e.g. stopped right after a periodic save)
+            return self.saved[1]
         # every rank's RNG (SARS subsamples tokens per rank), gathered to rank 0
         rngs = [self.rng_state()]
         if self.rt.distributed:
@@ -174,6 +177,7 @@ class Trainer:
         else:
             path = None
         self.rt.barrier()
+        self.saved = (self.state.step, path)
         return path
 
     def restore(self, ckpt: dict[str, Any]) -> None:
@@ -198,6 +202,7 @@ class Trainer:
         if "cuda" in rng and self.rt.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.rt.device)
         self.state = TrainState(**ckpt["meta"]["train_state"])
+        self.saved = (self.state.step, ckpt["dir"])
 
     # -------------------------------------------------------------------------------------- one step
 

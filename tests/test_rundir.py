@@ -14,7 +14,8 @@ TRAIN = ["train", "--preset", "debug", "--source", TASKS, "--set", "data.train_s
 
 
 def train_steps(run):
-    return [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+    records = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    return [r["step"] for r in records if r["kind"] == "train"]
 
 
 def test_a_new_run_into_an_existing_one_needs_resume_or_overwrite(tmp_path, capsys):

@@ -1,5 +1,6 @@
-"""Training (DESIGN §4): the Trainer (model, DDP wrapper, AdamW groups, EMA, checkpoints, one optimizer step) and
-the loop, ``train()``: {step, log, evaluate every k, save every k}.
+"""Training (DESIGN §4): the Trainer (model, DDP wrapper, AdamW groups, EMA, checkpoints, one optimizer step),
+``train()``, which claims the run directory (``rundir.py``), and the loop, ``loop()``: {step, log, evaluate every k,
+save every k}.
 
 One step: for each micro-batch, forward with the routing shaper's tap, the loss (``loss.py``), backward; then the
 shaper adds its gradients (``shaping.kind``: SARS by default, FARS, or none), the logged sums and the finiteness

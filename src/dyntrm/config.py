@@ -53,6 +53,8 @@ class ModelConfig:
                                    "shared expert) to the composed Q, K, V")
     ffn_experts: int = opt(16, "experts in the global FFN library (d_model -> ffn_mult*d_model -> d_model)")
     ffn_mult: int = opt(4, "FFN expert hidden width as a multiple of d_model")
+    ffn_shared: bool = opt(False, "DynMoE adds an always-active shared expert (d_model -> ffn_mult*d_model -> "
+                                  "d_model) to the routed ones")
     ffn_active: float = opt(2.0, "target mean number of active FFN experts per token (the sparsity target)")
     halt_threshold: float = opt(0.5, "inference stops a sample once sigmoid(q_halt - q_continue) > this")
     rope_base: float = opt(10000.0, "RoPE base")
@@ -62,8 +64,10 @@ class ModelConfig:
     norm_eps: float = opt(1e-6, "RMSNorm epsilon")
     size_header: bool = opt(False, "every grid is preceded by its height and width as two tokens; decoding then "
                                    "writes exactly the shape the model chose first")
-    grid_coords: bool = opt(False, "add learned embeddings of each cell's row and column inside its grid to the "
-                                   "token embedding (a 2-D signal beside the 1-D RoPE)")
+    grid_coords: Literal["off", "origin", "borders"] = opt(
+        "off", "learned embeddings of each cell's place in its grid, added to its token embedding (a 2-D signal "
+               "beside the 1-D RoPE): origin = row and column from the top-left; borders = also from the bottom "
+               "and right borders (needs model.size_header, which tells the size before the cells)")
 
     @property
     def d_head(self) -> int:
@@ -352,6 +356,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.d_model={m.d_model} must split into model.n_heads={m.n_heads} heads of even width")
     if m.ffn_active > m.ffn_experts:
         raise ConfigError(f"model.ffn_active={m.ffn_active} must be in (0, model.ffn_experts={m.ffn_experts}]")
+    if m.grid_coords == "borders" and not m.size_header:
+        raise ConfigError("model.grid_coords=borders needs model.size_header=true: the distance to the bottom and "
+                          "right borders is known before a grid's cells only from its size header")
     if m.max_positions < cfg.data.max_len + MAX_ANSWER_TOKENS:
         raise ConfigError(f"model.max_positions={m.max_positions} must hold a data.max_len={cfg.data.max_len} prompt "
                           f"plus a full 30x30 answer ({MAX_ANSWER_TOKENS} tokens)")

@@ -151,7 +151,7 @@ def prefill(model: nn.Module, tokens_BT: torch.Tensor, prompt_len_B: torch.Tenso
     out, rows, caches = recur_until_halted(model, tokens_BT, mask_BT, prompt_len_B - 1, steps_B=steps_B,
                                            cache_capacity=T + max_new)
     last_BV = out.final_logits[torch.arange(B, device=tokens_BT.device), prompt_len_B - 1]
-    cursor = GridCursor(tokens_BT, prompt_len_B) if model.cfg.grid_coords else None
+    cursor = GridCursor(tokens_BT, prompt_len_B) if model.cfg.grid_coords != "off" else None
     return last_BV, DecodeState(rows, caches, prompt_len_B.clone(), out.steps, out.q_halt, out.q_continue, cursor)
 
 
@@ -159,8 +159,8 @@ def prefill(model: nn.Module, tokens_BT: torch.Tensor, prompt_len_B: torch.Tenso
 def decode(model: nn.Module, token_B: torch.Tensor, state: DecodeState, tap: Tap | None = None) -> torch.Tensor:
     """Feed one token per sample (B,) at its own position through the steps chosen at prefill; returns the
     next-token logits (B, V)."""
-    coords = None if state.cursor is None else tuple(c[:, None] for c in state.cursor.step(token_B))
-    x0_B1D = model.embed_tokens(token_B[:, None], coords)
+    coords_B1K = None if state.cursor is None else state.cursor.step(token_B)[:, None]
+    x0_B1D = model.embed_tokens(token_B[:, None], coords_B1K)
     x_B1D = x0_B1D
     pos_B = state.pos
     length = int(pos_B.max()) + 1  # one host sync per token: attention then reads only the keys in use

@@ -110,6 +110,7 @@ def test_torchrun_two_processes_end_to_end(tmp_path):
     assert [l["step"] for l in lines if l["kind"] == "train"] == [1, 2, 3, 4]  # rank 0 alone writes metrics
 
 
+@pytest.mark.slow  # two demos, about 20 s on 2 cores
 def test_demo_end_to_end_on_the_debug_preset(tmp_path, capsys, monkeypatch):
     """`make demo`'s job with the `debug` model on the hand-made tasks: trains, evaluates with 1 and 2 views, and
     writes a report holding the scores, the diagnostics and the copy-the-input reference."""

@@ -2,6 +2,7 @@
 a second writer at the same time is refused by the lock, and what a killed save left behind is removed."""
 
 import json
+import socket
 import subprocess
 import sys
 
@@ -50,10 +51,14 @@ def test_a_second_writer_is_refused_while_the_first_lives(tmp_path, capsys):
     before = params_of(run)
     live = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
     try:
-        (run / ".lock").write_text(f"{live.pid}\n")  # as a running `dyntrm train` leaves it
+        lock = f"{live.pid} {socket.gethostname()}\n"  # as a running `dyntrm train` leaves it
+        (run / ".lock").write_text(lock)
         for argv in ([*TRAIN, "--out", run, "--overwrite"], ["train", "--resume", run, "--set", "train.steps=3"]):
             assert_user_error(cli(capsys, *argv), f"process {live.pid}", str(run / ".lock"))
-        assert (run / ".lock").read_text() == f"{live.pid}\n" and params_of(run) == before
+        assert (run / ".lock").read_text() == lock and params_of(run) == before
+        (run / ".lock").write_text("1 another-machine\n")  # whose processes cannot be looked up from here
+        assert_user_error(cli(capsys, "train", "--resume", run), "process 1 on another-machine")
+        (run / ".lock").write_text(lock)
     finally:
         live.communicate(b"")
     # its process gone, the lock is stale: the next writer takes it over, says so, and releases it at exit

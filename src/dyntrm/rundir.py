@@ -2,9 +2,10 @@
 
 Training into a directory that holds a run needs a decision: continue it (``resume``) or start afresh
 (``overwrite``: the old run's files are deleted first); without one it is refused, since a new run's weights would
-otherwise mix with the old run's checkpoints. While a run trains, ``RUN/.lock`` holds its process id: created
-atomically, removed at exit; a second writer is refused while that process lives, and a lock whose process is gone
-(a killed run) is taken over with a word. At every start, what a killed save left behind is removed.
+otherwise mix with the old run's checkpoints. While a run trains, ``RUN/.lock`` holds its process id and host:
+created atomically, removed at exit; a second writer is refused while that process lives (or runs on another
+machine), and a lock whose process is gone (a killed run) is taken over with a word. At every start, what a killed
+save left behind is removed.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -64,23 +66,26 @@ def lock(run_dir: Path, say: Callable[[str], None]) -> Iterator[None]:
 
 
 def _take(path: Path, say: Callable[[str], None]) -> None:
+    here = socket.gethostname()
     for attempt in range(2):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)  # atomic: one creator wins
         except FileExistsError:
-            text = path.read_text().strip()
-            if not text.isdigit():  # written by no dyntrm, or by one killed between create and write
+            words = path.read_text().split()  # "PID HOST"
+            if not words or not words[0].isdigit():  # written by no dyntrm, or by one killed before writing
                 raise RunDirError(f"{path} exists and names no process: if no run writes {path.parent}, delete "
                                   f"it") from None
-            pid = int(text)
-            if _pid_alive(pid) or attempt:
-                raise RunDirError(f"{path.parent} is being written by process {pid} (lock {path}); wait for it, or "
-                                  f"train into another --out (if no such run is going on, delete the lock)") from None
+            pid, host = int(words[0]), words[1] if len(words) > 1 else here
+            # another machine's process (a shared filesystem) cannot be looked up here: taken as alive
+            if host != here or _pid_alive(pid) or attempt:
+                raise RunDirError(f"{path.parent} is being written by process {pid} on {host} (lock {path}); wait "
+                                  f"for it, or train into another --out (if no such run is going on, delete the "
+                                  f"lock)") from None
             say(f"{path}: its process {pid} is gone (a killed run); taking the run over")
             path.unlink(missing_ok=True)
             continue
         with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()}\n")
+            f.write(f"{os.getpid()} {here}\n")
         return
 
 

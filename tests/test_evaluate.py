@@ -13,7 +13,7 @@ from dyntrm.config import preset
 from dyntrm.data.arc import Pair, Task
 from dyntrm.data.augment import views
 from dyntrm.data.dataset import EvalItem, eval_items
-from dyntrm.data.tokens import END, N_TOKENS, OUT, PAD, ROW, decode_answer
+from dyntrm.data.tokens import END, N_TOKENS, OUT, PAD, ROW, SIZE0, decode_answer, encode_prompt
 from dyntrm.evaluate import evaluate_items, metrics_of, submission_of
 from dyntrm.model import ArcTransformer
 from dyntrm.model.generate import DecodeState, Generation, GridConstraint, generate
@@ -149,9 +149,12 @@ def test_grid_constraint_state_machine():
     assert c.done[0] and c.allowed()[0].tolist() == [i == PAD for i in range(32)]
 
 
-def _random_model(seed, bias_token=None):
+def _random_model(seed, bias_token=None, header=False):
+    """A debug-sized model with sharp random preferences; ``header``: model.size_header with its grid coordinates
+    (the recipe), else the specification's plain serialisation, whose prompts the tests below write by hand."""
     torch.manual_seed(seed)
     cfg = preset("debug").model
+    cfg.size_header, cfg.grid_coords = header, ("borders" if header else "off")
     m = ArcTransformer(cfg).eval()
     with torch.no_grad():
         m.lm_head.weight.normal_(0, 3.0)  # sharp, arbitrary preferences
@@ -160,15 +163,18 @@ def _random_model(seed, bias_token=None):
     return m
 
 
-@given(st.integers(0, 10_000), st.sampled_from([None, ROW, END, OUT, PAD, 3, N_TOKENS]))
-@settings(max_examples=12, deadline=None)
-def test_constrained_decoding_is_always_a_well_formed_grid(seed, bias):
-    m = _random_model(seed, bias)
-    prompts = [np.array([11, 13, 1, 2, OUT]), np.array([11, 13, 5, ROW, 6, OUT, 7, 16, 8, 15, 13, 1, OUT])]
+@given(st.integers(0, 10_000), st.sampled_from([None, ROW, END, OUT, PAD, 3, N_TOKENS, SIZE0, SIZE0 + 29]),
+       st.booleans())
+@settings(max_examples=16, deadline=None)
+def test_constrained_decoding_is_always_a_well_formed_grid(seed, bias, header):
+    m = _random_model(seed, bias, header)
+    demo = Pair(np.array([[5], [6]]), np.array([[7, 8]]))
+    prompts = [encode_prompt([], np.array([[1, 2]]), header=header).tokens,
+               encode_prompt([demo], np.array([[1]]), header=header).tokens]
     for g in generate(m, prompts):
         assert g.grid is not None and 1 <= g.grid.shape[0] <= 30 and 1 <= g.grid.shape[1] <= 30
         assert g.tokens[-1] == END
-        np.testing.assert_array_equal(decode_answer(g.tokens), g.grid)
+        np.testing.assert_array_equal(decode_answer(g.tokens, header=header), g.grid)
 
 
 def _uncached_greedy(model, prompt, steps, max_new):
@@ -247,7 +253,9 @@ def test_a_prompt_too_long_loses_its_largest_demonstrations_until_every_view_fit
 
 def test_an_input_too_long_even_alone_is_answered_with_itself_and_counted():
     """The model is not asked (no decoding happens for it); its submission entry is its input, not a 1x1 grid."""
-    model = ArcTransformer(preset("debug").model)
+    cfg = preset("debug").model
+    cfg.size_header, cfg.grid_coords = False, "off"  # the token counts below are of the plain serialisation
+    model = ArcTransformer(cfg)
     model.cfg.max_positions = 932 + 24  # room for a 24-token prompt and a full answer
     short = EvalItem("a", 0, (Pair(_square(2), _square(2)),), _square(2), _square(2))  # a 21-token prompt
     shortened = EvalItem("b", 0, (Pair(_square(3), _square(3)),), _square(2), _square(1))  # 33; 8 alone

@@ -138,7 +138,7 @@ def test_kv_cache_with_grid_coords_equals_recompute():
 
 def test_grid_coords_change_the_model_only_where_switched_on():
     toks = torch.from_numpy(encode([Pair(np.array([[1, 2]]), np.array([[2, 1]]))], header=True).tokens)[None]
-    plain, coords = _model(5, size_header=True), _model(5, size_header=True, grid_coords="borders")
+    plain, coords = _model(5, size_header=True, grid_coords="off"), _model(5, size_header=True, grid_coords="borders")
     coords.load_state_dict(plain.state_dict(), strict=False)
     with torch.no_grad():
         a, b = plain(toks).final_logits, coords(toks).final_logits

@@ -104,8 +104,10 @@ def naive_attention(q, k, v):
     return out
 
 
-def test_dynsiha_equals_naive_loops():
-    m = make(seed=2)
+@pytest.mark.parametrize("shared", [False, True])
+def test_dynsiha_equals_naive_loops(shared):
+    m = make(seed=2, attn_shared=shared)
+    assert (m.block.attn.shared is not None) == shared
     attn, lib = m.block.attn, m.attn_expert_library
     B, T, D = 2, 7, m.cfg.d_model
     H, dh, E = m.cfg.n_heads, m.cfg.d_head, m.cfg.attn_experts
@@ -124,6 +126,8 @@ def test_dynsiha_equals_naive_loops():
                         r = x @ attn.proto[c, e] / math.sqrt(dh) - attn.gate[c, e]
                         if r > 0:
                             qkv[c, t, hd] += r * lib.expert(e, x)
+            if attn.shared is not None:  # model.attn_shared: one linear map of the whole width, split per head
+                qkv[:, t] += (attn.shared.weight @ h[b, t]).view(3, H, dh)
         q, k = (apply_rope(qkv[i][None], cos, sin)[0] for i in range(2))
         o = naive_attention(q, k, qkv[2])
         ref[b] = attn.out(o.reshape(T, D))

@@ -56,5 +56,5 @@ def test_training_with_truncation_trains_only_the_last_steps(monkeypatch):
 
 def test_truncation_without_input_injection_is_refused():
     with pytest.raises(ConfigError, match="needs model.input_injection=true"):
-        apply_overrides(preset("debug"), ["train.grad_steps=1"])
-    apply_overrides(preset("debug"), ["train.grad_steps=3"])  # all steps: nothing is truncated
+        apply_overrides(preset("debug"), ["train.grad_steps=1", "model.input_injection=false"])
+    apply_overrides(preset("debug"), ["train.grad_steps=3", "model.input_injection=false"])  # all steps: nothing is truncated

@@ -54,7 +54,7 @@ def test_l1_controller_stays_one_sided_where_a_reward_cannot_act():
     for override in ("shaping.meta_only=true", "model.ffn_active=4"):  # debug: 4 FFN experts
         tr = Trainer(debug_cfg("shaping.kind=sars", override, "train.l1_init=0.5", "train.l1_max=0.5"), CPU)
         with torch.no_grad():
-            tr.model.block.ffn.gate.fill_(1.0)  # activity well below any target
+            tr.model.block.ffn.gate.fill_(3.0)  # activity well below any target
         stream = tr.data.iterate()
         for _ in range(3):
             m = tr.step(tr.micro_batches(stream)[0])

@@ -49,7 +49,7 @@ class ModelConfig:
     max_steps: int = opt(8, "N: recursion steps (training always unrolls all N)")
     attn_experts: int = opt(64, "experts in the global attention library (d_head -> attn_hidden -> d_head)")
     attn_hidden: int = opt(0, "hidden width of an attention expert (0: d_head)")
-    attn_shared: bool = opt(False, "DynSIHA+ adds an always-active linear Q/K/V expert over the full width (a "
+    attn_shared: bool = opt(True, "DynSIHA+ adds an always-active linear Q/K/V expert over the full width (a "
                                    "shared expert) to the composed Q, K, V")
     ffn_experts: int = opt(16, "experts in the global FFN library (d_model -> ffn_mult*d_model -> d_model)")
     ffn_mult: int = opt(4, "FFN expert hidden width as a multiple of d_model")
@@ -60,12 +60,12 @@ class ModelConfig:
     rope_base: float = opt(10000.0, "RoPE base")
     max_positions: int = opt(16384, "RoPE table size: the longest sequence (prompt + answer) the model accepts")
     step_embedding: bool = opt(False, "add a learned per-step embedding before every recursion step")
-    input_injection: bool = opt(False, "re-add the input embedding before every recursion step after the first")
+    input_injection: bool = opt(True, "re-add the input embedding before every recursion step after the first")
     norm_eps: float = opt(1e-6, "RMSNorm epsilon")
-    size_header: bool = opt(False, "every grid is preceded by its height and width as two tokens; decoding then "
+    size_header: bool = opt(True, "every grid is preceded by its height and width as two tokens; decoding then "
                                    "writes exactly the shape the model chose first")
     grid_coords: Literal["off", "origin", "borders"] = opt(
-        "off", "learned embeddings of each cell's place in its grid, added to its token embedding (a 2-D signal "
+        "borders", "learned embeddings of each cell's place in its grid, added to its token embedding (a 2-D signal "
                "beside the 1-D RoPE): origin = row and column from the top-left; borders = also from the bottom "
                "and right borders (needs model.size_header, which tells the size before the cells)")
 
@@ -85,11 +85,12 @@ class TrainConfig:
     time_budget_s: float = opt(0.0, "if > 0: stop after this many seconds; the schedule then follows elapsed time "
                                     "(such runs are not bit-exactly resumable)")
     lr: float = opt(1e-3, "peak learning rate of the computation parameters")
-    routing_lr_mult: float = opt(1.0, "routing parameters (prototypes, gates) use lr x this")
+    routing_lr_mult: float = opt(0.1, "routing parameters (prototypes, gates) use lr x this (routers that move as "
+                                      "fast as the experts kept DynTRM from learning to copy: BENCHMARKS sanity)")
     weight_decay: float = opt(0.1, "AdamW decay of computation matrices (not norms, biases or routing)")
     beta1: float = opt(0.9, "AdamW beta1")
     beta2: float = opt(0.95, "AdamW beta2")
-    warmup: int = opt(100, "linear warm-up steps")
+    warmup: int = opt(20, "linear warm-up steps")
     min_lr_ratio: float = opt(0.1, "the cosine schedule ends at lr x this")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0: off)")
     ema_decay: float = opt(0.999, "weight EMA used for evaluation (0: off)")
@@ -102,12 +103,12 @@ class TrainConfig:
     act_gamma: float = opt(0.9, "continue target = gamma x max over later steps of halt targets")
     l1_init: float = opt(1e-2, "initial coefficient of the DynMoE L1 sparsity penalty (two-sided: also the "
                                "smallest magnitude it takes)")
-    l1_factor: float = opt(1.2, "per step, the L1 coefficient is multiplied or divided by this toward the target")
+    l1_factor: float = opt(1.05, "per step, the L1 coefficient is multiplied or divided by this toward the target")
     l1_two_sided: bool = opt(True, "below the target the L1 coefficient may turn negative (magnitude >= l1_init), "
                                    "rewarding activity; false: ReMoE's rule, coefficient >= 0, which cannot "
                                    "raise activity that the main loss has pushed below the target. Off by itself "
                                    "under shaping.meta_only or when the target is the whole library")
-    l1_max: float = opt(1.0, "bound on the magnitude of the L1 coefficient (either sign)")
+    l1_max: float = opt(0.1, "bound on the magnitude of the L1 coefficient (either sign)")
     bf16: bool = opt(True, "bf16 autocast on CUDA (ignored on CPU, which runs fp32)")
     compile: bool = opt(False, "torch.compile the block (CUDA; off on CPU and in tests)")
     threads: int = opt(0, "CPU threads (0: torch's default; under torchrun: cores / local processes)")
@@ -151,8 +152,11 @@ def _debug() -> Config:
 
 
 def _tiny() -> Config:
-    """The CPU default: d_model 128, 4 heads, 64 attention experts, 16 FFN experts, N = 8."""
-    return Config(model=ModelConfig(), data=DataConfig(max_len=2048, tokens_per_batch=8192))
+    """The CPU default, the recipe measured on the sanity ladder (BENCHMARKS.md, "sanity"; docs/DESIGN.md §7):
+    d_model 128, 4 heads, 16 attention experts, 16 FFN experts, N = 2; lr 3e-3 on 2048-token batches."""
+    return Config(model=ModelConfig(attn_experts=16, max_steps=2),
+                  data=DataConfig(max_len=2048, tokens_per_batch=2048),
+                  train=TrainConfig(lr=3e-3, ema_decay=0.99))
 
 
 def _base() -> Config:

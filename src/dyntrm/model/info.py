@@ -8,6 +8,7 @@ Tests check the parameter counts against an instantiated model.
 from __future__ import annotations
 
 from ..config import ModelConfig
+from ..data.arc import MAX_SIDE
 
 
 def model_info(cfg: ModelConfig, context: int = 1024) -> dict[str, float]:
@@ -19,6 +20,7 @@ def model_info(cfg: ModelConfig, context: int = 1024) -> dict[str, float]:
         "norms": 4 * d,  # norm1, norm2, halt norm, final norm
         "halt_head": 2 * d + 2,
         "step_embedding": N * d if cfg.step_embedding else 0,
+        "grid_coords": {"off": 0, "origin": 2, "borders": 4}[cfg.grid_coords] * (MAX_SIDE + 2) * d,
     }
     flops = {
         "attention_scores": 2 * 2 * keys * d,  # q.k and p.v
@@ -33,6 +35,8 @@ def model_info(cfg: ModelConfig, context: int = 1024) -> dict[str, float]:
             "attn_routing": 3 * E * (dh + 1),
             "attn_out": d * d,
             "ffn_routing": Ef * (d + 1),
+            "attn_shared": 3 * d * d if cfg.attn_shared else 0,  # model.attn_shared: one linear Q/K/V expert
+            "ffn_shared": 2 * d * Ff if cfg.ffn_shared else 0,  # model.ffn_shared: one always-active FFN expert
             **common,
         }
         flops |= {
@@ -41,6 +45,8 @@ def model_info(cfg: ModelConfig, context: int = 1024) -> dict[str, float]:
             "attn_composition": H * 3 * 2 * E * dh,
             "ffn_routing": 2 * d * Ef,
             "ffn_experts": cfg.ffn_active * 2 * 2 * d * Ff,  # only the active experts run
+            "attn_shared": 2 * 3 * d * d if cfg.attn_shared else 0,
+            "ffn_shared": 2 * 2 * d * Ff if cfg.ffn_shared else 0,
         }
         inactive_ffn = (Ef - cfg.ffn_active) * 2 * d * Ff
     else:

@@ -54,23 +54,60 @@ def test_library_equals_per_expert_modules():
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("chunk", [4, 1024])  # several chunks, and one
-def test_compose_equals_per_expert_loop_with_gradients(chunk):
+def _compose_reference(mlps, x, w):
+    """Σ_e w[:, c, e] · Expert_e(x) by a loop over plain modules: (N, C, d_out)."""
+    return torch.stack([sum(w[:, c, e:e + 1] * m(x) for e, m in enumerate(mlps)) for c in range(w.shape[1])], 1)
+
+
+def _assert_grads_match_modules(got_grads, ref_grads, n_experts):
+    """(dx, dw, dw1, dw2) of a library against (dx, dw, per-module weight grads) of the reference loop."""
+    torch.testing.assert_close(got_grads[0], ref_grads[0])
+    torch.testing.assert_close(got_grads[1], ref_grads[1])
+    for e in range(n_experts):
+        torch.testing.assert_close(got_grads[2][e], ref_grads[2 + 2 * e].T)
+        torch.testing.assert_close(got_grads[3][e], ref_grads[3 + 2 * e].T)
+
+
+@pytest.mark.parametrize("path,chunk", [("experts", 4), ("experts", None), ("gemm", 4), ("gemm", None)])
+def test_compose_equals_per_expert_loop_with_gradients(path, chunk):
+    """Every CPU composition path, in several row chunks and in one, values and gradients (float64)."""
     lib, mlps = _library(seed=1)
     x = torch.randn(11, 6, dtype=torch.float64, requires_grad=True)
     w = torch.relu(torch.randn(11, 3, 5, dtype=torch.float64)).requires_grad_()  # zeros included
-    got = lib.compose(x, w, chunk=chunk)
-    ref = torch.stack([sum(w[:, c, e:e + 1] * m(x) for e, m in enumerate(mlps)) for c in range(3)], 1)
+    got = lib.compose(x, w, chunk=chunk, path=path)
+    ref = _compose_reference(mlps, x, w)
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
     g = torch.randn_like(got)
     grads = torch.autograd.grad(got, [x, w, lib.w1, lib.w2], g)
     params = [p for m in mlps for p in (m.w1.weight, m.w2.weight)]
-    ref_grads = torch.autograd.grad(ref, [x, w, *params], g)
-    torch.testing.assert_close(grads[0], ref_grads[0])
-    torch.testing.assert_close(grads[1], ref_grads[1])
-    for e in range(5):
-        torch.testing.assert_close(grads[2][e], ref_grads[2 + 2 * e].T)
-        torch.testing.assert_close(grads[3][e], ref_grads[3 + 2 * e].T)
+    _assert_grads_match_modules(grads, torch.autograd.grad(ref, [x, w, *params], g), 5)
+
+
+def test_compose_sparse_equals_dense_composition_and_runs_active_pairs_only(monkeypatch):
+    """The sparse composition of the same ReLU routing: equal values and gradients on the rows it computes
+    (inactive experts weigh exactly 0; their weights' gradient is cut by the ReLU either way, so gradients are
+    compared at the logits), zeros on the rows left out, and only (row, expert) pairs active in some channel."""
+    lib, mlps = _library(seed=3)
+    x = torch.randn(13, 6, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(13, 3, 5, dtype=torch.float64) - 1.0  # ~16% active per channel
+    r[4] = -1.0  # a row with no active expert at all
+    r.requires_grad_()
+    w = torch.relu(r)
+    rows = torch.ones(13, dtype=torch.bool)
+    rows[[2, 9]] = False  # e.g. padding
+    counts = []
+    real = lib.grouped
+    monkeypatch.setattr(lib, "grouped", lambda xs, c: (counts.append(c.tolist()), real(xs, c))[1])
+    got = lib.compose_sparse(x, w, rows)
+    active = ((w != 0).any(1) & rows[:, None]).sum(0).tolist()
+    assert counts == [active] and sum(active) < 13 * 5 / 2
+    ref = _compose_reference(mlps, x, w) * rows[:, None, None]
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+    assert (got[4] == 0).all() and (got[~rows] == 0).all()
+    g = torch.randn_like(got)
+    params = [p for m in mlps for p in (m.w1.weight, m.w2.weight)]
+    grads = torch.autograd.grad(got, [x, r, lib.w1, lib.w2], g, retain_graph=True)  # w feeds both
+    _assert_grads_match_modules(grads, torch.autograd.grad(ref, [x, r, *params], g), 5)
 
 
 def test_grouped_mm_path_equals_loop_in_float32(monkeypatch):

@@ -148,7 +148,7 @@ def test_dynsiha_equals_naive_loops():
     H, dh, E = m.cfg.n_heads, m.cfg.d_head, m.cfg.attn_experts
     h = torch.randn(B, T, D, dtype=torch.float64)
     cos, sin = m.rope.prefix(T)
-    got = attn(h, lib, StepContext(0, cos, sin, AttnMask(True)))
+    got, _ = attn(h, lib, StepContext(0, cos, sin, AttnMask(True)))
 
     ref = torch.zeros(B, T, D, dtype=torch.float64)
     for b in range(B):
@@ -192,12 +192,43 @@ def test_rope_is_applied_in_the_model():
     x = m.block.norm1(m.embed(tokens))
     attn, lib = m.block.attn, m.attn_expert_library
     cos, sin = m.rope.prefix(40)
-    base = attn(x, lib, StepContext(0, cos[:12], sin[:12], AttnMask(True)))
-    shifted = attn(x, lib, StepContext(0, cos[25:37], sin[25:37], AttnMask(True)))
+    base, _ = attn(x, lib, StepContext(0, cos[:12], sin[:12], AttnMask(True)))
+    shifted, _ = attn(x, lib, StepContext(0, cos[25:37], sin[25:37], AttnMask(True)))
     torch.testing.assert_close(base, shifted, rtol=1e-5, atol=1e-6)  # tables are float32
     ones, zeros = torch.ones_like(cos[:12]), torch.zeros_like(sin[:12])
-    no_rope = attn(x, lib, StepContext(0, ones, zeros, AttnMask(True)))
+    no_rope, _ = attn(x, lib, StepContext(0, ones, zeros, AttnMask(True)))
     assert (base - no_rope).abs().max() > 1e-3
+
+
+def test_sparse_attention_composition_equals_dense_with_the_same_weights(monkeypatch):
+    """model.attn_active: the same weights give the same logits, halting and gradients as dense composition on real
+    tokens (padding rows are left out: no real query reads them), and the routing sums are means over real
+    (token, head, channel) rows."""
+    sparse = make(seed=14, attn_active=1.5)
+    dense = make(seed=0)
+    dense.load_state_dict(sparse.state_dict())
+    assert sparse.block.attn.sparse and not dense.block.attn.sparse
+    lengths = torch.tensor([11, 6])
+    tokens = torch.randint(0, 17, (2, 11))
+    mask = torch.arange(11)[None, :] < lengths[:, None]
+    records = []
+    out_s = sparse(tokens, mask, tap=lambda r: records.append(r) if r.names[0] == "q" else None)
+    out_d = dense(tokens, mask)
+    real = mask[None, :, :, None].expand_as(out_s.logits)
+    torch.testing.assert_close(out_s.logits[real], out_d.logits[real], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out_s.q_halt, out_d.q_halt)
+    rows = int(mask.sum()) * sparse.cfg.n_heads * 3 * sparse.cfg.max_steps
+    w = torch.stack([r.weights[r.valid] for r in records])
+    torch.testing.assert_close(out_s.attn_l1, w.sum() / rows)
+    torch.testing.assert_close(out_s.attn_active, (w > 0).sum().double() / rows)
+    assert out_d.attn_l1 is None and 0 < float(out_s.attn_active) < 4  # of 8: 2 x the target at initialisation
+    loss = lambda out: (out.logits * real).pow(2).sum()  # noqa: E731
+    gs = torch.autograd.grad(loss(out_s), list(sparse.parameters()), allow_unused=True)  # the halt head: unused
+    gd = torch.autograd.grad(loss(out_d), list(dense.parameters()), allow_unused=True)
+    for (name, _), a, b in zip(sparse.named_parameters(), gs, gd):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=name)
 
 
 # ---------------------------------------------------------------------------------------------- DynMoE
@@ -351,6 +382,26 @@ def test_kv_cache_decoding_equals_full_recompute(variant, device):
         for i in range(3):
             seqs[i].append(int(nxt[i]))
         logits = m.decode(nxt, state)
+
+
+@pytest.mark.parametrize("kw", [{}, {"attn_active": 2.0, "grid_coords": True}])
+def test_static_decoding_equals_decoding(kw):
+    """decode(static=True), what a CUDA graph captures (whole-cache attention under the mask, experts computed
+    densely), gives decode's logits and advances the same state."""
+    from dyntrm.model.generate import decode
+
+    m = make(seed=15, **kw)
+    lengths = torch.tensor([9, 5, 7])
+    prompts = torch.randint(0, 17, (3, 9))
+    steps = torch.tensor([3, 1, 2])
+    _, eager = m.prefill(prompts, lengths, max_new=5, steps=steps)
+    _, static = m.prefill(prompts, lengths, max_new=5, steps=steps)
+    for t in range(5):
+        nxt = torch.randint(0, 17, (3,))
+        torch.testing.assert_close(decode(m, nxt, static, static=True), decode(m, nxt, eager), rtol=1e-10,
+                                   atol=1e-10)
+        for a, b in zip(static.counters(), eager.counters()):
+            assert torch.equal(a, b)
 
 
 def test_kv_cache_with_act_decided_at_prefill():

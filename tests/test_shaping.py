@@ -15,7 +15,7 @@ from dyntrm.model.experts import ExpertLibrary
 from dyntrm.shaping import SARS, learning_cost
 from dyntrm.shaping.sars import entropy_of_softmax, goodness, max_abs_norm
 from dyntrm.train import Trainer
-from helpers import CPU, debug_cfg, params
+from helpers import CPU, assert_close_by_norm, debug_cfg, params
 
 
 def per_token_gradient_norms(x, w, delta, w1, w2):
@@ -124,6 +124,39 @@ def test_captured_gradient_is_the_modules_own(order):
         torch.testing.assert_close(cap.cost, ref)
     # the three deltas differ, so a mix-up could not pass unnoticed
     assert not torch.allclose(true["a"], true["b"]) and not torch.allclose(true["b"], true["c"])
+
+
+def _sars_captures(*overrides, state=None):
+    """One forward and backward of `debug` under SARS (every real token) on the first batch; its captures and
+    routing statistics, and the model's weights."""
+    from dyntrm.loss import compute_loss, global_counts
+
+    cfg = debug_cfg("shaping.token_rate=1", *overrides)
+    tr = Trainer(cfg, CPU)
+    if state is not None:
+        tr.model.load_state_dict(state)
+    sars = SARS(cfg, tr.model, CPU, keep_delta=True)
+    batch = tr.data.epoch(0).batch(0, tr.data.items)
+    out = tr.model(batch.tokens, batch.attention_mask, batch.prompt_end, tap=sars.tap())
+    compute_loss(out, batch, cfg, 0.0, global_counts([batch], CPU))[0].backward()
+    return sars.captures, sars.stats.metrics(), tr.model.state_dict()
+
+
+def test_sars_sees_the_same_records_under_a_sparse_attention_composition():
+    """model.attn_active computes Q, K, V from the active experts only; with the same weights SARS must capture the
+    same inputs, routing and gradients, so the same learning costs, and the statistics must agree."""
+    sparse, stats_s, state = _sars_captures("model.attn_active=1.5")
+    dense, stats_d, _ = _sars_captures(state=state)
+    assert set(sparse) == set(dense) and len(sparse) == 4 * 3  # (step, q/k/v/ffn) for the 3 debug steps
+    for key, cap in sparse.items():
+        ref = dense[key]
+        for field in ("x", "w", "logits", "rows"):
+            assert torch.equal(getattr(cap, field), getattr(ref, field)), (key, field)
+        # float32 sums in another order: equal to a small fraction of the norm (near-zero elements may differ more)
+        assert_close_by_norm(cap.delta, ref.delta, 1e-5, f"delta {key}")
+        assert_close_by_norm(cap.cost, ref.cost, 1e-5, f"cost {key}")
+    assert stats_s == stats_d
+    assert 0 < stats_s["active_q"] < 4  # sparse: 2 x the target at initialisation, of 8
 
 
 def _step_once(kind, seed=0, **over):

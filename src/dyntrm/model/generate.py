@@ -65,6 +65,10 @@ class DecodeState:
     q_continue: torch.Tensor
     cursor: GridCursor | None = None  # each sample's place in its grid (model.grid_coords)
 
+    def counters(self) -> list[torch.Tensor]:
+        """The tensors that every decoded token advances in place (positions, grid cursor)."""
+        return [self.pos] + ([self.cursor.rows, self.cursor.cols] if self.cursor is not None else [])
+
     def keep(self, idx: torch.Tensor) -> "DecodeState":
         """Only the batch rows ``idx`` go on, renumbered in that order: used to drop finished sequences from a
         decoding batch so that they stop costing compute. The caches shrink *in place*: the old state is spent."""
@@ -114,7 +118,7 @@ def recur_until_halted(model: nn.Module, tokens_BT: torch.Tensor, attention_mask
             step_rows.append(every_B if running is None else running)
             caches.append(cache)
             step_ctx = replace(step_ctx, cache=cache)
-        x_RTD, stats = model.step(x_BTD[rows], x0_BTD[rows], s, step_ctx)
+        x_RTD, stats, _ = model.step(x_BTD[rows], x0_BTD[rows], s, step_ctx)
         l1, active = l1 + stats.l1, active + stats.active
         qh_R, qc_R = model.block.halt_logits(x_RTD[torch.arange(x_RTD.shape[0], device=x_RTD.device),
                                                    prompt_end_B[rows]])
@@ -156,16 +160,24 @@ def prefill(model: nn.Module, tokens_BT: torch.Tensor, prompt_len_B: torch.Tenso
 
 
 @torch.no_grad()
-def decode(model: nn.Module, token_B: torch.Tensor, state: DecodeState, tap: Tap | None = None) -> torch.Tensor:
+def decode(model: nn.Module, token_B: torch.Tensor, state: DecodeState, tap: Tap | None = None, *,
+           static: bool = False) -> torch.Tensor:
     """Feed one token per sample (B,) at its own position through the steps chosen at prefill; returns the
-    next-token logits (B, V)."""
+    next-token logits (B, V). The state advances in place (positions, grid cursor, KV caches).
+
+    ``static``: no host sync and no shape that depends on values (attention reads the whole cache under its mask,
+    the experts run densely with the inactive ones weighing 0): what :class:`DecodeGraph` captures. Same values.
+    """
     coords = None if state.cursor is None else tuple(c[:, None] for c in state.cursor.step(token_B))
     x0_B1D = model.embed_tokens(token_B[:, None], coords)
     x_B1D = x0_B1D
     pos_B = state.pos
-    length = int(pos_B.max()) + 1  # one host sync per token: attention then reads only the keys in use
-    if length > state.caches[0].k.shape[2]:
-        raise ValueError("decode ran past the KV cache capacity chosen at prefill (max_new)")
+    if static:  # DecodeGraph checks the capacity once, ahead of all its replays
+        length = state.caches[0].k.shape[2]
+    else:
+        length = int(pos_B.max()) + 1  # one host sync per token: attention then reads only the keys in use
+        if length > state.caches[0].k.shape[2]:
+            raise ValueError("decode ran past the KV cache capacity chosen at prefill (max_new)")
     keys_L = torch.arange(length, device=pos_B.device)
     for s, (rows_R, cache) in enumerate(zip(state.rows, state.caches)):
         if rows_R.numel() == 0:  # every sample that needed this step has left the batch
@@ -173,11 +185,49 @@ def decode(model: nn.Module, token_B: torch.Tensor, state: DecodeState, tap: Tap
         pos_R = pos_B[rows_R]
         cos, sin = model.rope.at(pos_R[:, None])
         mask = AttnMask(False, (keys_L[None, :] <= pos_R[:, None])[:, None, None, :])  # (R, 1, 1, L)
-        ctx = StepContext(s, cos, sin, mask, cache=cache, decode_pos=pos_R, observer=tap)
-        x_R1D, _ = model.step(x_B1D[rows_R], x0_B1D[rows_R], s, ctx)
+        ctx = StepContext(s, cos, sin, mask, cache=cache, decode_pos=pos_R, observer=tap, static=static)
+        x_R1D, _, _ = model.step(x_B1D[rows_R], x0_B1D[rows_R], s, ctx)
         x_B1D = x_B1D.index_copy(0, rows_R, x_R1D)
-    state.pos = pos_B + 1
+    state.pos.add_(1)  # in place: a captured graph advances the same tensor
     return model.lm_head(model.norm(x_B1D[:, 0]))
+
+
+class DecodeGraph:
+    """:func:`decode` (static) captured as one CUDA graph for one layout of a :class:`DecodeState` (its batch rows,
+    the rows of every step, the cache capacity) and replayed for every token: one launch instead of hundreds of
+    small kernels per token, which is what bounds batched decoding on a GPU. Each replay advances the state in
+    place, as :func:`decode` does; after ``DecodeState.keep`` (a new layout) build a new graph.
+    """
+
+    def __init__(self, model: nn.Module, state: DecodeState):
+        if state.pos.device.type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA device")
+        self.state = state
+        self.room = state.caches[0].k.shape[2] - int(state.pos.max())  # tokens that still fit the caches
+        self.token = torch.zeros_like(state.pos)
+        counters = state.counters()
+        saved = [c.clone() for c in counters]
+        # Warm-up on a side stream (required before a capture: lazy initialisations, Triton compilations). Its
+        # keys and values land at the positions the first replay overwrites; the counters are put back.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.no_grad():
+            decode(model, self.token, state, static=True)
+        torch.cuda.current_stream().wait_stream(side)
+        for c, v in zip(counters, saved):
+            c.copy_(v)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.no_grad():  # records, runs nothing
+            self.logits = decode(model, self.token, state, static=True)
+
+    def __call__(self, token_B: torch.Tensor) -> torch.Tensor:
+        """:func:`decode` of ``token_B`` (B,): the next-token logits (B, V)."""
+        if self.room <= 0:
+            raise ValueError("decode ran past the KV cache capacity chosen at prefill (max_new)")
+        self.room -= 1
+        self.token.copy_(token_B)
+        self.graph.replay()
+        return self.logits.clone()  # the graph's output buffer is overwritten by the next replay
 
 
 # ------------------------------------------------------------------------------------------------ grids
@@ -264,14 +314,18 @@ class Generation:
 def generate(model: nn.Module, prompts: Sequence[np.ndarray], *, max_new: int = MAX_ANSWER_TOKENS,
              constrain: bool = True, temperature: float = 0.0, top_k: int = 0, steps: torch.Tensor | None = None,
              generator: torch.Generator | None = None, compact: float = 0.5,
-             max_sides: Sequence[int] | None = None) -> list[Generation]:
+             max_sides: Sequence[int] | None = None, cuda_graphs: bool | None = None) -> list[Generation]:
     """Decode one answer per prompt (token arrays ending with the query's OUT), as one batch.
 
     Greedy by default; ``temperature > 0`` samples (optionally from the ``top_k`` most likely tokens). Samples that
     finish leave the batch once the finished fraction exceeds ``compact``. ``max_sides`` optionally limits each
-    answer's rows and columns (default 30).
+    answer's rows and columns (default 30). ``cuda_graphs`` (default: on CUDA) replays each token's decoding step
+    as a CUDA graph (:class:`DecodeGraph`), captured again whenever finished samples leave the batch.
     """
     device = next(model.parameters()).device
+    if cuda_graphs is None:
+        cuda_graphs = device.type == "cuda"
+    graph = None
     B = len(prompts)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     T = int(lengths.max())
@@ -322,7 +376,12 @@ def generate(model: nn.Module, prompts: Sequence[np.ndarray], *, max_new: int = 
             state = state.keep(keep)
             alive, tok = alive[keep], tok[keep]
             con.keep(keep)
-        logits = decode(model, tok, state)
+            graph = None  # a new layout
+        if cuda_graphs:
+            graph = graph or DecodeGraph(model, state)
+            logits = graph(tok)
+        else:
+            logits = decode(model, tok, state)
     results = []
     for i in range(B):
         toks = out_tok[i, :n_out[i]].tolist()

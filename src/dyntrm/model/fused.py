@@ -195,6 +195,8 @@ class FusedCompose(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_ND, w_NCE, w1, w2):
+        if triton is None:
+            raise RuntimeError("the fused composition needs Triton (torch's CUDA builds ship it)")
         dt = compute_dtype(x_ND)
         x, w1_, w2_ = x_ND.to(dt).contiguous(), w1.to(dt).contiguous(), w2.to(dt).contiguous()
         w = w_NCE.contiguous()

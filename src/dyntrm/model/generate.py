@@ -30,7 +30,7 @@ from ..data.arc import MAX_SIDE, N_COLOURS
 from ..data.batching import padded
 from ..data.tokens import END, PAD, ROW, SIZE0, GridDecodeError, decode_answer
 from .context import AttnMask, ModelOutput, StepContext, Tap
-from .layers import GridCursor
+from .layers import GridCursor, compute_dtype
 
 
 class KVCache:
@@ -47,10 +47,11 @@ class KVCache:
         self.v[:, :, :T] = v_BTHd.transpose(1, 2)
 
     def write(self, k_B1Hd: torch.Tensor, v_B1Hd: torch.Tensor, pos_B: torch.Tensor) -> None:
-        """Decode: one new key/value per row, each at its own position."""
-        rows = torch.arange(k_B1Hd.shape[0], device=pos_B.device)
-        self.k[rows, :, pos_B] = k_B1Hd[:, 0]
-        self.v[rows, :, pos_B] = v_B1Hd[:, 0]
+        """Decode: one new key/value per row, each at its own position (a scatter: no host sync, capturable)."""
+        B, _, H, d = k_B1Hd.shape
+        idx = pos_B.view(B, 1, 1, 1).expand(B, H, 1, d)
+        self.k.scatter_(2, idx, k_B1Hd.transpose(1, 2).to(self.k.dtype))
+        self.v.scatter_(2, idx, v_B1Hd.transpose(1, 2).to(self.v.dtype))
 
 
 @dataclass
@@ -114,7 +115,9 @@ def recur_until_halted(model: nn.Module, tokens_BT: torch.Tensor, attention_mask
         step_ctx = ctx if running is None else ctx.rows(running)
         if cache_capacity is not None:
             R = B if running is None else running.numel()
-            cache = KVCache(R, model.cfg.n_heads, cache_capacity, model.cfg.d_head, x_BTD.device, x_BTD.dtype)
+            # in the dtype keys and values are computed in (bf16 under autocast): attention reads them as they are
+            cache = KVCache(R, model.cfg.n_heads, cache_capacity, model.cfg.d_head, x_BTD.device,
+                            compute_dtype(x_BTD))
             step_rows.append(every_B if running is None else running)
             caches.append(cache)
             step_ctx = replace(step_ctx, cache=cache)

@@ -106,8 +106,9 @@ class ExpertLibrary(nn.Module):
         if path == "fused":
             return fused.compose(x_ND, w_NCE, self.w1, self.w2)
         if path == "gemm":
-            if chunk is None:  # about 2^21 elements of (rows, C, E*F) at a time: a few MB, warm in cache
-                chunk = max(1, 2 ** 21 // (w_NCE.shape[1] * self.n_experts * self.hidden))
+            if chunk is None:  # (rows, C, E*F) elements at a time: 2^21 on CPU (warm in cache), 2^28 on CUDA
+                budget = 2 ** 28 if x_ND.is_cuda else 2 ** 21
+                chunk = max(1, budget // (w_NCE.shape[1] * self.n_experts * self.hidden))
             return GemmCompose.apply(x_ND, w_NCE, self.w1, self.w2, chunk)
         if path != "experts":
             raise ValueError(f"unknown composition path {path!r}; paths: {', '.join(COMPOSE_PATHS)}")

@@ -66,9 +66,17 @@ class DecodeState:
     q_continue: torch.Tensor
     cursor: GridCursor | None = None  # each sample's place in its grid (model.grid_coords)
 
+    def counter_slots(self) -> list[tuple[object, str]]:
+        """Where the tensors live that every decoded token replaces (positions, the grid cursor's state), as
+        (object, attribute) pairs: :class:`DecodeGraph` copies each step's new values back into the tensors its
+        next replay reads."""
+        slots: list[tuple[object, str]] = [(self, "pos")]
+        if self.cursor is not None:
+            slots += [(self.cursor, k) for k, v in vars(self.cursor).items() if isinstance(v, torch.Tensor)]
+        return slots
+
     def counters(self) -> list[torch.Tensor]:
-        """The tensors that every decoded token advances in place (positions, grid cursor)."""
-        return [self.pos] + ([self.cursor.rows, self.cursor.cols] if self.cursor is not None else [])
+        return [getattr(o, k) for o, k in self.counter_slots()]
 
     def keep(self, idx: torch.Tensor) -> "DecodeState":
         """Only the batch rows ``idx`` go on, renumbered in that order: used to drop finished sequences from a
@@ -166,7 +174,7 @@ def prefill(model: nn.Module, tokens_BT: torch.Tensor, prompt_len_B: torch.Tenso
 def decode(model: nn.Module, token_B: torch.Tensor, state: DecodeState, tap: Tap | None = None, *,
            static: bool = False) -> torch.Tensor:
     """Feed one token per sample (B,) at its own position through the steps chosen at prefill; returns the
-    next-token logits (B, V). The state advances in place (positions, grid cursor, KV caches).
+    next-token logits (B, V). The state advances (positions, grid cursor, KV caches).
 
     ``static``: no host sync and no shape that depends on values (attention reads the whole cache under its mask,
     the experts run densely with the inactive ones weighing 0): what :class:`DecodeGraph` captures. Same values.
@@ -191,15 +199,16 @@ def decode(model: nn.Module, token_B: torch.Tensor, state: DecodeState, tap: Tap
         ctx = StepContext(s, cos, sin, mask, cache=cache, decode_pos=pos_R, observer=tap, static=static)
         x_R1D, _, _ = model.step(x_B1D[rows_R], x0_B1D[rows_R], s, ctx)
         x_B1D = x_B1D.index_copy(0, rows_R, x_R1D)
-    state.pos.add_(1)  # in place: a captured graph advances the same tensor
+    state.pos = pos_B + 1
     return model.lm_head(model.norm(x_B1D[:, 0]))
 
 
 class DecodeGraph:
     """:func:`decode` (static) captured as one CUDA graph for one layout of a :class:`DecodeState` (its batch rows,
     the rows of every step, the cache capacity) and replayed for every token: one launch instead of hundreds of
-    small kernels per token, which is what bounds batched decoding on a GPU. Each replay advances the state in
-    place, as :func:`decode` does; after ``DecodeState.keep`` (a new layout) build a new graph.
+    small kernels per token, which is what bounds batched decoding on a GPU. Each replay advances the state as
+    :func:`decode` does (the graph ends by copying the new positions and cursor into the tensors it reads); after
+    ``DecodeState.keep`` (a new layout) build a new graph.
     """
 
     def __init__(self, model: nn.Module, state: DecodeState):
@@ -208,8 +217,14 @@ class DecodeGraph:
         self.state = state
         self.room = state.caches[0].k.shape[2] - int(state.pos.max())  # tokens that still fit the caches
         self.token = torch.zeros_like(state.pos)
-        counters = state.counters()
-        saved = [c.clone() for c in counters]
+        slots = state.counter_slots()
+        inputs = state.counters()
+        saved = [t.clone() for t in inputs]
+
+        def put_back() -> None:  # the counters' tensors and values as before the call
+            for (obj, name), t in zip(slots, inputs):
+                setattr(obj, name, t)
+
         # Warm-up on a side stream (required before a capture: lazy initialisations, Triton compilations). Its
         # keys and values land at the positions the first replay overwrites; the counters are put back.
         side = torch.cuda.Stream()
@@ -217,11 +232,15 @@ class DecodeGraph:
         with torch.cuda.stream(side), torch.no_grad():
             decode(model, self.token, state, static=True)
         torch.cuda.current_stream().wait_stream(side)
-        for c, v in zip(counters, saved):
-            c.copy_(v)
+        put_back()
+        for t, v in zip(inputs, saved):
+            t.copy_(v)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph), torch.no_grad():  # records, runs nothing
             self.logits = decode(model, self.token, state, static=True)
+            for t, new in zip(inputs, state.counters()):
+                t.copy_(new)
+        put_back()
 
     def __call__(self, token_B: torch.Tensor) -> torch.Tensor:
         """:func:`decode` of ``token_B`` (B,): the next-token logits (B, V)."""

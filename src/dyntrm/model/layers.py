@@ -111,9 +111,8 @@ class GridCursor:
         zero = torch.zeros_like(self.rows)
         row, col = torch.where(inside, self.rows + 1, zero), torch.where(inside, self.cols + 1, zero)
         start = (token_B == IN) | (token_B == OUT)
-        # in place: a captured CUDA graph of the decoding step advances the same tensors
-        self.rows.copy_(torch.where(start, zero, self.rows + is_row.long()))
-        self.cols.copy_(torch.where(is_cell, self.cols + 1, zero))
+        self.rows = torch.where(start, zero, self.rows + is_row.long())
+        self.cols = torch.where(is_cell, self.cols + 1, zero)
         return row, col
 
     def keep(self, idx: torch.Tensor) -> None:

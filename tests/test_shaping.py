@@ -13,7 +13,7 @@ from dyntrm.data.batching import collate
 from dyntrm.model.context import Routed
 from dyntrm.model.experts import ExpertLibrary
 from dyntrm.shaping import SARS, learning_cost
-from dyntrm.shaping.sars import entropy_of_softmax, goodness, max_abs_norm
+from dyntrm.shaping.sars import entropy_of_softmax, goodness, learning_costs, max_abs_norm
 from dyntrm.train import Trainer
 from helpers import CPU, assert_close_by_norm, debug_cfg, params
 
@@ -51,14 +51,18 @@ def test_learning_cost_equals_float64_autograd_per_token(seed, density, N, E):
 
 
 def test_learning_cost_dense_and_sparse_paths_agree():
+    """Several channels (q, k, v): every expert on every row when many are active, the active pairs grouped by
+    expert when few are; both against the per-channel costs (one channel always goes by pairs)."""
     torch.manual_seed(0)
-    x, delta = torch.randn(40, 6, dtype=torch.float64), torch.randn(40, 6, dtype=torch.float64)
+    x, delta = torch.randn(40, 6, dtype=torch.float64), torch.randn(40, 3, 6, dtype=torch.float64)
     w1, w2 = torch.randn(8, 6, 5, dtype=torch.float64), torch.randn(8, 5, 6, dtype=torch.float64)
-    w = torch.relu(torch.randn(40, 8, dtype=torch.float64))
-    dense = learning_cost(x, w, delta, w1, w2)  # ~half active: the dense path
-    sparse_w = w * (torch.rand(40, 8) < 0.1)
-    sparse = learning_cost(x, sparse_w, delta, w1, w2)  # 10% active: the grouped path
+    w = torch.relu(torch.randn(40, 3, 8, dtype=torch.float64))
+    dense = learning_costs(x, w, delta, w1, w2)  # ~half active: the dense path
+    sparse_w = w * (torch.rand(40, 3, 8) < 0.1)
+    sparse = learning_costs(x, sparse_w, delta, w1, w2)  # 10% active: the grouped path
     torch.testing.assert_close(sparse, dense * (sparse_w > 0), rtol=1e-12, atol=0)
+    for c in range(3):
+        torch.testing.assert_close(learning_cost(x, w[:, c], delta[:, c], w1, w2), dense[:, c], rtol=1e-12, atol=0)
 
 
 def test_goodness_and_entropy_by_hand():

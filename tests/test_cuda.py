@@ -99,11 +99,11 @@ def _run(lib, x, w, g, path):
 
 
 @pytest.mark.skipif(not fused.fits(8, 8, 8), reason="needs Triton")
-@pytest.mark.parametrize("shape", [(16, 32, 32, 32, 3, 1000), (64, 64, 64, 64, 3, 777), (5, 20, 24, 12, 2, 130),
-                                   (3, 16, 128, 16, 1, 64)])
+@pytest.mark.parametrize("shape", [(16, 32, 32, 32, 2, 1000), (64, 64, 64, 64, 3, 777), (5, 20, 128, 12, 1, 130)])
 def test_fused_composition_fp32_equals_reference_and_experts_path(shape):
     """IEEE fp32 dots: the fused kernels against the float64 per-expert loop, values and all four gradients, for
-    power-of-two and odd widths, C = 1..3, row counts that leave a partial block."""
+    power-of-two and odd widths up to MAX_WIDTH, C = 1..3, row counts that leave a partial block. (Each new shape
+    autotunes the kernels: seconds each.)"""
     E, d_in, hid, d_out, C, N = shape
     lib, x, w = _compose_case(*shape)
     assert torch.backends.cuda.matmul.allow_tf32 is False  # torch's default: the kernels use IEEE dots

@@ -54,6 +54,13 @@ if triton is not None:
         sig = tl.sigmoid(a)
         return a * sig, sig * (1.0 + a * (1.0 - sig))
 
+    @triton.jit
+    def _load_rows(X, rows, N, D_IN, s_xn, BD_IN: tl.constexpr):
+        """x of a block of rows, (BLOCK_N, BD_IN), zero past N rows and D_IN columns."""
+        di = tl.arange(0, BD_IN)
+        return tl.load(X + rows[:, None] * s_xn + di[None, :], mask=(rows < N)[:, None] & (di[None, :] < D_IN),
+                       other=0.0)
+
     @triton.autotune(configs=_CONFIGS, key=_KEY)
     @triton.jit
     def _fwd_kernel(X, W, W1, W2, OUT, N, E, D_IN, F, D_OUT,
@@ -63,7 +70,7 @@ if triton is not None:
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rmask = rows < N
         di, ff, do = tl.arange(0, BD_IN), tl.arange(0, BF), tl.arange(0, BD_OUT)
-        x = tl.load(X + rows[:, None] * s_xn + di[None, :], mask=rmask[:, None] & (di[None, :] < D_IN), other=0.0)
+        x = _load_rows(X, rows, N, D_IN, s_xn, BD_IN)
         w1_mask = (di[:, None] < D_IN) & (ff[None, :] < F)
         w2_mask = (ff[:, None] < F) & (do[None, :] < D_OUT)
         acc0 = tl.zeros((BLOCK_N, BD_OUT), dtype=tl.float32)
@@ -124,7 +131,7 @@ if triton is not None:
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rmask = rows < N
         di, ff, do = tl.arange(0, BD_IN), tl.arange(0, BF), tl.arange(0, BD_OUT)
-        x = tl.load(X + rows[:, None] * s_xn + di[None, :], mask=rmask[:, None] & (di[None, :] < D_IN), other=0.0)
+        x = _load_rows(X, rows, N, D_IN, s_xn, BD_IN)
         g0, g1, g2 = _load_grads(G, rows, rmask, do, D_OUT, s_gn, s_gc, C, BLOCK_N, BD_OUT)
         w1_mask = (di[:, None] < D_IN) & (ff[None, :] < F)
         w1t_mask = (ff[:, None] < F) & (di[None, :] < D_IN)
@@ -168,8 +175,7 @@ if triton is not None:
         for b in range(r, tl.cdiv(N, BLOCK_N), R):
             rows = b * BLOCK_N + tl.arange(0, BLOCK_N)
             rmask = rows < N
-            x = tl.load(X + rows[:, None] * s_xn + di[None, :], mask=rmask[:, None] & (di[None, :] < D_IN),
-                        other=0.0)
+            x = _load_rows(X, rows, N, D_IN, s_xn, BD_IN)
             s, ds_da = _silu_parts(tl.dot(x, w1, input_precision=PRECISION))
             g0, g1, g2 = _load_grads(G, rows, rmask, do, D_OUT, s_gn, s_gc, C, BLOCK_N, BD_OUT)
             do_e = _expert_grad_out(W, rows, rmask, e, s_wn, s_wc, s_we, g0, g1, g2, C).to(w1.dtype)

@@ -36,3 +36,27 @@ def assert_close_by_norm(got: torch.Tensor, want: torch.Tensor, rel: float, msg:
     got, want = got.double(), want.double()
     err, ref = torch.linalg.vector_norm(got - want).item(), torch.linalg.vector_norm(want).item()
     assert err <= rel * ref + 1e-12, f"{msg}: |got - want| = {err:.3g} > {rel:g} x |want| = {rel * ref:.3g}"
+
+
+def cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """Run ``dyntrm ARGV`` in-process: (exit code, stdout, stderr)."""
+    from dyntrm.cli import main
+
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse refuses bad arguments this way
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def assert_user_error(result: tuple[int, str, str], *phrases: str) -> None:
+    """A user's mistake: exit code 2 and one line on stderr, ``error: ...`` holding every phrase; no traceback,
+    nothing about it on stdout."""
+    code, out, err = result
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, f"exit code {code}; stderr: {err[-2000:]}"
+    assert len(lines) == 1 and lines[0].startswith("error: "), f"not one error line on stderr: {err[-2000:]!r}"
+    assert "Traceback" not in out + err and "error" not in out, out[-2000:]
+    for p in phrases:
+        assert p in lines[0], f"{p!r} not in {lines[0]!r}"

@@ -7,6 +7,7 @@ import pytest
 
 from dyntrm.cli import main
 from dyntrm.data.arc import ArcDataError, load_source, load_task_file
+from helpers import assert_user_error, cli
 
 GOOD = {"train": [{"input": [[1, 2], [3, 4]], "output": [[4, 3], [2, 1]]}],
         "test": [{"input": [[5, 6], [7, 8]], "output": [[8, 7], [6, 5]]}]}
@@ -127,9 +128,8 @@ def test_cli_reports_bad_input_without_traceback(tmp_tasks, tmp_path, capsys):
 
 
 def test_cli_unknown_task_and_missing_source(capsys, tmp_path):
-    assert main(["show", "arc1", "nope", "--out", str(tmp_path / "x.png")]) == 2
-    assert main(["data", "stats", "--source", str(tmp_path / "missing")]) == 2
-    assert "no task 'nope'" in capsys.readouterr().out
+    assert_user_error(cli(capsys, "show", "arc1", "nope", "--out", tmp_path / "x.png"), "no task 'nope'")
+    assert_user_error(cli(capsys, "data", "stats", "--source", tmp_path / "missing"), "no such file or directory")
 
 
 def test_cli_stats_and_show(capsys, tmp_path):
@@ -139,3 +139,34 @@ def test_cli_stats_and_show(capsys, tmp_path):
     png = tmp_path / "task.png"
     assert main(["show", "arc1", "007bbfb7", "--out", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("raw,words", [
+    ('{"train": [{"input": [[' + "7" * 5000 + ']], "output": [[1]]}], "test": [{"input": [[1]]}]}',
+     "a number too long to read"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+])
+def test_hostile_json_is_a_one_line_error(tmp_tasks, capsys, raw, words):
+    """A 5000-digit integer (over Python's int-parsing limit) and 100k-deep nesting (over the recursion limit)."""
+    path = tmp_tasks("hostile", None, raw=raw)
+    with pytest.raises(ArcDataError, match=words):
+        load_task_file(path)
+    assert_user_error(cli(capsys, "data", "stats", "--source", path), str(path), words)
+
+
+def test_two_challenges_files_of_one_split_are_refused_naming_both(tmp_path):
+    ch = {"t1": GOOD}
+    for prefix in ("arc-agi", "arc-prize-2025"):
+        (tmp_path / f"{prefix}_evaluation_challenges.json").write_text(json.dumps(ch))
+    with pytest.raises(ArcDataError, match=r"arc-agi_evaluation_challenges.json and "
+                                           r"arc-prize-2025_evaluation_challenges.json.*split 'eval'"):
+        load_source(tmp_path)
+
+
+def test_a_file_of_many_tasks_given_as_one_says_what_it_is_and_how_to_pass_it(tmp_path, capsys):
+    path = tmp_path / "arc-agi_test_challenges.json"
+    path.write_text(json.dumps({"t1": GOOD, "t2": GOOD}))
+    with pytest.raises(ArcDataError, match="a file of 2 tasks"):
+        load_task_file(path)
+    assert_user_error(cli(capsys, "predict", tmp_path / "run", path), str(path), "a file of 2 tasks",
+                      f"dyntrm eval RUN --source {path}")

@@ -160,7 +160,7 @@ def test_cuda_graph_decoding_equals_eager_token_for_token():
     same answers as eager decoding: same tokens, log-probabilities equal to float noise."""
     torch.manual_seed(0)
     cfg = preset("debug").model
-    cfg.grid_coords = True
+    cfg.grid_coords = "origin"
     m = ArcTransformer(cfg).to(DEV).eval()
     with torch.no_grad():  # make samples halt at different steps
         m.block.halt.weight.normal_(0, 2.0)

@@ -217,3 +217,46 @@ def test_per_sample_side_limits_hold():
     gens = generate(m, prompts, max_sides=[1, 4, 30])
     assert gens[0].grid.shape == (1, 1)
     assert max(gens[1].grid.shape) <= 4 and max(gens[2].grid.shape) <= 30
+
+
+def _square(side, colour=1):
+    return np.full((side, side), colour, np.uint8)
+
+
+def test_a_prompt_too_long_loses_its_largest_demonstrations_until_every_view_fits():
+    small, large = Pair(_square(2), _square(2, 2)), Pair(_square(5), _square(1))  # 8 cells, 26 cells
+    item = EvalItem("t", 0, (small, large, small), _square(3), None)
+    vs = views(4, seed=0)
+    full = max(len(item.prompt(v)) for v in vs)
+    without_large = max(len(EvalItem("t", 0, (small, small), _square(3), None).prompt(v)) for v in vs)
+    bare = max(len(EvalItem("t", 0, (), _square(3), None).prompt(v)) for v in vs)
+    assert bare < without_large < full
+    (f,) = E.fit_prompts([item], 4, 0, without_large, header=False)
+    assert f.dropped == 1 and f.length == full and f.fitted_length == without_large
+    assert all(len(e) <= without_large for _, e in f.prompts) and len(f.prompts) == 4
+    assert [len(e) for _, e in f.prompts] == [len(EvalItem("t", 0, (small, small), _square(3), None).prompt(v))
+                                              for v in vs]  # the large one went, both small ones stayed
+    (f,) = E.fit_prompts([item], 4, 0, without_large - 1, header=False)  # equals: the last one goes first
+    assert f.dropped == 2 and f.fitted_length == max(len(EvalItem("t", 0, (small,), _square(3), None).prompt(v))
+                                                     for v in vs)
+    (f,) = E.fit_prompts([item], 4, 0, bare - 1, header=False)
+    assert f.prompts == [] and f.dropped == 3 and f.fitted_length == bare
+    (f,) = E.fit_prompts([item], 4, 0, None, header=False)
+    assert f.dropped == 0 and f.fitted_length == full
+
+
+def test_an_input_too_long_even_alone_is_answered_with_itself_and_counted():
+    """The model is not asked (no decoding happens for it); its submission entry is its input, not a 1x1 grid."""
+    model = ArcTransformer(preset("debug").model)
+    model.cfg.max_positions = 932 + 24  # room for a 24-token prompt and a full answer
+    short = EvalItem("a", 0, (Pair(_square(2), _square(2)),), _square(2), _square(2))  # a 21-token prompt
+    shortened = EvalItem("b", 0, (Pair(_square(3), _square(3)),), _square(2), _square(1))  # 33; 8 alone
+    too_long = EvalItem("c", 0, (Pair(_square(1), _square(1)),), _square(5, 3), _square(1))  # 37; 32 alone
+    results, stats = evaluate_items(model, [short, shortened, too_long], n_views=2, cap_to_prompt=True)
+    assert (stats["prompts_shortened"], stats["too_long"], stats["sequences"]) == (1, 1, 4)
+    assert [(r.dropped, r.too_long) for r in results] == [(0, False), (1, False), (1, True)]
+    assert all(np.array_equal(a, too_long.input) for a in results[2].attempts)
+    m = metrics_of(results, stats)
+    assert m["tasks"]["c"]["tests"][0]["too_long"] and m["tasks"]["b"]["tests"][0]["demos_dropped"] == 1
+    line = E.score_line(m)
+    assert "1 prompts too long for the model lost demonstrations" in line and "1 test inputs too long" in line

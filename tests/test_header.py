@@ -54,53 +54,56 @@ def test_header_decode_refuses_disagreement(tokens, msg):
 
 
 def _naive_coords(tokens):
-    rows, cols = [], []
-    r = c = 0
-    inside_grid = False
+    """(row, col, row_up, col_left) per token by a plain left-to-right scan that remembers the grid's header."""
+    out = []
+    r = c = h = w = 0
+    since = 2  # no grid has started: no size header can follow
     for t in tokens:
         if t in (IN, OUT):
-            r = c = 0
-            rows.append(0)
-            cols.append(0)
-            inside_grid = True
+            r = c = since = h = w = 0
+            out.append((0, 0, 0, 0))
             continue
+        if since == 0 and SIZE0 <= t < SIZE0 + 30:
+            h = t - SIZE0 + 1
+        if since == 1 and SIZE0 <= t < SIZE0 + 30:
+            w = t - SIZE0 + 1
+        since = min(since + 1, 2)
         if t < N_COLOURS or t == ROW:
-            rows.append(r + 1)
-            cols.append(c + 1)
+            out.append((r + 1, c + 1, h - r if h else 0, w - c if (w and t != ROW) else 0))
             if t == ROW:
                 r, c = r + 1, 0
             else:
                 c += 1
         else:  # size tokens, END, EOS, padding
-            rows.append(0)
-            cols.append(0)
+            out.append((0, 0, 0, 0))
             c = 0
-    return rows, cols
+    return out
 
 
 @given(grids(max_side=5), grids(max_side=5), grids(max_side=5), st.booleans())
 @settings(max_examples=40)
 def test_grid_coords_match_a_naive_scan(a, b, c, header):
     toks = encode([Pair(a, b), Pair(c, a)], header=header).tokens
-    row, col = grid_coords(torch.from_numpy(toks)[None])
-    want_r, want_c = _naive_coords(toks.tolist())
-    assert row[0].tolist() == want_r and col[0].tolist() == want_c
-    # cells get their true (row, column) in their grid
-    cells = toks < N_COLOURS
-    grid_rows = [r for r, is_cell in zip(want_r, cells) if is_cell]
-    assert max(grid_rows) == max(a.shape[0], b.shape[0], c.shape[0])
+    got = grid_coords(torch.from_numpy(toks)[None])[0]
+    assert [tuple(x) for x in got.tolist()] == _naive_coords(toks.tolist())
+    # by hand: the first input grid's cells, row by row, from every border
+    h, w = a.shape
+    first = got[toks.tolist().index(IN) + 1:][: (3 if header else 1) and 10_000]
+    cells = [tuple(x) for x, t in zip(first.tolist(), toks[toks.tolist().index(IN) + 1:]) if t < N_COLOURS][:h * w]
+    assert cells == [(r + 1, k + 1, (h - r) if header else 0, (w - k) if header else 0)
+                     for r in range(h) for k in range(w)]
 
 
 @given(st.lists(st.integers(0, 46), min_size=2, max_size=40), st.data())
-@settings(max_examples=60)
+@settings(max_examples=80)
 def test_cursor_follows_grid_coords_one_token_at_a_time(tokens, data):
     toks = torch.tensor(tokens)[None]
-    row, col = grid_coords(toks)
+    want = grid_coords(toks)[0]
+    assert [tuple(x) for x in want.tolist()] == _naive_coords(tokens)  # random streams too (causal, no look-ahead)
     cut = data.draw(st.integers(1, len(tokens) - 1))
     cur = GridCursor(toks[:, :cut], torch.tensor([cut]))
     for t in range(cut, len(tokens)):
-        r, c = cur.step(toks[:, t])
-        assert (r.item(), c.item()) == (row[0, t].item(), col[0, t].item())
+        assert cur.step(toks[:, t])[0].tolist() == want[t].tolist()
 
 
 def _model(seed=0, **kw):
@@ -112,7 +115,7 @@ def _model(seed=0, **kw):
 
 
 def test_kv_cache_with_grid_coords_equals_recompute():
-    m = _model(3, grid_coords=True, size_header=True).double()
+    m = _model(3, grid_coords="borders", size_header=True).double()
     prompts = [encode_prompt([Pair(np.array([[1, 2], [3, 4]]), np.array([[5]]))], np.array([[6, 7]]),
                              header=True).tokens, np.array([BOS, IN, size_token(1), size_token(1), 2, OUT])]
     steps = torch.tensor([3, 2])
@@ -135,12 +138,12 @@ def test_kv_cache_with_grid_coords_equals_recompute():
 
 def test_grid_coords_change_the_model_only_where_switched_on():
     toks = torch.from_numpy(encode([Pair(np.array([[1, 2]]), np.array([[2, 1]]))], header=True).tokens)[None]
-    plain, coords = _model(5, size_header=True), _model(5, size_header=True, grid_coords=True)
+    plain, coords = _model(5, size_header=True), _model(5, size_header=True, grid_coords="borders")
     coords.load_state_dict(plain.state_dict(), strict=False)
     with torch.no_grad():
         a, b = plain(toks).final_logits, coords(toks).final_logits
-        coords.row_embed.weight.zero_()
-        coords.col_embed.weight.zero_()
+        for table in coords.coord_embed:
+            table.weight.zero_()
         c = coords(toks).final_logits
     assert not torch.allclose(a, b)
     torch.testing.assert_close(a, c)

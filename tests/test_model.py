@@ -384,7 +384,7 @@ def test_kv_cache_decoding_equals_full_recompute(variant, device):
         logits = m.decode(nxt, state)
 
 
-@pytest.mark.parametrize("kw", [{}, {"attn_active": 2.0, "grid_coords": True}])
+@pytest.mark.parametrize("kw", [{}, {"attn_active": 2.0, "grid_coords": "origin"}])
 def test_static_decoding_equals_decoding(kw):
     """decode(static=True), what a CUDA graph captures (whole-cache attention under the mask, experts computed
     densely), gives decode's logits and advances the same state."""

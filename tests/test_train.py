@@ -144,41 +144,33 @@ def test_exact_resume_after_interrupt_and_after_a_crash(tmp_path, monkeypatch):
         assert (other.state.epoch, other.state.batch) == (straight.state.epoch, straight.state.batch)
 
 
-def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+def test_checkpoint_write_is_atomic_and_a_full_disk_names_the_file(tmp_path, monkeypatch):
+    import errno
+
     cfg = debug_cfg("train.steps=2")
     tr, _ = train(cfg, tmp_path, rt=CPU, live=False)
     good = checkpoint.latest(tmp_path)
     tr.state.step = 99
 
-    def broken(*a, **k):
-        raise OSError("disk full")
+    def full(fd):  # where a full disk shows on a write that the page cache took: at fsync
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(checkpoint, "save_file", broken)
-    with pytest.raises(OSError):
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError) as e:
         tr.save()
+    assert e.value.errno == errno.ENOSPC and e.value.filename.endswith("model.safetensors")
+    monkeypatch.undo()
     assert checkpoint.latest(tmp_path) == good
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", good.name]
     assert checkpoint.load(tmp_path)["meta"]["step"] == 2
 
 
-def test_checkpoint_never_unpickles_objects(tmp_path):
-    cfg = debug_cfg("train.steps=1")
-    train(cfg, tmp_path, rt=CPU, live=False)
-    ck = checkpoint.latest(tmp_path)
-
-    class Evil:
-        def __reduce__(self):
-            return (os.system, ("echo pwned",))
-
-    torch.save({"optimizer": Evil()}, ck / "state.pt")
-    with pytest.raises(Exception, match="[Ww]eights only|Unsupported|GLOBAL"):
-        checkpoint.load(tmp_path)
-
-
-def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
+def test_non_finite_steps_are_skipped_then_stop_with_the_checkpoint_before_them(tmp_path, monkeypatch):
+    """No checkpoint is saved during a streak of non-finite steps, so pruning (train.keep=1 here) never deletes the
+    last one before it; the message names it, and the run resumes from it."""
     import dyntrm.train as T
 
-    cfg = debug_cfg("train.steps=10", "train.max_bad_steps=3", "train.save_every=2")
+    cfg = debug_cfg("train.steps=10", "train.max_bad_steps=3", "train.save_every=2", "train.keep=1")
     real = T.compute_loss
     calls = {"n": 0}
 
@@ -190,12 +182,28 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
         return loss, parts
 
     monkeypatch.setattr(T, "compute_loss", poisoned)
-    with pytest.raises(TrainingStopped, match="3 non-finite steps in a row"):
+    before = tmp_path / "checkpoints" / "step_0000004"  # the streak runs over the periodic save of step 6
+    with pytest.raises(TrainingStopped, match=f"3 non-finite steps in a row at step 7 .*newest checkpoint, from "
+                                              f"before them, is {before}"):
         train(cfg, tmp_path, rt=CPU, live=False)
-    ck = checkpoint.load(tmp_path)  # the last good checkpoint is intact and finite
-    assert ck["meta"]["step"] == 6
-    assert ck["meta"]["train_state"]["bad_total"] >= 2
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == [before.name]
+    ck = checkpoint.load(tmp_path)
+    assert ck["meta"]["step"] == 4 and ck["meta"]["train_state"]["bad_in_row"] == 0
+    assert ck["meta"]["train_state"]["bad_total"] == 1  # the isolated one
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
+    monkeypatch.setattr(T, "compute_loss", real)  # the cause is gone: resume from it, to the end
+    tr, _ = train(cfg, tmp_path, rt=CPU, live=False, resume=True)
+    assert tr.state.step == 10 and checkpoint.load(tmp_path)["meta"]["step"] == 10
+
+
+def test_without_a_checkpoint_before_the_streak_the_message_says_so(tmp_path, monkeypatch):
+    import dyntrm.train as T
+
+    real = T.compute_loss
+    monkeypatch.setattr(T, "compute_loss", lambda *a, **k: (lambda l, p: (l * float("nan"), p))(*real(*a, **k)))
+    with pytest.raises(TrainingStopped, match="no checkpoint was saved before them"):
+        train(debug_cfg("train.max_bad_steps=2", "train.save_every=1"), tmp_path, rt=CPU, live=False)
+    assert not (tmp_path / "checkpoints").exists() or not list((tmp_path / "checkpoints").glob("step_*"))
 
 
 def _first_batches(cfg, n):
@@ -359,12 +367,13 @@ def test_evaluation_inside_training_is_logged(tmp_path, monkeypatch):
              if json.loads(l)["kind"] == "eval"]
     assert [e["step"] for e in evals] == [2, 4]
     # a fixed subset: the first train.eval_tasks test inputs of the eval split, 1 view
-    first = [(it.task_id, it.index) for it in split_items(cfg)[:2]]
+    first = [(it.task_id, it.index) for it in split_items(cfg, max_side=cfg.data.max_side)[:2]]
     assert [(ids, views) for _, ids, views in seen] == [(first, 1), (first, 1)]
     # the last evaluation saw the EMA weights of the end of the run (not the raw ones), and logged its figures
     weights, ema, raw = seen[-1][0], tr.ema.state_dict(), params(tr.model)
     assert all(torch.equal(weights[k], ema[k]) for k in ema) and not all(torch.equal(weights[k], raw[k]) for k in raw)
-    m = metrics_of(*real(tr.ema_model(), split_items(cfg, limit=2), n_views=1, max_len=cfg.data.max_len))
+    m = metrics_of(*real(tr.ema_model(), split_items(cfg, limit=2, max_side=cfg.data.max_side), n_views=1,
+                         max_len=cfg.data.max_len))
     keys = ("pass@1", "pass@2", "n_test_inputs", "mean_steps")
     assert {k: evals[-1][k] for k in keys} == {k: m[k] for k in keys}
 

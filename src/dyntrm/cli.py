@@ -1,27 +1,36 @@
 """Command line: ``dyntrm SUBCOMMAND ...`` (also ``python -m dyntrm``).
 
-Errors in the user's input (bad data, bad config, a missing file) are printed as one line without a traceback
-and exit with code 2.
+Errors in the user's input (bad data, bad config, a missing file) are printed as one line on stderr without a
+traceback and exit with code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import math
 import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .config import MAX_ANSWER_TOKENS, ConfigError
 from .data.arc import ArcDataError, load_source
 from .data.dataset import LeakageError
+from .rundir import RunDirError
 from .train import TrainingStopped as TrainingStoppedError
 
-USER_ERRORS = (ArcDataError, ConfigError, LeakageError, FileNotFoundError)
+# A failed file operation (a missing file, a full disk, a read-only directory) is the user's environment, not a bug.
+USER_ERRORS = (ArcDataError, ConfigError, LeakageError, RunDirError, OSError)
 
-# Piped output (logs, CI) gets a wide console rather than rich's 80-column default, so tables stay readable.
-console = Console() if sys.stdout.isatty() else Console(width=160)
+# Piped output (logs, CI) gets a wide console rather than rich's 80-column default, so tables stay readable; lines
+# are never broken (soft_wrap), so that a result line stays one line for whoever reads it.
+console = Console(soft_wrap=True) if sys.stdout.isatty() else Console(width=160, soft_wrap=True)
+# Errors and warnings go to stderr, so that a script reading stdout (or a file it was redirected to) never takes
+# them for results.
+errors = Console(stderr=True)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -120,13 +129,17 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .runtime import setup, teardown
     from .train import train
 
+    if args.resume and (args.overwrite or (args.out and Path(args.out) != Path(args.resume))):
+        raise ConfigError("--resume RUN_DIR continues that run in place: it takes neither --overwrite nor another "
+                          "--out")
     cfg = resolve_config(args)
     run_dir = Path(args.resume or args.out or f"runs/{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
     rt = setup(cfg.train.threads)  # torchrun-aware: one process per rank
     try:
-        trainer, last = train(cfg, run_dir, resume=bool(args.resume), rt=rt)
+        trainer, last = train(cfg, run_dir, resume=bool(args.resume), overwrite=args.overwrite, rt=rt)
     except KeyboardInterrupt:
-        rt.print0(f"stopped: checkpoint saved in {run_dir}; continue with `dyntrm train --resume {run_dir}`")
+        rt.print0(f"stopped: continue from the newest checkpoint with `dyntrm train --resume {run_dir}`",
+                  file=sys.stderr)
         raise SystemExit(130)
     del trainer  # DDP's reducer must go before its process group, or gloo aborts the process at exit
     teardown()
@@ -139,18 +152,19 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .checkpoint import load_model
     from .data.dataset import split_items
     from .evaluate import run_eval, score_line
+    from .io import writable_dir
     from .runtime import pick_device
 
     model, cfg, ckpt_dir = load_model(args.checkpoint, device=pick_device())
     if args.source:
         cfg.data.source = args.source
     items = split_items(cfg, args.split, args.limit)
-    out = Path(args.out or Path(args.checkpoint) / f"eval-{args.split or cfg.data.eval_split}")
+    out = writable_dir(args.out or Path(args.checkpoint) / f"eval-{args.split or cfg.data.eval_split}")
     m, _ = run_eval(model, items, out, n_views=args.views, seed=args.seed, title=f"dyntrm eval: {ckpt_dir}",
                     extra={"checkpoint": str(ckpt_dir), "source": cfg.data.source,
                            "split": args.split or cfg.data.eval_split},
                     temperature=args.temperature, top_k=args.top_k, cap_to_prompt=args.cap_to_prompt)
-    console.print(f"{score_line(m)} ({m['n_test_inputs']} test inputs, {args.views} views); "
+    console.print(f"{score_line(m)}; {m['n_test_inputs']} test inputs, {args.views} views; "
                   f"mean ACT steps {m['mean_steps']:.2f}; "
                   f"{m['decode_tokens_per_s']:.0f} decode tok/s -> {out}/report.html")
 
@@ -159,14 +173,28 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from .checkpoint import load_model
     from .data.arc import load_task_file
     from .data.dataset import eval_items
-    from .evaluate import evaluate_items, metrics_of, submission_of
-    from .io import write_json
+    from .evaluate import evaluate_items, fit_prompts, metrics_of, prompt_limit, submission_of
+    from .io import writable_dir, write_json
     from .runtime import pick_device
 
+    task = load_task_file(args.task)  # the user's input first: it is quicker to check than a model to load
     model, cfg, _ = load_model(args.checkpoint, device=pick_device())
-    task = load_task_file(args.task)
-    results, stats = evaluate_items(model, eval_items([task]), n_views=args.views, seed=args.seed)
     out = Path(args.out or f"{task.id}.answers.json")
+    if out.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a directory (--out names the answers file)", str(out))
+    writable_dir(out.parent)
+    items, limit = eval_items([task]), prompt_limit(model)
+    for f in fit_prompts(items, args.views, args.seed, limit, cfg.model.size_header):
+        if not f.prompts:  # refused before decoding anything: a stand-in answer would pass for the model's
+            raise ConfigError(f"task {task.id} test {f.item.index}: even without demonstrations its prompt is "
+                              f"{f.fitted_length} tokens, over the {limit} this model answers "
+                              f"(model.max_positions={cfg.model.max_positions} less a 30x30 answer's room)")
+        if f.dropped:
+            errors.print(f"note: task {task.id} test {f.item.index}: its prompt of {f.length} tokens is over the "
+                         f"{limit} this model answers; answered from {len(f.item.demos) - f.dropped} of "
+                         f"{len(f.item.demos)} demonstrations (the largest left out)", highlight=False,
+                         soft_wrap=True, markup=False)
+    results, stats = evaluate_items(model, items, n_views=args.views, seed=args.seed)
     write_json(out, submission_of(results), indent=None)
     msg = f"{task.id}: {len(task.test)} test inputs -> {out}"
     if all(p.output is not None for p in task.test):
@@ -238,7 +266,6 @@ def demo_config(minutes: float):
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    import shutil
     import time
 
     from .data.dataset import split_items
@@ -250,14 +277,12 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     cfg = demo_config(args.minutes)
     out = Path(args.out)
-    if out.exists() and (out / "config.json").exists():  # a previous demo run: start afresh
-        shutil.rmtree(out)
     t0 = time.perf_counter()
-    items = split_items(cfg)
+    items = split_items(cfg, max_side=cfg.data.max_side)  # the tasks it trains on
     console.print(f"demo: training `tiny` for {args.minutes:g} min on the demonstration pairs of "
                   f"{len({i.task_id for i in items})} ARC-AGI-1 training tasks with grids <= 8x8; "
                   f"their {len(items)} held-out test inputs are scored afterwards")
-    tr, last = train(cfg, out)
+    tr, last = train(cfg, out, overwrite=True)  # a previous demo's run there is replaced
     train_s = time.perf_counter() - t0
     model = tr.ema_model()
     summary = {"training steps": last["step"], "training minutes": round(train_s / 60, 2),
@@ -292,26 +317,50 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 # ------------------------------------------------------------------------------------------------ main
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its refusals as one ``error:`` line (like every other user error) instead of usage + error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def number(kind: type, lo: float, *, strict: bool = False):
+    """An argparse type: a finite ``kind`` (int or float) >= ``lo`` (> ``lo`` when ``strict``)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not math.isfinite(value) or (value <= lo if strict else value < lo):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {lo:g}, got {text}")
+        return value
+    return parse
+
+
+POSITIVE, NONNEGATIVE = number(int, 1), number(int, 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dyntrm", description="DynTRM: a Dynamic Tiny Recursive Model for ARC-AGI")
+    p = Parser(prog="dyntrm", description="DynTRM: a Dynamic Tiny Recursive Model for ARC-AGI")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     data = sub.add_parser("data", help="inspect a data source")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     stats = data_sub.add_parser("stats", help="task and pair counts, sequence-length percentiles")
     stats.add_argument("--source", default="arc1", help="arc1, arc2 or a PATH")
-    stats.add_argument("--max-len", type=int, default=None, help="also count sequences longer than this")
+    stats.add_argument("--max-len", type=POSITIVE, default=None, help="also count sequences longer than this")
     stats.set_defaults(func=cmd_data_stats)
     from .data.synth import FAMILIES
 
     synth = data_sub.add_parser("synth", help="write procedural ARC tasks of known rules (the sanity ladder)")
     synth.add_argument("--out", required=True, help="directory; training/ and evaluation/ are written in it")
     synth.add_argument("--families", default=",".join(FAMILIES), help=f"comma-separated: {', '.join(FAMILIES)}")
-    synth.add_argument("--tasks", type=int, default=100, help="training tasks per family")
-    synth.add_argument("--eval-tasks", type=int, default=20, help="held-out evaluation tasks per family")
+    synth.add_argument("--tasks", type=POSITIVE, default=100, help="training tasks per family")
+    synth.add_argument("--eval-tasks", type=NONNEGATIVE, default=20, help="held-out evaluation tasks per family")
     synth.add_argument("--sides", default="3-6", help="input grid sides A-B")
-    synth.add_argument("--demos", type=int, default=3, help="demonstrations per task (one test input each)")
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--demos", type=POSITIVE, default=3, help="demonstrations per task (one test input each)")
+    synth.add_argument("--seed", type=NONNEGATIVE, default=0)
     synth.set_defaults(func=cmd_data_synth)
 
     show = sub.add_parser("show", help="draw one task's pairs in the ARC palette")
@@ -326,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--source", default=None, help="arc1, arc2 or a PATH (sets data.source)")
     tr.add_argument("--out", default=None, help="run directory (default runs/PRESET-TIME)")
     tr.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this run from its last checkpoint")
+    tr.add_argument("--overwrite", action="store_true",
+                    help="--out holds a run: delete its checkpoints, metrics and evaluations and start afresh")
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override, e.g. --set model.d_model=256 (unknown keys list the valid ones)")
     tr.set_defaults(func=cmd_train)
@@ -334,11 +385,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT")
     ev.add_argument("--source", default=None, help="data source (default: the run's)")
     ev.add_argument("--split", default=None, help="split to score (default: the run's data.eval_split)")
-    ev.add_argument("--views", type=int, default=8, help="augmented views per test input (1: no voting)")
-    ev.add_argument("--limit", type=int, default=None, help="score only the first N test inputs")
-    ev.add_argument("--seed", type=int, default=0, help="seed of the views' colour permutations")
-    ev.add_argument("--temperature", type=float, default=0.0, help="> 0 samples instead of greedy decoding")
-    ev.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens")
+    ev.add_argument("--views", type=POSITIVE, default=8, help="augmented views per test input (1: no voting)")
+    ev.add_argument("--limit", type=POSITIVE, default=None, help="score only the first N test inputs")
+    ev.add_argument("--seed", type=NONNEGATIVE, default=0, help="seed of the views' colour permutations")
+    ev.add_argument("--temperature", type=number(float, 0), default=0.0, help="> 0 samples instead of greedy decoding")
+    ev.add_argument("--top-k", type=NONNEGATIVE, default=0, help="sample from the k most likely tokens")
     ev.add_argument("--cap-to-prompt", action="store_true",
                     help="limit answers to the largest grid side in their prompt (bounds decoding cost; a heuristic)")
     ev.add_argument("--out", default=None, help="output directory (default RUN/eval-SPLIT)")
@@ -347,8 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="answers for any task file, in the ARC Prize format")
     pr.add_argument("checkpoint", metavar="CHECKPOINT")
     pr.add_argument("task", metavar="TASK.json")
-    pr.add_argument("--views", type=int, default=8)
-    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--views", type=POSITIVE, default=8)
+    pr.add_argument("--seed", type=NONNEGATIVE, default=0)
     pr.add_argument("--out", default=None, help="answers file (default TASK_ID.answers.json)")
     pr.set_defaults(func=cmd_predict)
 
@@ -356,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("checkpoint", metavar="CHECKPOINT")
     ins.add_argument("source", help="arc1, arc2, a task directory or a task file")
     ins.add_argument("task_id")
-    ins.add_argument("--test", type=int, default=0, help="which test input of the task")
+    ins.add_argument("--test", type=NONNEGATIVE, default=0, help="which test input of the task")
     ins.add_argument("--out", default="inspect", help="output directory")
     ins.set_defaults(func=cmd_inspect)
 
@@ -368,16 +419,27 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="parameters per library, active parameters, FLOPs per token per step")
     info.add_argument("--preset", default="tiny")
     info.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
-    info.add_argument("--context", type=int, default=1024, help="context length for attention-score FLOPs")
+    info.add_argument("--context", type=POSITIVE, default=1024, help="context length for attention-score FLOPs")
     info.set_defaults(func=cmd_info)
 
     demo = sub.add_parser("demo", help="the main job of `make demo`: train tiny, evaluate, write a report")
     demo.add_argument("--out", default="runs/demo")
-    demo.add_argument("--minutes", type=float, default=4.0, help="training time budget")
-    demo.add_argument("--views", type=int, nargs="+", default=[1],
+    demo.add_argument("--minutes", type=number(float, 0, strict=True), default=4.0, help="training time budget")
+    demo.add_argument("--views", type=POSITIVE, nargs="+", default=[1],
                       help="evaluate with these view counts (e.g. --views 1 8; each view costs a full decode)")
     demo.set_defaults(func=cmd_demo)
     return p
+
+
+def say_error(label: str, e: BaseException) -> None:
+    """``label: message`` on stderr, as one line; the message is escaped, since file names and pairs such as
+    ``train[0]`` would otherwise read as rich markup (and a stray ``[/x]`` would raise). An OSError reads as its
+    file and the system's reason, a full disk called so."""
+    text = str(e)
+    if isinstance(e, OSError) and e.strerror:
+        reason = f"disk full ({e.strerror})" if e.errno == errno.ENOSPC else e.strerror
+        text = f"{e.filename}: {reason}" if e.filename else reason
+    errors.print(f"[bold red]{label}:[/] {escape(text)}", highlight=False, soft_wrap=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -385,13 +447,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except USER_ERRORS as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        say_error("error", e)
         return 2
     except TrainingStoppedError as e:
-        console.print(f"[bold red]stopped:[/] {e}", highlight=False, soft_wrap=True)
+        say_error("stopped", e)
         return 1
     except KeyboardInterrupt:
-        console.print("interrupted")
+        errors.print("interrupted")
         return 130
     return 0
 

@@ -9,6 +9,7 @@ unknown key or a value of the wrong type is an error that lists what is valid.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -56,6 +57,8 @@ class ModelConfig:
                                   "dense composition)")
     ffn_experts: int = opt(16, "experts in the global FFN library (d_model -> ffn_mult*d_model -> d_model)")
     ffn_mult: int = opt(4, "FFN expert hidden width as a multiple of d_model")
+    ffn_shared: bool = opt(False, "DynMoE adds an always-active shared expert (d_model -> ffn_mult*d_model -> "
+                                  "d_model) to the routed ones")
     ffn_active: float = opt(2.0, "target mean number of active FFN experts per token (the sparsity target)")
     halt_threshold: float = opt(0.5, "inference stops a sample once sigmoid(q_halt - q_continue) > this")
     rope_base: float = opt(10000.0, "RoPE base")
@@ -65,8 +68,10 @@ class ModelConfig:
     norm_eps: float = opt(1e-6, "RMSNorm epsilon")
     size_header: bool = opt(False, "every grid is preceded by its height and width as two tokens; decoding then "
                                    "writes exactly the shape the model chose first")
-    grid_coords: bool = opt(False, "add learned embeddings of each cell's row and column inside its grid to the "
-                                   "token embedding (a 2-D signal beside the 1-D RoPE)")
+    grid_coords: Literal["off", "origin", "borders"] = opt(
+        "off", "learned embeddings of each cell's place in its grid, added to its token embedding (a 2-D signal "
+               "beside the 1-D RoPE): origin = row and column from the top-left; borders = also from the bottom "
+               "and right borders (needs model.size_header, which tells the size before the cells)")
 
     @property
     def d_head(self) -> int:
@@ -278,9 +283,14 @@ def from_dict(d: dict[str, Any]) -> Config:
     """Strictly rebuild a config from :func:`to_dict` output (unknown keys are errors)."""
     cfg = Config()
     valid = fields(cfg)
+    if not isinstance(d, dict):
+        raise ConfigError(f"expected a JSON object of config sections, got {type(d).__name__}")
+    sections = {k.partition(".")[0] for k in valid}
     for section, values in d.items():
-        if not isinstance(values, dict):
+        if section not in sections:
             raise _unknown(section, valid)
+        if not isinstance(values, dict):
+            raise ConfigError(f"{section}: expected a JSON object of keys, got {type(values).__name__}")
         for k, v in values.items():
             key = f"{section}.{k}"
             if key not in valid:
@@ -294,56 +304,93 @@ def from_dict(d: dict[str, Any]) -> Config:
 def load_config(path: str | os.PathLike) -> Config:
     """A config file (a run's config.json): an unreadable file, invalid JSON or a bad key raises ConfigError."""
     d = io.read_json(path, lambda what: ConfigError(f"{path}: {what}"))
-    if not isinstance(d, dict):
-        raise ConfigError(f"{path}: expected a JSON object of config sections")
-    return from_dict(d)
+    try:
+        return from_dict(d)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+@dataclass(frozen=True)
+class Range:
+    """An interval of valid values for a numeric field; NaN and the infinities lie in none."""
+
+    lo: float
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, v: float) -> bool:
+        if isinstance(v, float) and not math.isfinite(v):
+            return False
+        return (self.lo < v if self.lo_open else self.lo <= v) and (v < self.hi if self.hi_open else v <= self.hi)
+
+    def __str__(self) -> str:
+        if self.hi == math.inf:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+
+
+OPEN_LO, OPEN_HI = {"lo_open": True}, {"hi_open": True}
+
+# The valid range of every numeric field (a test checks that none is missing). Relations between fields (heads
+# that divide the width, a target within the library) are checked in :func:`validate` after these.
+RANGES: dict[str, Range] = {
+    "model.vocab_size": Range(47),
+    "model.d_model": Range(1), "model.n_heads": Range(1), "model.max_steps": Range(1),
+    "model.attn_experts": Range(1), "model.attn_hidden": Range(0), "model.attn_active": Range(0),
+    "model.ffn_experts": Range(1),
+    "model.ffn_mult": Range(1), "model.ffn_active": Range(0, **OPEN_LO), "model.halt_threshold": Range(0, 1),
+    "model.rope_base": Range(1, **OPEN_LO), "model.max_positions": Range(1),
+    "model.norm_eps": Range(0, 1, lo_open=True, hi_open=True),
+    "data.max_side": Range(1, 30), "data.max_len": Range(8), "data.tokens_per_batch": Range(1),
+    "data.repeats": Range(1),
+    "train.steps": Range(1), "train.time_budget_s": Range(0), "train.lr": Range(0, **OPEN_LO),
+    "train.routing_lr_mult": Range(0), "train.weight_decay": Range(0), "train.beta1": Range(0, 1, **OPEN_HI),
+    "train.beta2": Range(0, 1, **OPEN_HI), "train.warmup": Range(0), "train.min_lr_ratio": Range(0, 1),
+    "train.grad_clip": Range(0), "train.ema_decay": Range(0, 1, **OPEN_HI), "train.accum": Range(1),
+    "train.seed": Range(0, 2 ** 64, **OPEN_HI),  # torch.manual_seed's range; numpy wants it >= 0
+    "train.grad_steps": Range(0), "train.act_weight": Range(0), "train.act_gamma": Range(0, 1),
+    "train.l1_init": Range(0, **OPEN_LO),  # the controller multiplies it: never 0
+    "train.l1_factor": Range(1), "train.l1_max": Range(0, **OPEN_LO), "train.threads": Range(0),
+    "train.log_every": Range(1), "train.save_every": Range(0), "train.keep": Range(0), "train.eval_every": Range(0),
+    "train.eval_tasks": Range(1), "train.max_bad_steps": Range(1),
+    "shaping.meta_weight": Range(0), "shaping.token_rate": Range(0, 1, **OPEN_LO), "shaping.fars_weight": Range(0),
+}
 
 
 def validate(cfg: Config) -> None:
+    """Raise :class:`ConfigError` on the first field out of its range (naming the key, the range and what the
+    field is), then on the first relation between fields that does not hold."""
+    for key, (owner, f, _) in fields(cfg).items():
+        value = getattr(owner, f.name)
+        if key in RANGES and value not in RANGES[key]:
+            raise ConfigError(f"{key}={value!r}: must be {RANGES[key]} ({f.metadata['help']})")
     m = cfg.model
     if m.d_model % m.n_heads or m.d_head % 2:
         raise ConfigError(f"model.d_model={m.d_model} must split into model.n_heads={m.n_heads} heads of even width")
-    if not 0 < m.ffn_active <= m.ffn_experts:
+    if m.ffn_active > m.ffn_experts:
         raise ConfigError(f"model.ffn_active={m.ffn_active} must be in (0, model.ffn_experts={m.ffn_experts}]")
-    if not 0 <= m.attn_active <= m.attn_experts:
+    if m.grid_coords == "borders" and not m.size_header:
+        raise ConfigError("model.grid_coords=borders needs model.size_header=true: the distance to the bottom and "
+                          "right borders is known before a grid's cells only from its size header")
+    if m.attn_active > m.attn_experts:
         raise ConfigError(f"model.attn_active={m.attn_active} must be in [0, model.attn_experts={m.attn_experts}] "
                           f"(0: every expert, dense composition)")
-    if m.vocab_size < 47:
-        raise ConfigError(f"model.vocab_size={m.vocab_size}: must be >= 47 (10 colours, 7 specials, 30 sizes)")
-    if m.max_steps < 1:
-        raise ConfigError(f"model.max_steps={m.max_steps}: must be >= 1")
     if m.max_positions < cfg.data.max_len + MAX_ANSWER_TOKENS:
         raise ConfigError(f"model.max_positions={m.max_positions} must hold a data.max_len={cfg.data.max_len} prompt "
                           f"plus a full 30x30 answer ({MAX_ANSWER_TOKENS} tokens)")
     t = cfg.train
-    for name in ("steps", "accum", "log_every"):
-        if getattr(t, name) < 1:
-            raise ConfigError(f"train.{name}={getattr(t, name)}: must be >= 1")
-    if not 0 <= t.grad_steps <= cfg.model.max_steps:
+    if t.grad_steps > cfg.model.max_steps:
         raise ConfigError(f"train.grad_steps={t.grad_steps}: must be in 0..model.max_steps={cfg.model.max_steps}")
     if 0 < t.grad_steps < m.max_steps and not m.input_injection:
         raise ConfigError(f"train.grad_steps={t.grad_steps} < model.max_steps={m.max_steps} needs "
                           f"model.input_injection=true: the embeddings enter at step 1 only, which then runs "
                           f"without gradient, so they would never learn")
-    if not 0 <= t.ema_decay < 1:
-        raise ConfigError(f"train.ema_decay={t.ema_decay}: must be in [0, 1)")
-    if t.l1_init <= 0:
-        raise ConfigError(f"train.l1_init={t.l1_init}: must be > 0 (the controller multiplies it)")
     if t.l1_max < t.l1_init:
         raise ConfigError(f"train.l1_max={t.l1_max}: must be >= train.l1_init={t.l1_init}")
-    if t.l1_factor < 1:
-        raise ConfigError(f"train.l1_factor={t.l1_factor}: must be >= 1")
-    if not 0 < cfg.shaping.token_rate <= 1:
-        raise ConfigError(f"shaping.token_rate={cfg.shaping.token_rate}: must be in (0, 1]")
     d = cfg.data
-    if d.max_len < 8:
-        raise ConfigError(f"data.max_len={d.max_len}: must be at least 8")
     if d.tokens_per_batch < padded(d.max_len):
         raise ConfigError(f"data.tokens_per_batch={d.tokens_per_batch} must be >= data.max_len={d.max_len}")
-    if not 1 <= d.max_side <= 30:
-        raise ConfigError(f"data.max_side={d.max_side}: must be in 1..30")
-    if d.repeats < 1:
-        raise ConfigError(f"data.repeats={d.repeats}: must be >= 1")
     if d.eval_split in d.train_splits:
         raise ConfigError(f"data.eval_split={d.eval_split!r} is also in data.train_splits: its test outputs would "
                           f"be trained on; use data.demo_splits for its demonstrations only")

@@ -9,7 +9,7 @@ Kaggle-format submission.json and report.html.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,6 +18,7 @@ import numpy as np
 from .config import MAX_ANSWER_TOKENS
 from .data.augment import Augmentation, views
 from .data.dataset import EvalItem
+from .data.tokens import Encoded
 from .io import write_json
 from .model.generate import Generation, generate_batched
 from .scoring import DIAGNOSTICS, Ranked, attempts, copy_input_reference, score, solved, targets_of, vote
@@ -30,6 +31,8 @@ class ItemResult:
     candidates: list[tuple[np.ndarray | None, float]]
     steps: list[int]
     attempts: list[np.ndarray] = field(default_factory=list)
+    dropped: int = 0  # demonstrations left out of the prompt so that it fits the model
+    too_long: bool = False  # not even the bare query fits: not decoded, answered by the fallback (its input)
 
 
 def prompt_max_side(item: EvalItem) -> int:
@@ -38,34 +41,70 @@ def prompt_max_side(item: EvalItem) -> int:
     return max(max(g.shape) for g in grids)
 
 
+def prompt_limit(model, max_len: int | None = None, max_new: int = MAX_ANSWER_TOKENS) -> int | None:
+    """The longest prompt ``model`` can answer: ``model.max_positions`` less room for a full answer (and at most
+    ``max_len``); None for a stand-in model without a config (tests)."""
+    room = getattr(getattr(model, "cfg", None), "max_positions", None)
+    limits = [x for x in (max_len, None if room is None else room - max_new) if x is not None]
+    return min(limits) if limits else None
+
+
+@dataclass
+class Fitted:
+    """An item's prompts under its views, shortened to fit the model where needed."""
+
+    item: EvalItem
+    prompts: list[tuple[Augmentation, Encoded]]  # one per view; none when even the bare query is too long
+    dropped: int  # demonstrations left out
+    length: int  # the longest view's prompt with every demonstration
+    fitted_length: int  # ... with the demonstrations kept (the bare query's where even that is too long)
+
+
+def _longest(encs: list[tuple[Augmentation, Encoded]]) -> int:
+    return max(len(e) for _, e in encs)  # views transpose grids: their lengths differ
+
+
+def fit_prompts(items: Sequence[EvalItem], n_views: int, seed: int, limit: int | None, header: bool
+                ) -> list[Fitted]:
+    """Every item's prompts under ``n_views`` views (seeded ``seed + item index``). A prompt over ``limit`` tokens
+    loses demonstrations, the largest first (most cells; the last of equals first), until every view fits: an
+    answer from fewer demonstrations beats none. An item whose bare query does not fit gets no prompt."""
+    out = []
+    for i, it in enumerate(items):
+        vs = views(n_views, seed=seed + i)
+        order = sorted(range(len(it.demos)), key=lambda j: (it.demos[j].input.size + it.demos[j].output.size, j))
+        keep = list(range(len(it.demos)))
+        encs = full = [(v, it.prompt(v, header=header)) for v in vs]
+        while limit is not None and _longest(encs) > limit and keep:
+            keep.remove(order.pop())
+            shown = replace(it, demos=tuple(it.demos[j] for j in keep))
+            encs = [(v, shown.prompt(v, header=header)) for v in vs]
+        fits = limit is None or _longest(encs) <= limit
+        out.append(Fitted(it, encs if fits else [], len(it.demos) - len(keep), _longest(full), _longest(encs)))
+    return out
+
+
 def evaluate_items(model, items: Sequence[EvalItem], *, n_views: int = 8, seed: int = 0,
                    tokens_per_batch: int = 131072, max_len: int | None = None, cap_to_prompt: bool = False,
                    **gen_kw) -> tuple[list[ItemResult], dict]:
     """Decode every item under ``n_views`` views, un-augment, vote. Returns per-item results and timing stats.
 
-    Items whose prompt leaves no room for a full answer within ``model.max_positions`` (or exceeds ``max_len``) are
-    not decoded: no attempt, counted as unsolved, and reported as ``skipped_over_max_len``.
+    A prompt that leaves no room for a full answer within ``model.max_positions`` (or exceeds ``max_len``) is
+    shortened by :func:`fit_prompts`, counted as ``prompts_shortened``; an item whose bare query does not fit is not
+    decoded, is answered by the fallback (its test input, which scores no diagnostics) and counted as ``too_long``.
     ``cap_to_prompt`` limits each answer to the largest grid side seen in its prompt (a heuristic read from the
     demonstrations, never the target; it bounds the cost of decoding from a barely trained model and can miss
     answers larger than every prompt grid).
     """
-    prompts, owners, sides = [], [], []
-    skipped = 0
-    room = getattr(getattr(model, "cfg", None), "max_positions", None)  # (tests pass stand-ins without a cfg)
-    limits = [x for x in (max_len, None if room is None else room - gen_kw.get("max_new", MAX_ANSWER_TOKENS))
-              if x is not None]
-    limit = min(limits) if limits else None
+    limit = prompt_limit(model, max_len, gen_kw.get("max_new", MAX_ANSWER_TOKENS))
     header = bool(getattr(getattr(model, "cfg", None), "size_header", False))
-    for i, it in enumerate(items):
-        vs = views(n_views, seed=seed + i)
-        encs = [(v, it.prompt(v, header=header)) for v in vs]
-        if limit is not None and any(len(e) > limit for _, e in encs):
-            skipped += 1
-            continue
-        for v, e in encs:
+    fitted = fit_prompts(items, n_views, seed, limit, header)
+    prompts, owners, sides = [], [], []
+    for i, f in enumerate(fitted):
+        for v, e in f.prompts:
             prompts.append(e.tokens)
             owners.append((i, v))
-            sides.append(prompt_max_side(it))
+            sides.append(prompt_max_side(f.item))
     t0 = time.perf_counter()
     if cap_to_prompt:
         gen_kw["max_sides"] = sides
@@ -75,14 +114,16 @@ def evaluate_items(model, items: Sequence[EvalItem], *, n_views: int = 8, seed: 
     for (i, v), g in zip(owners, gens):
         per_item[i].append((v, g))
     results = []
-    for it, gs in zip(items, per_item):
+    for f, gs in zip(fitted, per_item):
         cands = [(None if g.grid is None else v.invert_grid(g.grid), g.mean_logprob) for v, g in gs]
         ranked = vote(cands)
-        results.append(ItemResult(it, ranked, cands, [g.steps for _, g in gs], attempts(ranked)))
+        results.append(ItemResult(f.item, ranked, cands, [g.steps for _, g in gs],
+                                  attempts(ranked, fallback=f.item.input), f.dropped, not f.prompts))
     n_tok = sum(len(g.tokens) for g in gens)
     stats = {"decode_seconds": seconds, "decode_tokens": n_tok, "decode_tokens_per_s": n_tok / max(seconds, 1e-9),
              "mean_steps": float(np.mean([g.steps for g in gens])) if gens else 0.0, "sequences": len(gens),
-             "skipped_over_max_len": skipped, "views": n_views, "cap_to_prompt": cap_to_prompt}
+             "prompts_shortened": sum(f.dropped > 0 and bool(f.prompts) for f in fitted),
+             "too_long": sum(not f.prompts for f in fitted), "views": n_views, "cap_to_prompt": cap_to_prompt}
     return results, stats
 
 
@@ -108,19 +149,26 @@ def metrics_of(results: Sequence[ItemResult], stats: dict) -> dict[str, Any]:
                 "index": r.item.index, "votes": [c.votes for c in r.ranked[:4]],
                 "solved@1": bool(r.item.target is not None and solved(r.attempts, r.item.target, 1)),
                 "solved@2": bool(r.item.target is not None and solved(r.attempts, r.item.target, 2)),
-                "mean_steps": float(np.mean(r.steps)) if r.steps else 0.0})
+                "mean_steps": float(np.mean(r.steps)) if r.steps else 0.0, "demos_dropped": r.dropped,
+                "too_long": r.too_long})
     return {"pass@1": scored["pass@1"], "pass@2": scored["pass@2"], **{k: scored[k] for k in DIAGNOSTICS},
             "n_tasks": len(scored["tasks"]),
             "n_test_inputs": len(results), **stats, "tasks": scored["tasks"]}
 
 
 def score_line(m: dict[str, Any]) -> str:
-    """One-line summary of :func:`metrics_of` output; a split without targets has no score, only a submission."""
+    """One-line summary of :func:`metrics_of` output; a split without targets has no score, only a submission.
+    Prompts that had to lose demonstrations, and inputs too long to answer at all, are counted in it."""
     if m["pass@2"] is None:
-        return f"no targets in these {m['n_test_inputs']} test inputs: submission only"
-    line = f"pass@1 {m['pass@1']:.4f} pass@2 {m['pass@2']:.4f} over {m['n_tasks']} tasks"
-    if m.get("shape@1") is not None:
-        line += f" (diagnostics: right shape {m['shape@1']:.3f}, cells right {m['cells@1']:.3f})"
+        line = f"no targets in these {m['n_test_inputs']} test inputs: submission only"
+    else:
+        line = f"pass@1 {m['pass@1']:.4f} pass@2 {m['pass@2']:.4f} over {m['n_tasks']} tasks"
+        if m.get("shape@1") is not None:
+            line += f" (diagnostics: right shape {m['shape@1']:.3f}, cells right {m['cells@1']:.3f})"
+    if m.get("prompts_shortened"):
+        line += f"; {m['prompts_shortened']} prompts too long for the model lost demonstrations"
+    if m.get("too_long"):
+        line += f"; {m['too_long']} test inputs too long even alone, answered with themselves"
     return line
 
 

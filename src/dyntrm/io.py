@@ -4,11 +4,26 @@ whose errors name the line and column, and a run's metrics log (JSON lines, appe
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import secrets
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+
+@contextlib.contextmanager
+def names_file(path: str | os.PathLike) -> Iterator[None]:
+    """OSErrors raised inside name ``path`` where the system named no file: a failed write() or fsync() (a full
+    disk) does not, and the user must learn which file could not be written."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(path)
+        raise
 
 
 @contextlib.contextmanager
@@ -16,17 +31,34 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is fsynced and renamed over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    # Created the way open() creates a file, so the umask decides its mode (mkstemp's would be 0600 whatever it is);
+    # O_EXCL: the random name is never another writer's.
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with names_file(path):
+            yield tmp
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def writable_dir(path: str | os.PathLike) -> Path:
+    """Create the directory ``path`` where needed and prove that a file can be written in it, or raise the OSError
+    naming it: commands that work for minutes check where their results go first."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "exists and is not a directory", str(path))
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:  # named as the directory the user gave, not a parent or the probe's random name
+        raise type(e)(e.errno, e.strerror, str(path)) from None
+    return path
 
 
 def _fsync_dir(d: Path) -> None:
@@ -61,11 +93,23 @@ def read_json(path: str | os.PathLike, error: Callable[[str], Exception]) -> Any
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise error(f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except ValueError:  # Python refuses to parse integers of more than sys.get_int_max_str_digits() digits
+        raise error(f"invalid JSON: a number too long to read (over {sys.get_int_max_str_digits()} digits)") from None
+    except RecursionError:
+        raise error("invalid JSON: nested too deeply") from None
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write and fsync ``path`` (not atomically: for files inside a directory that is itself renamed into place)."""
+    with names_file(path), open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
     """One record as one line of a JSON-lines file (a run's metrics.jsonl)."""
-    with open(path, "a", encoding="utf-8") as f:
+    with names_file(path), open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
 
 

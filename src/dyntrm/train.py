@@ -1,10 +1,13 @@
-"""Training (DESIGN §4): the Trainer (model, DDP wrapper, AdamW groups, EMA, checkpoints, one optimizer step) and
-the loop, ``train()``: {step, log, evaluate every k, save every k}.
+"""Training (DESIGN §4): the Trainer (model, DDP wrapper, AdamW groups, EMA, checkpoints, one optimizer step),
+``train()``, which claims the run directory (``rundir.py``), and the loop, ``loop()``: {step, log, evaluate every k,
+save every k}.
 
 One step: for each micro-batch, forward with the routing shaper's tap, the loss (``loss.py``), backward; then the
 shaper adds its gradients (``shaping.kind``: SARS by default, FARS, or none), the logged sums and the finiteness
 verdict are all-reduced in one go, the optimizer steps, the EMA follows, and DynMoE's sparsity controller moves the
-L1 coefficient (and the attention routers' controller theirs, under ``model.attn_active``). A non-finite step is skipped; too many in a row stop the run with its last checkpoint intact.
+L1 coefficient (and the attention routers' controller theirs, under ``model.attn_active``). A non-finite step is
+skipped; too many in a row stop the run, and no checkpoint is saved while they last, so the newest one is from
+before them.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from . import checkpoint
+from . import checkpoint, rundir
 from .config import Config, ConfigError, to_dict
 from .data.arc import load_source
 from .data.batching import Batch
@@ -38,7 +41,7 @@ from .shaping import make_shaper
 
 
 class TrainingStopped(RuntimeError):
-    """The run cannot go on (e.g. too many non-finite steps); its last checkpoint is intact."""
+    """The run cannot go on (too many non-finite steps); the message names the checkpoint to resume from."""
 
 
 @dataclass
@@ -137,9 +140,10 @@ class Trainer:
         # train.grad_steps: the first steps of the recursion run without gradient (0: full BPTT)
         self.detach_steps = cfg.model.max_steps - cfg.train.grad_steps if cfg.train.grad_steps else 0
         self.sparsity = SparsityController.for_config(cfg)
+        self.saved: tuple[int | None, Path | None] = (None, None)  # the step whose state is on disk, and where
         self.attn_sparsity = SparsityController.for_config(cfg, "attn") if cfg.model.attn_sparse else None
         if resume:
-            self.restore(checkpoint.load(self.run_dir))
+            self.restore(checkpoint.load(self.run_dir, warn=lambda m: rt.print0(f"warning: {m}", file=sys.stderr)))
 
     def _training_set(self) -> TrainingSet:
         d = self.cfg.data
@@ -161,6 +165,8 @@ class Trainer:
     def save(self) -> Path | None:
         if self.run_dir is None:
             return None
+        if self.saved[0] == self.state.step:  # nothing changed since (e.g. stopped right after a periodic save)
+            return self.saved[1]
         # every rank's RNG (SARS subsamples tokens per rank), gathered to rank 0
         rngs = [self.rng_state()]
         if self.rt.distributed:
@@ -175,6 +181,7 @@ class Trainer:
         else:
             path = None
         self.rt.barrier()
+        self.saved = (self.state.step, path)
         return path
 
     def restore(self, ckpt: dict[str, Any]) -> None:
@@ -185,8 +192,10 @@ class Trainer:
         if changed:  # the data position and the weights only mean something under the same model and data
             raise ConfigError(f"{ckpt['dir']}: cannot resume with changed {', '.join(changed)} "
                               f"(train.* and shaping.* may change on resume)")
+        checkpoint.check_weights(self.model.state_dict(), ckpt["model"], ckpt["dir"] / "model.safetensors")
         self.model.load_state_dict(ckpt["model"])
         if self.ema is not None and ckpt["ema"] is not None:
+            checkpoint.check_weights(self.ema.state_dict(), ckpt["ema"], ckpt["dir"] / "ema.safetensors")
             self.ema.load_state_dict(ckpt["ema"])
         self.optimizer.load_state_dict(ckpt["state"]["optimizer"])
         rngs = ckpt["state"]["rng"]
@@ -197,6 +206,7 @@ class Trainer:
         if "cuda" in rng and self.rt.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.rt.device)
         self.state = TrainState(**ckpt["meta"]["train_state"])
+        self.saved = (self.state.step, ckpt["dir"])
 
     # -------------------------------------------------------------------------------------- one step
 
@@ -270,8 +280,7 @@ class Trainer:
             # the sums of a non-finite step are meaningless: log only that it was skipped
             metrics = {"skipped": 1.0, "lr": cfg.train.lr * lr_f, "l1_coef": st.l1_coef, "tokens": 0.0}
             if st.bad_in_row >= cfg.train.max_bad_steps:
-                raise TrainingStopped(f"{st.bad_in_row} non-finite steps in a row at step {st.step} "
-                                      f"(train.max_bad_steps={cfg.train.max_bad_steps}); the last checkpoint is intact")
+                raise TrainingStopped(self.stop_message())
             return metrics
         st.bad_in_row = 0
         metrics.update(shaping)
@@ -293,6 +302,18 @@ class Trainer:
         if self.attn_sparsity is not None:
             metrics["attn_l1_coef"] = st.attn_l1_coef
         return metrics
+
+    def stop_message(self) -> str:
+        """What stopping after a non-finite streak leaves: the newest checkpoint, saved before the streak (none is
+        saved during one), to resume from."""
+        st, run = self.state, self.run_dir
+        text = (f"{st.bad_in_row} non-finite steps in a row at step {st.step + 1} "  # numbered as logged, from 1
+                f"(train.max_bad_steps={self.cfg.train.max_bad_steps}); ")
+        last = checkpoint.latest(run) if run is not None else None
+        if last is None:
+            return text + "no checkpoint was saved before them"
+        return (text + f"the newest checkpoint, from before them, is {last}: resume with `dyntrm train --resume "
+                       f"{run}` (train.* may change, e.g. a lower train.lr)")
 
     def ema_model(self) -> ArcTransformer:
         """A copy of the model carrying the EMA weights (or the raw weights when EMA is off), in eval mode.
@@ -351,23 +372,32 @@ class Reporter:
             self.progress.stop()
 
 
-def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, rt: Runtime | None = None,
-          live: bool | None = None, on_eval=None) -> tuple[Trainer, dict[str, float]]:
-    """The training loop: {step, log, eval every k, save every k}; Ctrl-C saves and stops cleanly.
+def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
+          rt: Runtime | None = None, live: bool | None = None, on_eval=None) -> tuple[Trainer, dict[str, float]]:
+    """Train into ``run_dir``, continuing its run (``resume``), replacing it (``overwrite``), or into a directory
+    that holds none (``rundir.py``); rank 0 holds the directory's lock throughout.
 
     ``on_eval(trainer, metrics_path)`` runs every ``train.eval_every`` steps (default: the EMA model on a fixed
     subset of the evaluation split, logged to metrics.jsonl). Returns the trainer and the last logged metrics.
-    Raises :class:`TrainingStopped` after too many non-finite steps (its last checkpoint intact).
+    Raises :class:`TrainingStopped` after too many non-finite steps (naming the checkpoint to resume from).
     """
-    on_eval = on_eval or evaluate_subset
-
     rt = rt or setup(cfg.train.threads)
     run_dir = Path(run_dir)
-    tr = Trainer(cfg, rt, run_dir, resume=resume)  # a refused resume raises here, before any file is touched
-    if rt.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_run_files(run_dir, cfg)
-    rt.barrier()
+    rundir.check(run_dir, resume=resume, overwrite=overwrite)  # every rank, before any file is touched
+    say = lambda m: rt.print0(m, file=sys.stderr)  # noqa: E731
+    with rundir.lock(run_dir, say) if rt.is_main else contextlib.nullcontext():
+        tr = Trainer(cfg, rt, run_dir, resume=resume)  # a refused resume raises here, before any file is touched
+        if rt.is_main:
+            rundir.prepare(run_dir, overwrite=overwrite, say=say)
+            write_run_files(run_dir, cfg)
+        rt.barrier()
+        return tr, loop(tr, live, on_eval or evaluate_subset)
+
+
+def loop(tr: Trainer, live: bool | None, on_eval) -> dict[str, float]:
+    """The training loop: {step, log, eval every k, save every k}; Ctrl-C saves and stops cleanly. Returns the last
+    logged metrics."""
+    cfg, rt, run_dir = tr.cfg, tr.rt, tr.run_dir
     st, t = tr.state, cfg.train
     metrics_path = run_dir / "metrics.jsonl"
     stream = tr.data.iterate(st.epoch, st.batch)
@@ -376,6 +406,13 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, rt: Runtime
     seen_epoch = -1
     window_tokens, window_time, window_metrics = 0.0, 0.0, []
     interrupted = InterruptFlag()
+
+    def save_sound() -> None:
+        # Never during a non-finite streak: its state is the streak's, and pruning (train.keep) would delete the
+        # checkpoints from before it, the ones to resume from. Skipped steps leave the weights as they were.
+        if st.bad_in_row == 0:
+            tr.save()
+
     try:
         while st.step < t.steps:
             t0 = time.perf_counter()
@@ -404,8 +441,8 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, rt: Runtime
                 stop, interrupted.set = bool(flags[0]), bool(flags[1])
             if interrupted.set:
                 reporter.close()
-                rt.print0(f"interrupted after step {st.step}: saving a checkpoint")
-                tr.save()
+                rt.print0(f"interrupted after step {st.step}", file=sys.stderr)
+                save_sound()
                 raise KeyboardInterrupt
             if st.step % t.log_every == 0 or st.step == t.steps or stop:
                 last = window_mean(window_metrics)
@@ -418,14 +455,14 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, rt: Runtime
             if t.eval_every and st.step % t.eval_every == 0:
                 on_eval(tr, metrics_path)
             if t.save_every and st.step % t.save_every == 0:
-                tr.save()
+                save_sound()
             if stop:
                 break
     finally:
         reporter.close()
         interrupted.restore()
-    tr.save()
-    return tr, last
+    save_sound()
+    return last
 
 
 def window_mean(window: list[dict[str, Any]]) -> dict[str, Any]:
@@ -471,11 +508,12 @@ def time_left(st: TrainState, cfg: Config, step_seconds: float) -> float:
 
 def evaluate_subset(trainer: Trainer, metrics_path: Path) -> dict[str, Any] | None:
     """In-training evaluation: the EMA model, 1 view, the first ``train.eval_tasks`` test inputs of the eval split
-    (a fixed subset); appended to metrics.jsonl by rank 0 while the other ranks wait."""
+    among its tasks within ``data.max_side`` (a fixed subset); appended to metrics.jsonl by rank 0 while the other
+    ranks wait."""
     cfg, rt = trainer.cfg, trainer.rt
     out = None
     if rt.is_main:
-        items = split_items(cfg, limit=cfg.train.eval_tasks)
+        items = split_items(cfg, limit=cfg.train.eval_tasks, max_side=cfg.data.max_side)  # what it trains on
         model = trainer.ema_model()
         results, stats = evaluate_items(model, items, n_views=1, max_len=cfg.data.max_len)
         m = metrics_of(results, stats)

@@ -199,10 +199,13 @@ def _task_dir(path: Path) -> list[Task]:
     return [parse_task(read_json(f), task_id=f.stem, file=str(f)) for f in files]
 
 
+def _kaggle_split_name(challenges: Path) -> str:
+    kind = challenges.name.removesuffix("_challenges.json").split("_")[-1]
+    return _KAGGLE_SPLITS.get(kind, kind)
+
+
 def _kaggle_split(challenges: Path) -> tuple[str, list[Task]]:
-    stem = challenges.name.removesuffix("_challenges.json")
-    kind = stem.split("_")[-1]
-    split = _KAGGLE_SPLITS.get(kind, kind)
+    split = _kaggle_split_name(challenges)
     sol_path = challenges.with_name(challenges.name.replace("_challenges.json", "_solutions.json"))
     solutions = read_json(sol_path) if sol_path.exists() else None
     return split, _task_map(read_json(challenges), str(challenges), solutions)
@@ -236,8 +239,13 @@ def load_source(source: str | os.PathLike) -> Source:
 
     challenges = sorted(path.glob("*_challenges.json"))
     if challenges:
-        splits = dict(_kaggle_split(c) for c in challenges)
-        return Source(str(path), splits)
+        seen: dict[str, Path] = {}
+        for c in challenges:  # one file per split: a second would silently replace the first's tasks
+            other = seen.setdefault(_kaggle_split_name(c), c)
+            if other != c:
+                raise ArcDataError(f"{other.name} and {c.name} are both of split {_kaggle_split_name(c)!r}: keep one "
+                                   f"here, or give each its own directory", file=path)
+        return Source(str(path), dict(_kaggle_split(c) for c in challenges))
     sub = {ours: path / d for d, ours in (("training", "train"), ("evaluation", "eval")) if (path / d).is_dir()}
     if sub:
         return Source(str(path), {name: _task_dir(d) for name, d in sub.items()})
@@ -247,7 +255,12 @@ def load_source(source: str | os.PathLike) -> Source:
 def load_task_file(path: str | os.PathLike) -> Task:
     """One task from a single-task JSON file (its id is the file's stem)."""
     path = Path(path)
-    return parse_task(read_json(path), task_id=path.stem, file=str(path))
+    obj = read_json(path)
+    if isinstance(obj, dict) and "train" not in obj and obj and all(isinstance(t, dict) and "train" in t
+                                                                     for t in obj.values()):
+        raise ArcDataError(f"a file of {len(obj)} tasks (a Kaggle challenges file or a task bundle), not one task: "
+                           f"answer them all with `dyntrm eval RUN --source {path}` (submission.json)", file=path)
+    return parse_task(obj, task_id=path.stem, file=str(path))
 
 
 def filter_max_side(tasks: list[Task], max_side: int) -> list[Task]:

@@ -20,7 +20,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..config import Config, ConfigError
-from .arc import Pair, Source, Task, filter_max_side, load_source
+from .arc import MAX_SIDE, Pair, Source, Task, filter_max_side, load_source
 from .augment import Augmentation, random_augmentation
 from .batching import Batch, collate, padded, plan_batches, shard
 from .tokens import Encoded, encode, encode_prompt
@@ -82,14 +82,16 @@ def eval_items(tasks: Sequence[Task]) -> list[EvalItem]:
     return [EvalItem(t.id, i, t.train, p.input, p.output) for t in tasks for i, p in enumerate(t.test)]
 
 
-def split_items(cfg: Config, split: str | None = None, limit: int | None = None) -> list[EvalItem]:
-    """The scored test inputs of a config's evaluation split (or ``split``), tasks filtered by ``data.max_side``;
-    the first ``limit`` of them when given."""
+def split_items(cfg: Config, split: str | None = None, limit: int | None = None, *, max_side: int = MAX_SIDE
+                ) -> list[EvalItem]:
+    """The scored test inputs of a config's evaluation split (or ``split``); the first ``limit`` of them when given.
+    Every task of the split by default (a submission must answer them all, whatever the run trained on); those
+    whose grids all fit ``max_side`` where a caller picks a subset (the demo, the in-training evaluation)."""
     src = load_source(cfg.data.source)
     name = split or cfg.data.eval_split
-    if name not in src.splits and len(src.splits) == 1:
-        name = next(iter(src.splits))  # a flat directory or a single file has one split: use it
-    items = eval_items(filter_max_side(src.split(name), cfg.data.max_side))
+    if split is None and name not in src.splits and len(src.splits) == 1:
+        name = next(iter(src.splits))  # a flat directory or a single file has one split: the run's default is it
+    items = eval_items(filter_max_side(src.split(name), max_side))
     return items[:limit] if limit else items
 
 

@@ -71,7 +71,7 @@ class DynTRMBlock(nn.Module):
         self.norm1, self.norm2 = RMSNorm(d, cfg.norm_eps), RMSNorm(d, cfg.norm_eps)
         if cfg.variant == "dyn":
             self.attn = DynSIHA(d, cfg.n_heads, cfg.attn_experts, cfg.attn_shared, cfg.attn_active)
-            self.ffn = DynMoE(d, cfg.ffn_experts, cfg.ffn_active)
+            self.ffn = DynMoE(d, cfg.ffn_experts, cfg.ffn_active, cfg.ffn_mult * d if cfg.ffn_shared else 0)
         else:
             self.attn = DenseAttention(d, cfg.n_heads)
             self.ffn = DenseFFN(d, round(cfg.ffn_active * cfg.ffn_mult * d))
@@ -98,10 +98,10 @@ class ArcTransformer(nn.Module):
         self.cfg = cfg
         d, dh = cfg.d_model, cfg.d_head
         self.embed = nn.Embedding(cfg.vocab_size, d)
-        if cfg.grid_coords:  # index 0: outside any grid; rows 1..30, columns 1..31 (a row separator's is w + 1)
-            self.row_embed, self.col_embed = nn.Embedding(MAX_SIDE + 1, d), nn.Embedding(MAX_SIDE + 2, d)
-        else:
-            self.row_embed = self.col_embed = None
+        # model.grid_coords: one table per coordinate (row, col; row_up, col_left under "borders"); index 0 is
+        # "outside any grid", rows 1..30, columns 1..31 (a row separator's is w + 1)
+        n_coords = {"off": 0, "origin": 2, "borders": 4}[cfg.grid_coords]
+        self.coord_embed = nn.ModuleList(nn.Embedding(MAX_SIDE + 2, d) for _ in range(n_coords))
         if cfg.variant == "dyn":
             self.attn_expert_library = ExpertLibrary(cfg.attn_experts, dh, cfg.attn_expert_hidden, dh)
             self.ffn_expert_library = ExpertLibrary(cfg.ffn_experts, d, cfg.ffn_mult * d, d)
@@ -125,9 +125,8 @@ class ArcTransformer(nn.Module):
         # Branch outputs shrink with the number of residual additions (2 per step), as in GPT-2 / nanochat.
         out_std = 1.0 / math.sqrt(cfg.d_model * 2 * cfg.max_steps)
         nn.init.normal_(self.embed.weight, std=1.0)
-        if self.row_embed is not None:  # smaller than the token's: what a cell is stays the larger signal
-            nn.init.normal_(self.row_embed.weight, std=0.5)
-            nn.init.normal_(self.col_embed.weight, std=0.5)
+        for table in self.coord_embed:  # smaller than the token's: what a cell is stays the larger signal
+            nn.init.normal_(table.weight, std=0.5)
         nn.init.normal_(self.lm_head.weight, std=0.02)  # start near the uniform distribution
         for norm in (self.block.norm1, self.block.norm2, self.block.halt_norm, self.norm):
             nn.init.ones_(norm.weight)
@@ -146,7 +145,7 @@ class ArcTransformer(nn.Module):
             self.ffn_expert_library.init_weights(out_std=out_std * math.sqrt(cfg.d_model / (cfg.ffn_mult * cfg.d_model))
                                                  / math.sqrt(max(cfg.ffn_active, 1.0)))
             self.block.attn.init_weights(out_std)
-            self.block.ffn.init_weights()
+            self.block.ffn.init_weights(out_std * math.sqrt(1.0 / cfg.ffn_mult))
         else:
             self.block.attn.init_weights(out_std)
             self.block.ffn.init_weights(out_std * math.sqrt(cfg.d_model / self.block.ffn.mlp.w1.out_features))
@@ -178,15 +177,16 @@ class ArcTransformer(nn.Module):
         n_real = (valid_BT.sum() if valid_BT is not None else torch.tensor(B * T, device=tokens_BT.device)).clamp(min=1)
         return StepContext(0, cos, sin, attn, valid_BT, observer=tap), prompt_end, n_real
 
-    def embed_tokens(self, tokens_BT: torch.Tensor, coords: tuple[torch.Tensor, torch.Tensor] | None = None
-                     ) -> torch.Tensor:
-        """Token embeddings (B, T, D), plus each cell's row and column embeddings under ``model.grid_coords``
-        (``coords`` (B, T) each: given while decoding, else read from the tokens)."""
+    def embed_tokens(self, tokens_BT: torch.Tensor, coords_BTK: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings (B, T, D), plus the embeddings of each cell's place in its grid under
+        ``model.grid_coords`` (``coords_BTK``: given while decoding, else read from the tokens)."""
         x_BTD = self.embed(tokens_BT)
-        if self.row_embed is not None:
-            row_BT, col_BT = coords if coords is not None else grid_coords(tokens_BT)
-            # clamped: a token stream that is not a valid task (tests feed random ones) may count past 30
-            x_BTD = x_BTD + self.row_embed(row_BT.clamp(max=MAX_SIDE)) + self.col_embed(col_BT.clamp(max=MAX_SIDE + 1))
+        if len(self.coord_embed):
+            coords_BTK = grid_coords(tokens_BT) if coords_BTK is None else coords_BTK
+            # clamped: a token stream that is not a valid task (tests feed random ones) may count past 31
+            coords_BTK = coords_BTK.clamp(max=MAX_SIDE + 1)
+            for k, table in enumerate(self.coord_embed):
+                x_BTD = x_BTD + table(coords_BTK[..., k])
         return x_BTD
 
     def step(self, x_BTD: torch.Tensor, x0_BTD: torch.Tensor, s: int, ctx: StepContext

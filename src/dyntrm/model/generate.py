@@ -166,7 +166,7 @@ def prefill(model: nn.Module, tokens_BT: torch.Tensor, prompt_len_B: torch.Tenso
     out, rows, caches = recur_until_halted(model, tokens_BT, mask_BT, prompt_len_B - 1, steps_B=steps_B,
                                            cache_capacity=T + max_new)
     last_BV = out.final_logits[torch.arange(B, device=tokens_BT.device), prompt_len_B - 1]
-    cursor = GridCursor(tokens_BT, prompt_len_B) if model.cfg.grid_coords else None
+    cursor = GridCursor(tokens_BT, prompt_len_B) if model.cfg.grid_coords != "off" else None
     return last_BV, DecodeState(rows, caches, prompt_len_B.clone(), out.steps, out.q_halt, out.q_continue, cursor)
 
 
@@ -179,8 +179,8 @@ def decode(model: nn.Module, token_B: torch.Tensor, state: DecodeState, tap: Tap
     ``static``: no host sync and no shape that depends on values (attention reads the whole cache under its mask,
     the experts run densely with the inactive ones weighing 0): what :class:`DecodeGraph` captures. Same values.
     """
-    coords = None if state.cursor is None else tuple(c[:, None] for c in state.cursor.step(token_B))
-    x0_B1D = model.embed_tokens(token_B[:, None], coords)
+    coords_B1K = None if state.cursor is None else state.cursor.step(token_B)[:, None]
+    x0_B1D = model.embed_tokens(token_B[:, None], coords_B1K)
     x_B1D = x0_B1D
     pos_B = state.pos
     if static:  # DecodeGraph checks the capacity once, ahead of all its replays

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.tokens import IN, N_COLOURS, OUT, ROW
+from ..data.arc import MAX_SIDE
+from ..data.tokens import IN, N_COLOURS, OUT, ROW, SIZE0
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -69,51 +70,84 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
-def grid_coords(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each token's (row, column) inside its grid, counted from 1, and 0 outside grids (specials, size header).
+def grid_coords(tokens: torch.Tensor) -> torch.Tensor:
+    """Each token's place in its grid: (..., T) tokens -> (..., T, 4) int64 ``(row, col, row_up, col_left)``.
 
-    ``tokens`` (..., T) -> two (..., T) int64 tensors. A grid starts after an ``IN`` or ``OUT`` token; a row
-    separator takes the row it closes and the column after that row's last cell. Read from the token stream alone,
-    so training, prefill and decoding agree (the decoding form is :class:`GridCursor`)."""
+    ``row`` and ``col`` count from the top-left cell, from 1; ``row_up`` and ``col_left`` count from the bottom and
+    right borders (``h + 1 - row``, ``w + 1 - col``), known only where the grid opens with its size header
+    (``model.size_header``), else 0. Tokens outside grids (specials, the header) get 0 everywhere. A grid starts
+    after an ``IN`` or ``OUT`` token; a row separator takes the row it closes, the column after that row's last
+    cell and no ``col_left``. Read from the token stream alone, so training, prefill and decoding agree (the
+    decoding form is :class:`GridCursor`)."""
     T = tokens.shape[-1]
     pos = torch.arange(T, device=tokens.device).expand_as(tokens)
     is_cell, is_row = tokens < N_COLOURS, tokens == ROW
     zero = torch.zeros_like(pos)
+    start = torch.where((tokens == IN) | (tokens == OUT), pos, zero - 1).cummax(-1).values  # marker; -1: none
     # rows: the ROW tokens before t, minus those before the grid's start marker
     rows_before = is_row.long().cumsum(-1) - is_row.long()
-    start = torch.where((tokens == IN) | (tokens == OUT), pos, zero).cummax(-1).values
-    row = rows_before - rows_before.gather(-1, start)
+    row = rows_before - rows_before.gather(-1, start.clamp(min=0))
     # columns: cells since the last token before t that is not a cell
-    last_noncell = torch.where(is_cell, zero, pos).cummax(-1).values
-    prev = torch.cat([zero[..., :1], last_noncell[..., :-1]], -1)
-    col = pos - prev - 1
+    last_noncell = torch.where(is_cell, zero - 1, pos).cummax(-1).values  # -1: none yet
+    col = pos - torch.cat([zero[..., :1] - 1, last_noncell[..., :-1]], -1) - 1
+    # the grid's size, from the two tokens after its marker when they are size tokens (causal: never read ahead)
+    h, w = (torch.where((start >= 0) & (pos >= start + k), _size_at(tokens, (start + k).clamp(0, T - 1)), zero)
+            for k in (1, 2))
     inside = is_cell | is_row
-    return torch.where(inside, row + 1, zero), torch.where(inside, col + 1, zero)
+    return torch.stack([torch.where(inside, row + 1, zero), torch.where(inside, col + 1, zero),
+                        torch.where(inside & (h > 0), h - row, zero),
+                        torch.where(is_cell & (w > 0), w - col, zero)], -1)
+
+
+def _size_at(tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The side that the size token at ``idx`` names (1..30), or 0 where ``idx`` holds no size token."""
+    t = tokens.gather(-1, idx)
+    return torch.where((t >= SIZE0) & (t < SIZE0 + MAX_SIDE), t - SIZE0 + 1, torch.zeros_like(t))
 
 
 class GridCursor:
-    """:func:`grid_coords` one token at a time, for KV-cached decoding: per sample, the ROW tokens since the grid
-    started and the cells since the last non-cell token."""
+    """:func:`grid_coords` one token at a time, for KV-cached decoding. Per sample: the ROW tokens since the grid
+    started, the cells since the last non-cell token, the tokens since the grid's marker (up to 2) and the size
+    read from its header."""
 
     def __init__(self, tokens_BT: torch.Tensor, length_B: torch.Tensor):
-        """State after each row's first ``length_B`` tokens (the prompt), read by appending one cell."""
+        """State after each row's first ``length_B`` tokens (the prompt), read off a cell appended there."""
         B = tokens_BT.shape[0]
         probe = torch.cat([tokens_BT, torch.zeros_like(tokens_BT[:, :1])], 1)
         idx = torch.arange(B, device=tokens_BT.device)
         probe[idx, length_B] = 0  # a cell right after each prompt: its coordinates are the state plus one
-        row, col = grid_coords(probe)
-        self.rows, self.cols = row[idx, length_B] - 1, col[idx, length_B] - 1
+        c = grid_coords(probe)[idx, length_B]
+        self.rows, self.cols = c[:, 0] - 1, c[:, 1] - 1
+        pos = torch.arange(probe.shape[1], device=probe.device).expand_as(probe)
+        marker = torch.where((probe == IN) | (probe == OUT), pos, torch.zeros_like(pos) - 1).cummax(-1).values
+        start = marker[idx, length_B]
+        # tokens of this grid so far (its header's are the first two); 2 also when no grid has started
+        self.since = torch.where(start >= 0, length_B - start - 1, torch.full_like(start, 2)).clamp(max=2)
+        self.h = _size_at(probe, (start + 1).clamp(0, probe.shape[1] - 1)[:, None])[:, 0]
+        self.w = _size_at(probe, (start + 2).clamp(0, probe.shape[1] - 1)[:, None])[:, 0]
+        self.h = torch.where((start >= 0) & (self.since >= 1), self.h, torch.zeros_like(self.h))
+        self.w = torch.where((start >= 0) & (self.since >= 2), self.w, torch.zeros_like(self.w))
 
-    def step(self, token_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Coordinates of ``token_B`` (B,) given everything before it; advances the state."""
+    def step(self, token_B: torch.Tensor) -> torch.Tensor:
+        """Coordinates (B, 4) of ``token_B`` (B,) given everything before it; advances the state."""
         is_cell, is_row = token_B < N_COLOURS, token_B == ROW
+        is_size = (token_B >= SIZE0) & (token_B < SIZE0 + MAX_SIDE)
         inside = is_cell | is_row
         zero = torch.zeros_like(self.rows)
-        row, col = torch.where(inside, self.rows + 1, zero), torch.where(inside, self.cols + 1, zero)
         start = (token_B == IN) | (token_B == OUT)
+        # the size header: the two tokens right after the marker, when they are size tokens
+        self.h = torch.where((self.since == 0) & is_size, token_B - SIZE0 + 1, self.h)
+        self.w = torch.where((self.since == 1) & is_size, token_B - SIZE0 + 1, self.w)
+        out = torch.stack([torch.where(inside, self.rows + 1, zero), torch.where(inside, self.cols + 1, zero),
+                           torch.where(inside & (self.h > 0), self.h - self.rows, zero),
+                           torch.where(is_cell & (self.w > 0), self.w - self.cols, zero)], -1)
         self.rows = torch.where(start, zero, self.rows + is_row.long())
         self.cols = torch.where(is_cell, self.cols + 1, zero)
-        return row, col
+        self.since = torch.where(start, zero, (self.since + 1).clamp(max=2))
+        self.h = torch.where(start, zero, self.h)
+        self.w = torch.where(start, zero, self.w)
+        return out
 
     def keep(self, idx: torch.Tensor) -> None:
-        self.rows, self.cols = self.rows[idx], self.cols[idx]
+        for name in ("rows", "cols", "since", "h", "w"):
+            setattr(self, name, getattr(self, name)[idx])

@@ -44,13 +44,19 @@ def initial_gate(target: float, n_experts: int) -> float:
 class DynMoE(nn.Module):
     """The FFN router. The experts live in the global library passed to :meth:`forward`."""
 
-    def __init__(self, d_model: int, n_experts: int, target_active: float):
+    def __init__(self, d_model: int, n_experts: int, target_active: float, shared_hidden: int = 0):
         super().__init__()
         self.d_model, self.n_experts, self.target_active = d_model, n_experts, target_active
         self.proto = nn.Parameter(torch.empty(n_experts, d_model))  # P
         self.gate = nn.Parameter(torch.empty(n_experts))  # g
+        # model.ffn_shared: an always-active expert beside the routed ones (DeepSeekMoE's shared expert); every
+        # token trains it, so it learns at a dense FFN's pace while the library specialises
+        self.shared = ExpertMLP(d_model, shared_hidden, d_model) if shared_hidden else None
 
-    def init_weights(self) -> None:
+    def init_weights(self, shared_out_std: float = 0.0) -> None:
+        if self.shared is not None:
+            nn.init.normal_(self.shared.w1.weight, std=1.0 / math.sqrt(self.d_model))
+            nn.init.normal_(self.shared.w2.weight, std=shared_out_std)
         nn.init.normal_(self.proto, std=1.0)  # with unit-RMS h, r + g ~ N(0, 1)
         nn.init.constant_(self.gate, initial_gate(self.target_active, self.n_experts))
 
@@ -76,7 +82,8 @@ class DynMoE(nn.Module):
         if ctx.tapped:
             ctx.tap(Routed(ctx.step, FFN_CHANNELS, h_ND, r_N1E, w_NE[:, None], y_N1D, ctx.valid_flat, lib, self))
         stats = MoEStats(w_NE.sum(), (w_NE > 0).sum().detach().to(w_NE.dtype))
-        return y_N1D.view(B, T, D), stats
+        y_BTD = y_N1D.view(B, T, D)
+        return (y_BTD if self.shared is None else y_BTD + self.shared(h_BTD)), stats
 
 
 @dataclass(frozen=True)

@@ -110,6 +110,7 @@ class DynSIHA(nn.Module):
         return self.out(o_BTHd.reshape(B, T, D)), self.stats(w_NCE, valid_N)
 
     def stats(self, w_NCE: torch.Tensor, valid_N: torch.Tensor | None) -> MoEStats:
+        """Σ w and the active count over real rows and the three channels (the sparse composition's penalty)."""
         if not self.sparse:
             zero = w_NCE.new_zeros(())
             return MoEStats(zero, zero)

@@ -10,7 +10,8 @@ its halting step (``ArcTransformer.should_halt``, read at the prompt's end), so 
 
 Generation first runs the prompts this way (:func:`prefill`), keeping one KV cache per step for the rows that ran
 it; then every new token (:func:`decode`) goes through the same steps for the same rows, reading and extending
-those caches. :func:`generate` decodes answers constrained to well-formed grids (:class:`GridConstraint`): only
+those caches (on CUDA that step is captured once per batch layout and replayed as a CUDA graph,
+:class:`DecodeGraph`). :func:`generate` decodes answers constrained to well-formed grids (:class:`GridConstraint`): only
 colours, row separators and ``END``; every row as wide as the first; at most 30 x 30; under ``model.size_header``
 exactly the shape of the two size tokens the model writes first. Nothing is sized from the target. Shapes: ``B`` batch, ``R`` rows still running, ``T`` time, ``D`` width, ``H`` heads, ``d`` head width,
 ``V`` vocabulary.

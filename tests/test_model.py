@@ -54,23 +54,60 @@ def test_library_equals_per_expert_modules():
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("chunk", [4, 1024])  # several chunks, and one
-def test_compose_equals_per_expert_loop_with_gradients(chunk):
+def _compose_reference(mlps, x, w):
+    """Σ_e w[:, c, e] · Expert_e(x) by a loop over plain modules: (N, C, d_out)."""
+    return torch.stack([sum(w[:, c, e:e + 1] * m(x) for e, m in enumerate(mlps)) for c in range(w.shape[1])], 1)
+
+
+def _assert_grads_match_modules(got_grads, ref_grads, n_experts):
+    """(dx, dw, dw1, dw2) of a library against (dx, dw, per-module weight grads) of the reference loop."""
+    torch.testing.assert_close(got_grads[0], ref_grads[0])
+    torch.testing.assert_close(got_grads[1], ref_grads[1])
+    for e in range(n_experts):
+        torch.testing.assert_close(got_grads[2][e], ref_grads[2 + 2 * e].T)
+        torch.testing.assert_close(got_grads[3][e], ref_grads[3 + 2 * e].T)
+
+
+@pytest.mark.parametrize("path,chunk", [("experts", 4), ("experts", None), ("gemm", 4), ("gemm", None)])
+def test_compose_equals_per_expert_loop_with_gradients(path, chunk):
+    """Every CPU composition path, in several row chunks and in one, values and gradients (float64)."""
     lib, mlps = _library(seed=1)
     x = torch.randn(11, 6, dtype=torch.float64, requires_grad=True)
     w = torch.relu(torch.randn(11, 3, 5, dtype=torch.float64)).requires_grad_()  # zeros included
-    got = lib.compose(x, w, chunk=chunk)
-    ref = torch.stack([sum(w[:, c, e:e + 1] * m(x) for e, m in enumerate(mlps)) for c in range(3)], 1)
+    got = lib.compose(x, w, chunk=chunk, path=path)
+    ref = _compose_reference(mlps, x, w)
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
     g = torch.randn_like(got)
     grads = torch.autograd.grad(got, [x, w, lib.w1, lib.w2], g)
     params = [p for m in mlps for p in (m.w1.weight, m.w2.weight)]
-    ref_grads = torch.autograd.grad(ref, [x, w, *params], g)
-    torch.testing.assert_close(grads[0], ref_grads[0])
-    torch.testing.assert_close(grads[1], ref_grads[1])
-    for e in range(5):
-        torch.testing.assert_close(grads[2][e], ref_grads[2 + 2 * e].T)
-        torch.testing.assert_close(grads[3][e], ref_grads[3 + 2 * e].T)
+    _assert_grads_match_modules(grads, torch.autograd.grad(ref, [x, w, *params], g), 5)
+
+
+def test_compose_sparse_equals_dense_composition_and_runs_active_pairs_only(monkeypatch):
+    """The sparse composition of the same ReLU routing: equal values and gradients on the rows it computes
+    (inactive experts weigh exactly 0; their weights' gradient is cut by the ReLU either way, so gradients are
+    compared at the logits), zeros on the rows left out, and only (row, expert) pairs active in some channel."""
+    lib, mlps = _library(seed=3)
+    x = torch.randn(13, 6, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(13, 3, 5, dtype=torch.float64) - 1.0  # ~16% active per channel
+    r[4] = -1.0  # a row with no active expert at all
+    r.requires_grad_()
+    w = torch.relu(r)
+    rows = torch.ones(13, dtype=torch.bool)
+    rows[[2, 9]] = False  # e.g. padding
+    counts = []
+    real = lib.grouped
+    monkeypatch.setattr(lib, "grouped", lambda xs, c: (counts.append(c.tolist()), real(xs, c))[1])
+    got = lib.compose_sparse(x, w, rows)
+    active = ((w != 0).any(1) & rows[:, None]).sum(0).tolist()
+    assert counts == [active] and sum(active) < 13 * 5 / 2
+    ref = _compose_reference(mlps, x, w) * rows[:, None, None]
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+    assert (got[4] == 0).all() and (got[~rows] == 0).all()
+    g = torch.randn_like(got)
+    params = [p for m in mlps for p in (m.w1.weight, m.w2.weight)]
+    grads = torch.autograd.grad(got, [x, r, lib.w1, lib.w2], g, retain_graph=True)  # w feeds both
+    _assert_grads_match_modules(grads, torch.autograd.grad(ref, [x, r, *params], g), 5)
 
 
 def test_grouped_mm_path_equals_loop_in_float32(monkeypatch):
@@ -113,7 +150,7 @@ def test_dynsiha_equals_naive_loops(shared):
     H, dh, E = m.cfg.n_heads, m.cfg.d_head, m.cfg.attn_experts
     h = torch.randn(B, T, D, dtype=torch.float64)
     cos, sin = m.rope.prefix(T)
-    got = attn(h, lib, StepContext(0, cos, sin, AttnMask(True)))
+    got, _ = attn(h, lib, StepContext(0, cos, sin, AttnMask(True)))
 
     ref = torch.zeros(B, T, D, dtype=torch.float64)
     for b in range(B):
@@ -159,12 +196,43 @@ def test_rope_is_applied_in_the_model():
     x = m.block.norm1(m.embed(tokens))
     attn, lib = m.block.attn, m.attn_expert_library
     cos, sin = m.rope.prefix(40)
-    base = attn(x, lib, StepContext(0, cos[:12], sin[:12], AttnMask(True)))
-    shifted = attn(x, lib, StepContext(0, cos[25:37], sin[25:37], AttnMask(True)))
+    base, _ = attn(x, lib, StepContext(0, cos[:12], sin[:12], AttnMask(True)))
+    shifted, _ = attn(x, lib, StepContext(0, cos[25:37], sin[25:37], AttnMask(True)))
     torch.testing.assert_close(base, shifted, rtol=1e-5, atol=1e-6)  # tables are float32
     ones, zeros = torch.ones_like(cos[:12]), torch.zeros_like(sin[:12])
-    no_rope = attn(x, lib, StepContext(0, ones, zeros, AttnMask(True)))
+    no_rope, _ = attn(x, lib, StepContext(0, ones, zeros, AttnMask(True)))
     assert (base - no_rope).abs().max() > 1e-3
+
+
+def test_sparse_attention_composition_equals_dense_with_the_same_weights(monkeypatch):
+    """model.attn_active: the same weights give the same logits, halting and gradients as dense composition on real
+    tokens (padding rows are left out: no real query reads them), and the routing sums are means over real
+    (token, head, channel) rows."""
+    sparse = make(seed=14, attn_active=1.5)
+    dense = make(seed=0)
+    dense.load_state_dict(sparse.state_dict())
+    assert sparse.block.attn.sparse and not dense.block.attn.sparse
+    lengths = torch.tensor([11, 6])
+    tokens = torch.randint(0, 17, (2, 11))
+    mask = torch.arange(11)[None, :] < lengths[:, None]
+    records = []
+    out_s = sparse(tokens, mask, tap=lambda r: records.append(r) if r.names[0] == "q" else None)
+    out_d = dense(tokens, mask)
+    real = mask[None, :, :, None].expand_as(out_s.logits)
+    torch.testing.assert_close(out_s.logits[real], out_d.logits[real], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out_s.q_halt, out_d.q_halt)
+    rows = int(mask.sum()) * sparse.cfg.n_heads * 3 * sparse.cfg.max_steps
+    w = torch.stack([r.weights[r.valid] for r in records])
+    torch.testing.assert_close(out_s.attn_l1, w.sum() / rows)
+    torch.testing.assert_close(out_s.attn_active, (w > 0).sum().double() / rows)
+    assert out_d.attn_l1 is None and 0 < float(out_s.attn_active) < 4  # of 8: 2 x the target at initialisation
+    loss = lambda out: (out.logits * real).pow(2).sum()  # noqa: E731
+    gs = torch.autograd.grad(loss(out_s), list(sparse.parameters()), allow_unused=True)  # the halt head: unused
+    gd = torch.autograd.grad(loss(out_d), list(dense.parameters()), allow_unused=True)
+    for (name, _), a, b in zip(sparse.named_parameters(), gs, gd):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=name)
 
 
 # ---------------------------------------------------------------------------------------------- DynMoE
@@ -318,6 +386,26 @@ def test_kv_cache_decoding_equals_full_recompute(variant, device):
         for i in range(3):
             seqs[i].append(int(nxt[i]))
         logits = m.decode(nxt, state)
+
+
+@pytest.mark.parametrize("kw", [{}, {"attn_active": 2.0, "grid_coords": "origin"}])
+def test_static_decoding_equals_decoding(kw):
+    """decode(static=True), what a CUDA graph captures (whole-cache attention under the mask, experts computed
+    densely), gives decode's logits and advances the same state."""
+    from dyntrm.model.generate import decode
+
+    m = make(seed=15, **kw)
+    lengths = torch.tensor([9, 5, 7])
+    prompts = torch.randint(0, 17, (3, 9))
+    steps = torch.tensor([3, 1, 2])
+    _, eager = m.prefill(prompts, lengths, max_new=5, steps=steps)
+    _, static = m.prefill(prompts, lengths, max_new=5, steps=steps)
+    for t in range(5):
+        nxt = torch.randint(0, 17, (3,))
+        torch.testing.assert_close(decode(m, nxt, static, static=True), decode(m, nxt, eager), rtol=1e-10,
+                                   atol=1e-10)
+        for a, b in zip(static.counters(), eager.counters()):
+            assert torch.equal(a, b)
 
 
 def test_kv_cache_with_act_decided_at_prefill():

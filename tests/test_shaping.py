@@ -13,9 +13,9 @@ from dyntrm.data.batching import collate
 from dyntrm.model.context import Routed
 from dyntrm.model.experts import ExpertLibrary
 from dyntrm.shaping import SARS, learning_cost
-from dyntrm.shaping.sars import entropy_of_softmax, goodness, max_abs_norm
+from dyntrm.shaping.sars import entropy_of_softmax, goodness, learning_costs, max_abs_norm
 from dyntrm.train import Trainer
-from helpers import CPU, debug_cfg, params
+from helpers import CPU, assert_close_by_norm, debug_cfg, params
 
 
 def per_token_gradient_norms(x, w, delta, w1, w2):
@@ -51,14 +51,18 @@ def test_learning_cost_equals_float64_autograd_per_token(seed, density, N, E):
 
 
 def test_learning_cost_dense_and_sparse_paths_agree():
+    """Several channels (q, k, v): every expert on every row when many are active, the active pairs grouped by
+    expert when few are; both against the per-channel costs (one channel always goes by pairs)."""
     torch.manual_seed(0)
-    x, delta = torch.randn(40, 6, dtype=torch.float64), torch.randn(40, 6, dtype=torch.float64)
+    x, delta = torch.randn(40, 6, dtype=torch.float64), torch.randn(40, 3, 6, dtype=torch.float64)
     w1, w2 = torch.randn(8, 6, 5, dtype=torch.float64), torch.randn(8, 5, 6, dtype=torch.float64)
-    w = torch.relu(torch.randn(40, 8, dtype=torch.float64))
-    dense = learning_cost(x, w, delta, w1, w2)  # ~half active: the dense path
-    sparse_w = w * (torch.rand(40, 8) < 0.1)
-    sparse = learning_cost(x, sparse_w, delta, w1, w2)  # 10% active: the grouped path
+    w = torch.relu(torch.randn(40, 3, 8, dtype=torch.float64))
+    dense = learning_costs(x, w, delta, w1, w2)  # ~half active: the dense path
+    sparse_w = w * (torch.rand(40, 3, 8) < 0.1)
+    sparse = learning_costs(x, sparse_w, delta, w1, w2)  # 10% active: the grouped path
     torch.testing.assert_close(sparse, dense * (sparse_w > 0), rtol=1e-12, atol=0)
+    for c in range(3):
+        torch.testing.assert_close(learning_cost(x, w[:, c], delta[:, c], w1, w2), dense[:, c], rtol=1e-12, atol=0)
 
 
 def test_goodness_and_entropy_by_hand():
@@ -124,6 +128,39 @@ def test_captured_gradient_is_the_modules_own(order):
         torch.testing.assert_close(cap.cost, ref)
     # the three deltas differ, so a mix-up could not pass unnoticed
     assert not torch.allclose(true["a"], true["b"]) and not torch.allclose(true["b"], true["c"])
+
+
+def _sars_captures(*overrides, state=None):
+    """One forward and backward of `debug` under SARS (every real token) on the first batch; its captures and
+    routing statistics, and the model's weights."""
+    from dyntrm.loss import compute_loss, global_counts
+
+    cfg = debug_cfg("shaping.token_rate=1", *overrides)
+    tr = Trainer(cfg, CPU)
+    if state is not None:
+        tr.model.load_state_dict(state)
+    sars = SARS(cfg, tr.model, CPU, keep_delta=True)
+    batch = tr.data.epoch(0).batch(0, tr.data.items)
+    out = tr.model(batch.tokens, batch.attention_mask, batch.prompt_end, tap=sars.tap())
+    compute_loss(out, batch, cfg, 0.0, global_counts([batch], CPU))[0].backward()
+    return sars.captures, sars.stats.metrics(), tr.model.state_dict()
+
+
+def test_sars_sees_the_same_records_under_a_sparse_attention_composition():
+    """model.attn_active computes Q, K, V from the active experts only; with the same weights SARS must capture the
+    same inputs, routing and gradients, so the same learning costs, and the statistics must agree."""
+    sparse, stats_s, state = _sars_captures("model.attn_active=1.5")
+    dense, stats_d, _ = _sars_captures(state=state)
+    assert set(sparse) == set(dense) and len(sparse) == 4 * 3  # (step, q/k/v/ffn) for the 3 debug steps
+    for key, cap in sparse.items():
+        ref = dense[key]
+        for field in ("x", "w", "logits", "rows"):
+            assert torch.equal(getattr(cap, field), getattr(ref, field)), (key, field)
+        # float32 sums in another order: equal to a small fraction of the norm (near-zero elements may differ more)
+        assert_close_by_norm(cap.delta, ref.delta, 1e-5, f"delta {key}")
+        assert_close_by_norm(cap.cost, ref.cost, 1e-5, f"cost {key}")
+    assert stats_s == stats_d
+    assert 0 < stats_s["active_q"] < 4  # sparse: 2 x the target at initialisation, of 8
 
 
 def _step_once(kind, seed=0, **over):

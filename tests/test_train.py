@@ -288,6 +288,47 @@ def test_accumulation_equals_one_big_batch(shaping):
         assert_close_by_norm(params(acc.model)[k] - start[k], v - start[k], 1e-3, f"update of {k}")
 
 
+def test_attention_sparsity_controller_and_penalty():
+    """model.attn_active: the loss gains the attention routers' L1 term, and their own controller moves its own
+    coefficient toward the target (above it at initialisation, where 2 x the target are active)."""
+    from dyntrm.loss import compute_loss, global_counts
+
+    cfg = debug_cfg("model.attn_active=1.5")
+    assert SparsityController.for_config(cfg, "attn").target == 1.5
+    tr = Trainer(cfg, CPU)
+    batch = tr.data.epoch(0).batch(0, tr.data.items)
+    counts = global_counts([batch], CPU)
+    out = tr.model(batch.tokens, batch.attention_mask, batch.prompt_end)
+    without, _ = compute_loss(out, batch, cfg, 0.01, counts, 0.0)
+    with_, parts = compute_loss(out, batch, cfg, 0.01, counts, 0.5)
+    torch.testing.assert_close(with_ - without, 0.5 * parts["attn_l1"])
+    assert float(parts["attn_l1"]) > 0
+    m = tr.step([batch])
+    assert 1.5 < m["attn_active_experts"] <= 3.0 + 1e-6
+    assert tr.state.attn_l1_coef == pytest.approx(cfg.train.l1_init * cfg.train.l1_factor)
+    assert tr.state.l1_coef != tr.state.attn_l1_coef or m["active_experts"] > cfg.model.ffn_active
+
+
+@pytest.mark.parametrize("over", [(), ("train.grad_steps=2", "model.input_injection=true")])
+def test_step_checkpointing_gives_the_same_step_and_captures_once(over):
+    """train.checkpoint_steps: each trained step runs again in the backward (counted), and the step's loss,
+    SARS meta loss, routing statistics and updated weights are those without checkpointing. SARS raises on a
+    second capture of a (step, module), and its statistics would double."""
+    cfg = debug_cfg("shaping.token_rate=1", *over)
+    plain, ckpt = Trainer(cfg, CPU), Trainer(debug_cfg("shaping.token_rate=1", "train.checkpoint_steps=true", *over),
+                                              CPU)
+    batch = plain.data.epoch(0).batch(0, plain.data.items)
+    calls = []
+    ckpt.model.block.register_forward_pre_hook(lambda mod, args: calls.append(1))
+    m_plain, m_ckpt = plain.step([batch]), ckpt.step([batch])
+    N, trained = cfg.model.max_steps, cfg.model.max_steps - plain.detach_steps
+    assert len(calls) == N + trained
+    for k in ("loss", "lm", "meta_loss", "active_q", "active_ffn", "entropy_v", "grad_norm"):
+        assert m_ckpt[k] == pytest.approx(m_plain[k], rel=1e-6), k
+    for k, v in params(plain.model).items():
+        torch.testing.assert_close(params(ckpt.model)[k], v, rtol=1e-6, atol=1e-7, msg=k)
+
+
 GOLDEN = ASSETS / "golden_losses.json"
 
 

@@ -51,6 +51,10 @@ class ModelConfig:
     attn_hidden: int = opt(0, "hidden width of an attention expert (0: d_head)")
     attn_shared: bool = opt(True, "DynSIHA+ adds an always-active linear Q/K/V expert over the full width (a "
                                    "shared expert) to the composed Q, K, V")
+    attn_active: float = opt(0.0, "target mean number of active attention experts per (token, head, channel); "
+                                  "below attn_experts, Q, K, V are composed from the active experts only, the "
+                                  "routers held at the target by an L1 controller like DynMoE's (0: attn_experts, "
+                                  "dense composition)")
     ffn_experts: int = opt(16, "experts in the global FFN library (d_model -> ffn_mult*d_model -> d_model)")
     ffn_mult: int = opt(4, "FFN expert hidden width as a multiple of d_model")
     ffn_shared: bool = opt(False, "DynMoE adds an always-active shared expert (d_model -> ffn_mult*d_model -> "
@@ -72,6 +76,11 @@ class ModelConfig:
     @property
     def d_head(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def attn_sparse(self) -> bool:
+        """Whether the attention composition is sparse: ``0 < attn_active < attn_experts``."""
+        return 0 < self.attn_active < self.attn_experts
 
     @property
     def attn_expert_hidden(self) -> int:
@@ -102,7 +111,8 @@ class TrainConfig:
     act_weight: float = opt(0.5, "weight of the ACT losses (BCE on q_halt and q_continue)")
     act_gamma: float = opt(0.9, "continue target = gamma x max over later steps of halt targets")
     l1_init: float = opt(1e-2, "initial coefficient of the DynMoE L1 sparsity penalty (two-sided: also the "
-                               "smallest magnitude it takes)")
+                               "smallest magnitude it takes); the same for the attention routers' penalty under "
+                               "model.attn_active")
     l1_factor: float = opt(1.05, "per step, the L1 coefficient is multiplied or divided by this toward the target")
     l1_two_sided: bool = opt(True, "below the target the L1 coefficient may turn negative (magnitude >= l1_init), "
                                    "rewarding activity; false: ReMoE's rule, coefficient >= 0, which cannot "
@@ -111,6 +121,9 @@ class TrainConfig:
     l1_max: float = opt(0.1, "bound on the magnitude of the L1 coefficient (either sign)")
     bf16: bool = opt(True, "bf16 autocast on CUDA (ignored on CPU, which runs fp32)")
     compile: bool = opt(False, "torch.compile the block (CUDA; off on CPU and in tests)")
+    checkpoint_steps: bool = opt(False, "activation checkpointing per trained recursion step: keep only each step's "
+                                        "input and recompute the step in the backward (less memory, ~1/3 more "
+                                        "compute)")
     threads: int = opt(0, "CPU threads (0: torch's default; under torchrun: cores / local processes)")
     log_every: int = opt(10, "steps between metrics lines / progress updates")
     save_every: int = opt(200, "steps between checkpoints (0: only at the end)")
@@ -328,7 +341,8 @@ OPEN_LO, OPEN_HI = {"lo_open": True}, {"hi_open": True}
 RANGES: dict[str, Range] = {
     "model.vocab_size": Range(47),
     "model.d_model": Range(1), "model.n_heads": Range(1), "model.max_steps": Range(1),
-    "model.attn_experts": Range(1), "model.attn_hidden": Range(0), "model.ffn_experts": Range(1),
+    "model.attn_experts": Range(1), "model.attn_hidden": Range(0), "model.attn_active": Range(0),
+    "model.ffn_experts": Range(1),
     "model.ffn_mult": Range(1), "model.ffn_active": Range(0, **OPEN_LO), "model.halt_threshold": Range(0, 1),
     "model.rope_base": Range(1, **OPEN_LO), "model.max_positions": Range(1),
     "model.norm_eps": Range(0, 1, lo_open=True, hi_open=True),
@@ -363,6 +377,9 @@ def validate(cfg: Config) -> None:
     if m.grid_coords == "borders" and not m.size_header:
         raise ConfigError("model.grid_coords=borders needs model.size_header=true: the distance to the bottom and "
                           "right borders is known before a grid's cells only from its size header")
+    if m.attn_active > m.attn_experts:
+        raise ConfigError(f"model.attn_active={m.attn_active} must be in [0, model.attn_experts={m.attn_experts}] "
+                          f"(0: every expert, dense composition)")
     if m.max_positions < cfg.data.max_len + MAX_ANSWER_TOKENS:
         raise ConfigError(f"model.max_positions={m.max_positions} must hold a data.max_len={cfg.data.max_len} prompt "
                           f"plus a full 30x30 answer ({MAX_ANSWER_TOKENS} tokens)")

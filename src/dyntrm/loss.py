@@ -3,6 +3,7 @@
 Loss = deep-supervised LM loss (mean over recursion steps of the token-mean cross-entropy on output grids)
      + act_weight · (BCE(q_halt, halt_t) + BCE(q_continue, continue_t))
      + l1_coef · mean_tokens Σ_e w_e                              (DynMoE sparsity, coefficient adapted per step)
+     + attn_l1_coef · mean_(token, head, channel) Σ_e w_e         (sparse attention composition only)
 
 with, per sample and step t, ``halt_t = 1[every answer token is predicted correctly at step t]`` and
 ``continue_t = γ · max_{t' > t} halt_t'`` (0 at the last step). Every sum is normalised by the *global* count of
@@ -54,8 +55,8 @@ def act_targets(correct_SB: torch.Tensor, gamma: float) -> tuple[torch.Tensor, t
     return halt, gamma * later
 
 
-def compute_loss(out: ModelOutput, batch: Batch, cfg: Config, l1_coef: float, counts: Counts
-                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def compute_loss(out: ModelOutput, batch: Batch, cfg: Config, l1_coef: float, counts: Counts,
+                 attn_l1_coef: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The training loss of one micro-batch (already scaled for accumulation and DDP) and its parts."""
     t = cfg.train
     S, B = out.logits.shape[:2]
@@ -81,6 +82,9 @@ def compute_loss(out: ModelOutput, batch: Batch, cfg: Config, l1_coef: float, co
     n_real = batch.attention_mask.sum()
     l1 = out.moe_l1 * (n_real / counts.tokens)
     loss = lm + t.act_weight * (act_halt + act_cont) + l1_coef * l1
+    if out.attn_l1 is not None:  # model.attn_active: the attention routers' penalty, normalised as DynMoE's
+        attn_l1 = out.attn_l1 * (n_real / counts.tokens)
+        loss = loss + attn_l1_coef * attn_l1
 
     with torch.no_grad():
         # the step at which inference would stop each sample (the halting rule on these q values)
@@ -95,4 +99,7 @@ def compute_loss(out: ModelOutput, batch: Batch, cfg: Config, l1_coef: float, co
             "acc_last_sum": correct_SM[-1].float().sum(), "solved_last_sum": halt_SB[-1].sum(),
             "halt_step_sum": halt_step.float().sum(), "active_sum": out.moe_active * n_real,
         }
+        if out.attn_active is not None:
+            parts["attn_l1"] = attn_l1.detach()
+            parts["attn_active_sum"] = out.attn_active * n_real
     return loss, parts

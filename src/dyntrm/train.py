@@ -5,8 +5,9 @@ save every k}.
 One step: for each micro-batch, forward with the routing shaper's tap, the loss (``loss.py``), backward; then the
 shaper adds its gradients (``shaping.kind``: SARS by default, FARS, or none), the logged sums and the finiteness
 verdict are all-reduced in one go, the optimizer steps, the EMA follows, and DynMoE's sparsity controller moves the
-L1 coefficient. A non-finite step is skipped; too many in a row stop the run, and no checkpoint is saved while they
-last, so the newest one is from before them.
+L1 coefficient (and the attention routers' controller theirs, under ``model.attn_active``). A non-finite step is
+skipped; too many in a row stop the run, and no checkpoint is saved while they last, so the newest one is from
+before them.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class TrainState:
     epoch: int = 0
     batch: int = 0  # next batch of the epoch
     l1_coef: float = 0.0
+    attn_l1_coef: float = 0.0  # model.attn_active: the attention routers' L1 coefficient
     bad_in_row: int = 0
     bad_total: int = 0
     tokens: int = 0
@@ -132,13 +134,14 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), lr=cfg.train.lr,
                                            betas=(cfg.train.beta1, cfg.train.beta2), fused=None)
         self.ema = EMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
-        self.state = TrainState(l1_coef=cfg.train.l1_init)
+        self.state = TrainState(l1_coef=cfg.train.l1_init, attn_l1_coef=cfg.train.l1_init)
         self.data = data if data is not None else self._training_set()
         self.shaper = make_shaper(cfg, self.model, rt, self.optimizer)  # shaping.kind: sars, fars or none
         # train.grad_steps: the first steps of the recursion run without gradient (0: full BPTT)
         self.detach_steps = cfg.model.max_steps - cfg.train.grad_steps if cfg.train.grad_steps else 0
         self.sparsity = SparsityController.for_config(cfg)
         self.saved: tuple[int | None, Path | None] = (None, None)  # the step whose state is on disk, and where
+        self.attn_sparsity = SparsityController.for_config(cfg, "attn") if cfg.model.attn_sparse else None
         if resume:
             self.restore(checkpoint.load(self.run_dir, warn=lambda m: rt.print0(f"warning: {m}", file=sys.stderr)))
 
@@ -232,8 +235,8 @@ class Trainer:
             with sync:
                 with rt.autocast(cfg.train.bf16):
                     out = self.net(mb.tokens, mb.attention_mask, mb.prompt_end, tap=self.shaper.tap(),
-                                   detach_steps=self.detach_steps)
-                    loss, parts = compute_loss(out, mb, cfg, st.l1_coef, counts)
+                                   detach_steps=self.detach_steps, checkpoint=cfg.train.checkpoint_steps)
+                    loss, parts = compute_loss(out, mb, cfg, st.l1_coef, counts, st.attn_l1_coef)
                     extra = self.shaper.extra_loss(counts)
                     if extra is not None:
                         loss = loss + extra
@@ -265,6 +268,9 @@ class Trainer:
         metrics["solved_last"] = g["solved_last_sum"] / world_counts["samples"]
         metrics["halt_step"] = g["halt_step_sum"] / world_counts["samples"]
         metrics["active_experts"] = g["active_sum"] / world_counts["tokens"]
+        if "attn_active_sum" in g:
+            metrics["attn_l1"] = g["attn_l1"] / rt.world
+            metrics["attn_active_experts"] = g["attn_active_sum"] / world_counts["tokens"]
 
         lr_f = lr_factor(cfg, st.step, st.elapsed)
         if bad:
@@ -288,9 +294,13 @@ class Trainer:
             self.ema.update(self.model, st.step)
         if cfg.model.variant == "dyn":  # move the L1 coefficient toward the sparsity target
             st.l1_coef = self.sparsity.next_coef(st.l1_coef, metrics["active_experts"])
+            if self.attn_sparsity is not None:
+                st.attn_l1_coef = self.attn_sparsity.next_coef(st.attn_l1_coef, metrics["attn_active_experts"])
         st.tokens += int(world_counts["tokens"])
         metrics.update(grad_norm=float(gnorm), lr=cfg.train.lr * lr_f, l1_coef=st.l1_coef, skipped=0.0,
                        tokens=world_counts["tokens"])
+        if self.attn_sparsity is not None:
+            metrics["attn_l1_coef"] = st.attn_l1_coef
         return metrics
 
     def stop_message(self) -> str:

@@ -6,9 +6,14 @@ With ``h = RMSNorm(x).view(B, T, H, d_head)`` and, for c in {q, k, v}, prototype
 
     r_c = h · P_cᵀ / √d_head − g_c        w_c = ReLU(r_c)        Q = Σ_e w_q[e] · Expert_e(h)   (likewise K, V)
 
-Dense composition: every expert runs once on every (token, head) row and the three weighted sums reuse those
-outputs. Then 1-D RoPE on Q and K, causal scaled-dot-product attention with padding, heads merged, output
-projection. The step's tap sees q, k and v routing as one ``Routed`` record of C = 3 channels.
+Dense composition (default): every expert runs once on every (token, head) row and the three weighted sums reuse
+those outputs (``ExpertLibrary.compose``). Sparse composition (``model.attn_active`` below the library size, the
+design's "MoE-style routing, then composition"): only the (row, expert) pairs active in some channel are computed,
+as grouped GEMMs (``ExpertLibrary.compose_sparse``); an inactive expert weighs exactly 0 either way, so both give the
+same Q, K, V, and an L1 penalty on w, whose coefficient a ``SparsityController`` moves as DynMoE's, holds the mean
+active experts per (token, head, channel) at the target. Then 1-D RoPE on Q and K, causal scaled-dot-product
+attention with padding, heads merged, output projection. The step's tap sees q, k and v routing as one ``Routed``
+record of C = 3 channels, whichever composition ran.
 Shapes: ``B`` batch, ``T`` time, ``H`` heads, ``d`` head width, ``E`` experts, ``N = B·T·H`` rows.
 """
 
@@ -23,6 +28,7 @@ from torch import nn
 from .context import ATTN_CHANNELS, Routed, StepContext
 from .experts import ExpertLibrary
 from .layers import apply_rope
+from .moe import MoEStats, initial_gate
 
 
 def attend(q_BTHd: torch.Tensor, k_BTHd: torch.Tensor, v_BTHd: torch.Tensor, ctx: StepContext) -> torch.Tensor:
@@ -47,9 +53,10 @@ def attend(q_BTHd: torch.Tensor, k_BTHd: torch.Tensor, v_BTHd: torch.Tensor, ctx
 class DynSIHA(nn.Module):
     """Routers (P_c, g_c for c in q, k, v) and the output projection; the experts are the global library."""
 
-    def __init__(self, d_model: int, n_heads: int, n_experts: int, shared: bool = False):
+    def __init__(self, d_model: int, n_heads: int, n_experts: int, shared: bool = False, active: float = 0.0):
         super().__init__()
         self.d_model, self.n_heads, self.d_head, self.n_experts = d_model, n_heads, d_model // n_heads, n_experts
+        self.target_active = active if 0 < active < n_experts else None  # None: dense composition
         self.proto = nn.Parameter(torch.empty(3, n_experts, self.d_head))  # P_q, P_k, P_v
         self.gate = nn.Parameter(torch.empty(3, n_experts))  # g_q, g_k, g_v
         self.out = nn.Linear(d_model, d_model, bias=False)
@@ -57,9 +64,18 @@ class DynSIHA(nn.Module):
         # library's experts see one head's slice of h only; this path lets every head read the whole residual stream
         self.shared = nn.Linear(d_model, 3 * d_model, bias=False) if shared else None
 
+    @property
+    def sparse(self) -> bool:
+        return self.target_active is not None
+
+    @property
+    def initial_gate(self) -> float:
+        """Dense: 0, half the experts active; sparse: twice the target active (``moe.initial_gate``)."""
+        return initial_gate(self.target_active, self.n_experts) if self.sparse else 0.0
+
     def init_weights(self, out_std: float) -> None:
-        nn.init.normal_(self.proto, std=1.0)  # r_c + g_c ~ N(0, 1) for unit-RMS h: half the experts active
-        nn.init.zeros_(self.gate)
+        nn.init.normal_(self.proto, std=1.0)  # r_c + g_c ~ N(0, 1) for unit-RMS h
+        nn.init.constant_(self.gate, self.initial_gate)
         nn.init.normal_(self.out.weight, std=out_std)
         if self.shared is not None:
             nn.init.normal_(self.shared.weight, std=1.0 / math.sqrt(self.d_model))
@@ -69,22 +85,38 @@ class DynSIHA(nn.Module):
         r = h_ND @ self.proto.reshape(3 * self.n_experts, self.d_head).T / math.sqrt(self.d_head)
         return r.view(-1, 3, self.n_experts) - self.gate
 
-    def forward(self, h_BTD: torch.Tensor, lib: ExpertLibrary, ctx: StepContext) -> torch.Tensor:
+    def forward(self, h_BTD: torch.Tensor, lib: ExpertLibrary, ctx: StepContext
+                ) -> tuple[torch.Tensor, MoEStats]:
+        """(B, T, D) -> the attention output (B, T, D) and, under a sparse composition, the routing sums over real
+        (token, head, channel) rows (zeros when dense: no penalty, nothing to control)."""
         B, T, D = h_BTD.shape
         H, d = self.n_heads, self.d_head
         h_ND = h_BTD.reshape(B * T * H, d)  # one row per (token, head)
         r_NCE = self.logits(h_ND)
         w_NCE = F.relu(r_NCE)
-        qkv_NCd = lib.compose(h_ND, w_NCE)  # Q, K, V = Σ_e w_c[e] · Expert_e(h), experts run once
+        valid_N = None if ctx.valid is None else ctx.valid_flat.repeat_interleave(H)
+        # Q, K, V = Σ_e w_c[e] · Expert_e(h), each expert run once per row (static shapes: the dense form)
+        if self.sparse and not ctx.static:
+            qkv_NCd = lib.compose_sparse(h_ND, w_NCE, valid_N)  # padding rows get 0: no query reads them
+        else:
+            qkv_NCd = lib.compose(h_ND, w_NCE)
         if ctx.tapped:  # one record for q, k and v: they share the rows and the library
-            valid_N = None if ctx.valid is None else ctx.valid_flat.repeat_interleave(H)
             ctx.tap(Routed(ctx.step, ATTN_CHANNELS, h_ND, r_NCE, w_NCE, qkv_NCd, valid_N, lib, self))
         qkv_BTHCd = qkv_NCd.view(B, T, H, 3, d)
         if self.shared is not None:
             qkv_BTHCd = qkv_BTHCd + self.shared(h_BTD).view(B, T, 3, H, d).transpose(2, 3)
         q_BTHd, k_BTHd, v_BTHd = qkv_BTHCd.unbind(3)
         o_BTHd = attend(q_BTHd, k_BTHd, v_BTHd, ctx)
-        return self.out(o_BTHd.reshape(B, T, D))
+        return self.out(o_BTHd.reshape(B, T, D)), self.stats(w_NCE, valid_N)
+
+    def stats(self, w_NCE: torch.Tensor, valid_N: torch.Tensor | None) -> MoEStats:
+        """Σ w and the active count over real rows and the three channels (the sparse composition's penalty)."""
+        if not self.sparse:
+            zero = w_NCE.new_zeros(())
+            return MoEStats(zero, zero)
+        if valid_N is not None:
+            w_NCE = w_NCE * valid_N[:, None, None]
+        return MoEStats(w_NCE.sum(), (w_NCE > 0).sum().detach().to(w_NCE.dtype))
 
 
 class DenseAttention(nn.Module):
@@ -100,8 +132,9 @@ class DenseAttention(nn.Module):
         nn.init.normal_(self.qkv.weight, std=1.0 / math.sqrt(self.qkv.in_features))
         nn.init.normal_(self.out.weight, std=out_std)
 
-    def forward(self, h_BTD: torch.Tensor, lib: None, ctx: StepContext) -> torch.Tensor:
+    def forward(self, h_BTD: torch.Tensor, lib: None, ctx: StepContext) -> tuple[torch.Tensor, MoEStats]:
         B, T, D = h_BTD.shape
         q_BTHd, k_BTHd, v_BTHd = self.qkv(h_BTD).view(B, T, 3, self.n_heads, self.d_head).unbind(2)
         o_BTHd = attend(q_BTHd, k_BTHd, v_BTHd, ctx)
-        return self.out(o_BTHd.reshape(B, T, D))
+        zero = h_BTD.new_zeros(())
+        return self.out(o_BTHd.reshape(B, T, D)), MoEStats(zero, zero)

@@ -46,9 +46,12 @@ def routing_probs(w: torch.Tensor) -> torch.Tensor:
 
 
 def routing_entropy(w: torch.Tensor) -> torch.Tensor:
-    """Entropy in nats of :func:`routing_probs` over the experts (last dim): 0 for one active expert or none."""
-    p = routing_probs(w)
-    return -(p * torch.log(p.clamp(min=1e-12))).sum(-1)
+    """Entropy in nats of :func:`routing_probs` over the experts (last dim): 0 for one active expert or none.
+    With S = Σ_e w_e it is log S - Σ_e w_e log w_e / S: three passes over w instead of the six of normalising
+    first (the training step's statistics take it for every attention row of every step)."""
+    S = w.sum(-1)
+    ent = torch.log(S) - torch.xlogy(w, w).sum(-1) / S
+    return torch.where(S > 0, ent, torch.zeros_like(ent)).clamp(min=0)
 
 
 class KVStore(Protocol):
@@ -83,6 +86,7 @@ class StepContext:
     cache: KVStore | None = None  # this step's keys and values, when generating
     decode_pos: torch.Tensor | None = None  # (B,) position of the single new token, when decoding
     observer: Tap | None = None  # receives every Routed record of the step
+    static: bool = False  # shapes fixed by the caller (CUDA-graph capture): no data-dependent shapes, no host sync
 
     @property
     def valid_flat(self) -> torch.Tensor | None:
@@ -116,6 +120,10 @@ class ModelOutput:
     moe_l1: torch.Tensor  # mean over steps and real tokens of Σ_e w_e (the sparsity penalty; 0 for dense)
     moe_active: torch.Tensor  # mean active FFN experts per real token and step (no gradient)
     grad_from: int = 0  # steps before this one ran without gradient (``detach_steps``): the loss skips them
+    # under a sparse attention composition, per real (token, head, channel) and step: the mean Σ_e w_e (the
+    # attention routers' penalty) and the mean active experts (no gradient); None when dense
+    attn_l1: torch.Tensor | None = None
+    attn_active: torch.Tensor | None = None
 
     @property
     def final_logits(self) -> torch.Tensor:

@@ -24,6 +24,7 @@ import math
 from dataclasses import replace
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from ..config import ModelConfig
@@ -69,7 +70,7 @@ class DynTRMBlock(nn.Module):
         d = cfg.d_model
         self.norm1, self.norm2 = RMSNorm(d, cfg.norm_eps), RMSNorm(d, cfg.norm_eps)
         if cfg.variant == "dyn":
-            self.attn = DynSIHA(d, cfg.n_heads, cfg.attn_experts, cfg.attn_shared)
+            self.attn = DynSIHA(d, cfg.n_heads, cfg.attn_experts, cfg.attn_shared, cfg.attn_active)
             self.ffn = DynMoE(d, cfg.ffn_experts, cfg.ffn_active, cfg.ffn_mult * d if cfg.ffn_shared else 0)
         else:
             self.attn = DenseAttention(d, cfg.n_heads)
@@ -78,10 +79,12 @@ class DynTRMBlock(nn.Module):
         self.halt = nn.Linear(d, 2)  # (q_halt, q_continue)
 
     def forward(self, x_BTD: torch.Tensor, attn_lib: ExpertLibrary | None, ffn_lib: ExpertLibrary | None,
-                ctx: StepContext) -> tuple[torch.Tensor, MoEStats]:
-        x_BTD = x_BTD + self.attn(self.norm1(x_BTD), attn_lib, ctx)
-        y_BTD, stats = self.ffn(self.norm2(x_BTD), ffn_lib, ctx)
-        return x_BTD + y_BTD, stats
+                ctx: StepContext) -> tuple[torch.Tensor, MoEStats, MoEStats]:
+        """x -> (x after the block, the FFN router's sums, the attention routers' sums)."""
+        a_BTD, attn_stats = self.attn(self.norm1(x_BTD), attn_lib, ctx)
+        x_BTD = x_BTD + a_BTD
+        y_BTD, ffn_stats = self.ffn(self.norm2(x_BTD), ffn_lib, ctx)
+        return x_BTD + y_BTD, ffn_stats, attn_stats
 
     def halt_logits(self, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(q_halt, q_continue), each (B,), from the hidden state at one position per sample."""
@@ -130,8 +133,15 @@ class ArcTransformer(nn.Module):
         if self.attn_expert_library is not None:
             # Q = Σ_e w_e·out_e sums ~E/2 active experts with E[w²] = 1/2 each: w2 ~ N(0, (2/E)·(2/F)) (F the
             # expert's hidden width; silu halves the variance of its unit-variance input) starts Q, K, V near unit RMS.
-            n = cfg.attn_experts
-            self.attn_expert_library.init_weights(out_std=math.sqrt(2.0 / n) * math.sqrt(2.0 / cfg.attn_expert_hidden))
+            # Sparse: w = ReLU(z - g) with z ~ N(0, 1) has E[w²] = (1 + g²)(1 - Φ(g)) - g φ(g) in place of 1/2.
+            n, hid = cfg.attn_experts, cfg.attn_expert_hidden
+            if self.block.attn.sparse:
+                g = self.block.attn.initial_gate
+                tail, pdf = 0.5 * math.erfc(g / math.sqrt(2)), math.exp(-g * g / 2) / math.sqrt(2 * math.pi)
+                attn_std = 1.0 / math.sqrt(n * ((1 + g * g) * tail - g * pdf) * hid / 2)
+            else:
+                attn_std = math.sqrt(2.0 / n) * math.sqrt(2.0 / hid)
+            self.attn_expert_library.init_weights(out_std=attn_std)
             self.ffn_expert_library.init_weights(out_std=out_std * math.sqrt(cfg.d_model / (cfg.ffn_mult * cfg.d_model))
                                                  / math.sqrt(max(cfg.ffn_active, 1.0)))
             self.block.attn.init_weights(out_std)
@@ -180,9 +190,10 @@ class ArcTransformer(nn.Module):
         return x_BTD
 
     def step(self, x_BTD: torch.Tensor, x0_BTD: torch.Tensor, s: int, ctx: StepContext
-             ) -> tuple[torch.Tensor, MoEStats]:
+             ) -> tuple[torch.Tensor, MoEStats, MoEStats]:
         """Recursion step ``s`` (0-based): one application of the block to ``x`` (optionally with the input
-        embedding ``x0`` re-injected and a learned step embedding added; both off by default)."""
+        embedding ``x0`` re-injected and a learned step embedding added; both off by default). Returns the new x
+        and the FFN and attention routers' sums."""
         if self.cfg.input_injection and s > 0:
             x_BTD = x_BTD + x0_BTD
         if self.step_embed is not None:
@@ -191,13 +202,15 @@ class ArcTransformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 prompt_end: torch.Tensor | None = None, *, halt: bool = False, tap: Tap | None = None,
-                steps: torch.Tensor | None = None, detach_steps: int = 0) -> ModelOutput:
+                steps: torch.Tensor | None = None, detach_steps: int = 0, checkpoint: bool = False) -> ModelOutput:
         """The recursion over (B, T) ``tokens``; ``attention_mask`` (B, T) marks real tokens, the halt head reads
         ``prompt_end`` (B,) (default: the last real token), ``tap`` sees every routed module's ``Routed`` record.
 
         Training (default) runs all N steps for every sample. ``halt=True`` is inference: each sample stops at its
         halting step, or after ``steps`` (B,) steps when given (``generate.recur_until_halted``). The first
         ``detach_steps`` steps run without gradient, loss or tap (``train.grad_steps``: TRM's truncation).
+        ``checkpoint`` (``train.checkpoint_steps``): each trained step keeps only its inputs for the backward and
+        runs again there (activation checkpointing); same values and gradients, the tap sees each step once.
         """
         if halt:
             return generate.recur_until_halted(self, tokens, attention_mask, prompt_end, tap=tap, steps_B=steps)[0]
@@ -207,22 +220,45 @@ class ArcTransformer(nn.Module):
         x0_BTD = self.embed_tokens(tokens)
         x_BTD = x0_BTD
         logits, q_halt, q_continue = [], [], []
-        l1 = active = tokens.new_zeros((), dtype=torch.float32)  # DynMoE's Σ_e w_e and active experts, summed
+        zero = tokens.new_zeros((), dtype=torch.float32)
+        l1 = active = attn_l1 = attn_active = zero  # the routers' Σ_e w_e and active experts, summed over steps
         grad = torch.is_grad_enabled()
         for s in range(N):  # the same block every step; gradients flow back through all trained steps
             trained = s >= detach_steps
             with torch.set_grad_enabled(grad and trained):  # detached steps: no graph, no tap, no loss
-                x_BTD, stats = self.step(x_BTD, x0_BTD, s, ctx if trained else replace(ctx, observer=None))
+                if checkpoint and grad and trained:
+                    x_BTD, stats, attn_stats = self._checkpointed_step(x_BTD, x0_BTD, s, ctx)
+                else:
+                    x_BTD, stats, attn_stats = self.step(x_BTD, x0_BTD, s,
+                                                         ctx if trained else replace(ctx, observer=None))
                 logits.append(self.lm_head(self.norm(x_BTD)))  # deep supervision: every step predicts
                 qh_B, qc_B = self.block.halt_logits(x_BTD[batch_B, prompt_end_B])  # ACT, at the last prompt position
             q_halt.append(qh_B)
             q_continue.append(qc_B)
             if trained:
                 l1, active = l1 + stats.l1, active + stats.active
+                attn_l1, attn_active = attn_l1 + attn_stats.l1, attn_active + attn_stats.active
         n_trained = N - detach_steps
-        return ModelOutput(torch.stack(logits), torch.stack(q_halt), torch.stack(q_continue),
-                           torch.full((B,), N, device=tokens.device), l1 / (n_real * n_trained),
-                           (active / (n_real * n_trained)).detach(), detach_steps)
+        out = ModelOutput(torch.stack(logits), torch.stack(q_halt), torch.stack(q_continue),
+                          torch.full((B,), N, device=tokens.device), l1 / (n_real * n_trained),
+                          (active / (n_real * n_trained)).detach(), detach_steps)
+        if self.cfg.variant == "dyn" and self.block.attn.sparse:  # per real (token, head, channel) and step
+            rows = n_real * n_trained * self.cfg.n_heads * 3
+            out.attn_l1, out.attn_active = attn_l1 / rows, (attn_active / rows).detach()
+        return out
+
+    def _checkpointed_step(self, x_BTD: torch.Tensor, x0_BTD: torch.Tensor, s: int, ctx: StepContext
+                           ) -> tuple[torch.Tensor, MoEStats, MoEStats]:
+        """:meth:`step` under activation checkpointing (non-reentrant: the backward runs on the first forward's
+        graph, whose saved tensors the second forward recreates). The tap sees the first forward only: its hooks
+        sit on that graph's tensors, and a second capture would count every routing record twice."""
+        calls = []
+
+        def run(x: torch.Tensor, x0: torch.Tensor) -> tuple[torch.Tensor, MoEStats, MoEStats]:
+            calls.append(s)
+            return self.step(x, x0, s, ctx if len(calls) == 1 else replace(ctx, observer=None))
+
+        return torch.utils.checkpoint.checkpoint(run, x_BTD, x0_BTD, use_reentrant=False)
 
     # ------------------------------------------------------------------------------------------ generation
 

@@ -2,14 +2,20 @@
 
 A library stores its experts as stacked weights, ``w1: (E, d_in, F)`` and ``w2: (E, F, d_out)``, so that expert e
 computes ``silu(x @ w1[e]) @ w2[e]``, and evaluates them with batched matmuls instead of a Python loop of modules.
-Two ways to run it:
+Ways to run it:
 
-- :meth:`ExpertLibrary.compose` runs every expert on every row and returns weighted sums of their outputs (the
-  attention library's dense composition); :meth:`ExpertLibrary.dense` returns the outputs themselves;
+- :meth:`ExpertLibrary.compose` runs every expert on every row and returns weighted sums of their outputs, C
+  weightings at once (the attention library's dense composition), by one of three paths (:data:`COMPOSE_PATHS`):
+  ``experts`` (per-expert batched GEMMs in row chunks), ``gemm`` (the routing weights folded into the hidden
+  activations, contracted over experts x hidden in one GEMM per chunk) or ``fused`` (a Triton kernel on CUDA,
+  ``model/fused.py``); :func:`default_compose_path` picks the one measured fastest on the device;
+- :meth:`ExpertLibrary.compose_sparse` computes the same sums from the active (row, expert) pairs only;
+- :meth:`ExpertLibrary.dense` returns every expert's outputs themselves;
 - :meth:`ExpertLibrary.grouped` runs each row through one expert, rows sorted by expert (the sparse FFN), as
   :func:`group_by_expert` lays them out.
 
 :class:`ExpertMLP` is the plain per-expert module that defines the semantics; tests compare against it.
+Shapes: ``N`` rows, ``C`` weightings (channels), ``E`` experts, ``F`` hidden width, ``M`` (row, expert) pairs.
 """
 
 from __future__ import annotations
@@ -19,6 +25,28 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import fused
+from .layers import compute_dtype
+
+COMPOSE_PATHS = ("experts", "gemm", "fused")
+
+
+def default_compose_path(x: torch.Tensor, lib: "ExpertLibrary") -> str:
+    """The composition path for rows ``x``, measured (benchmarks/bench_layers.py, gpu_step.py):
+
+    - CPU: ``experts``. Its per-expert GEMMs do exactly the model's FLOPs; ``gemm`` does its contraction over
+      experts x hidden as one GEMM per chunk but with the weighting folded into the hidden activations, which
+      costs C times the second layer's FLOPs plus passes over (rows, C, E*F) tensors: 17% of the fp32 matmul rate
+      against 38% (tiny's shapes, forward + backward);
+    - CUDA: ``fused`` where Triton is importable and the widths fit its registers, else ``experts``: the model's
+      FLOPs and no (rows, E*F) activations in memory; at base's shapes on an H200, 8.0% of the bf16 matmul rate
+      against 7.5% (``experts``) and 1.3% (``gemm``), and a 32k-token base step peaks at 17 GiB instead of 68.
+      Under torch.compile always ``experts``, which the compiler can trace.
+    """
+    if x.is_cuda and not torch.compiler.is_compiling() and fused.fits(lib.d_in, lib.hidden, lib.d_out):
+        return "fused"
+    return "experts"
 
 
 def group_by_expert(active_NE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -70,25 +98,51 @@ class ExpertLibrary(nn.Module):
         s_NEF = F.silu(x_ND @ self.w1.transpose(0, 1).reshape(self.d_in, E * F_)).view(-1, E, F_)
         return torch.bmm(s_NEF.transpose(0, 1), self.w2)
 
-    def compose(self, x_ND: torch.Tensor, w_NCE: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    def compose(self, x_ND: torch.Tensor, w_NCE: torch.Tensor, chunk: int | None = None,
+                path: str | None = None) -> torch.Tensor:
         """Dense composition: ``out[n, c] = Σ_e w[n, c, e] · Expert_e(x[n])`` for C weightings at once, every
-        expert run once per row. (N, d_in), (N, C, E) -> (N, C, d_out).
-
-        Rows are processed in chunks (1024 on CPU): the (chunk, E, F) hidden activations then stay small and warm
-        in cache, which measured faster than one pass over all rows and than a per-expert loop (the loop's ratio:
-        BENCHMARKS.md, section layers). On CUDA one chunk covers everything.
+        expert run once per row. (N, d_in), (N, C, E) -> (N, C, d_out). ``path``: one of :data:`COMPOSE_PATHS`
+        (default: :func:`default_compose_path`); ``chunk``: rows per chunk of the ``experts`` and ``gemm`` paths.
         """
+        path = path or default_compose_path(x_ND, self)
+        if path == "fused":
+            return fused.compose(x_ND, w_NCE, self.w1, self.w2)
+        if path == "gemm":
+            if chunk is None:  # (rows, C, E*F) elements at a time: 2^21 on CPU (warm in cache), 2^28 on CUDA
+                budget = 2 ** 28 if x_ND.is_cuda else 2 ** 21
+                chunk = max(1, budget // (w_NCE.shape[1] * self.n_experts * self.hidden))
+            return GemmCompose.apply(x_ND, w_NCE, self.w1, self.w2, chunk)
+        if path != "experts":
+            raise ValueError(f"unknown composition path {path!r}; paths: {', '.join(COMPOSE_PATHS)}")
+        # Rows in chunks of 256 on CPU: the (chunk, E, F) hidden activations then stay warm in cache (measured
+        # fastest of 128-1024 at E = 16 and 64). On CUDA one chunk covers everything.
         if chunk is None:
-            chunk = x_ND.shape[0] if x_ND.is_cuda else 1024
+            chunk = x_ND.shape[0] if x_ND.is_cuda else 256
         E, F_ = self.n_experts, self.hidden
         w1_cat = self.w1.transpose(0, 1).reshape(self.d_in, E * F_)
         outs = []
-        for i in range(0, x_ND.shape[0], chunk):
-            x = x_ND[i:i + chunk]
-            s_nEF = F.silu(x @ w1_cat).view(-1, E, F_)
-            out_End = torch.bmm(s_nEF.transpose(0, 1), self.w2)  # (E, n, d_out)
-            outs.append(torch.bmm(w_NCE[i:i + chunk], out_End.transpose(0, 1)))  # (n, C, E) @ (n, E, d_out)
+        # split, not slices: the backward of each slice would scatter into a zero tensor of the full size
+        for x, w in zip(x_ND.split(chunk), w_NCE.split(chunk)):
+            s_EnF = F.silu(x @ w1_cat).view(-1, E, F_).transpose(0, 1)
+            out_End = torch.bmm(s_EnF, self.w2)
+            outs.append(torch.bmm(w, out_End.transpose(0, 1)))  # (n, C, E) @ (n, E, d_out)
         return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def compose_sparse(self, x_ND: torch.Tensor, w_NCE: torch.Tensor, rows_N: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+        """:meth:`compose` computing only the (row, expert) pairs where some channel's weight is non-zero (and
+        the row is in the boolean ``rows_N``; other rows get 0): each such pair runs its expert once, through
+        :meth:`grouped`, and its output is added to the C channels with their weights. An expert whose weights are
+        all zero contributes exactly 0 in :meth:`compose` too, so on the rows computed the two agree up to the
+        order of the sum. (N, d_in), (N, C, E) -> (N, C, d_out)."""
+        N, C, _ = w_NCE.shape
+        active_NE = (w_NCE != 0).any(1)
+        if rows_N is not None:
+            active_NE = active_NE & rows_N[:, None]
+        e_M, n_M, counts_E = group_by_expert(active_NE)
+        out_Md = self.grouped(x_ND[n_M], counts_E)
+        w_MC = w_NCE[n_M, :, e_M].to(out_Md.dtype)
+        return out_Md.new_zeros(N, C, self.d_out).index_add_(0, n_M, w_MC[:, :, None] * out_Md[:, None, :])
 
     def _grouped_mm_ok(self, dt: torch.dtype, cuda: bool) -> bool:
         if not hasattr(torch, "_grouped_mm") or dt != (torch.bfloat16 if cuda else torch.float32):
@@ -106,9 +160,7 @@ class ExpertLibrary(nn.Module):
         with no host sync on CUDA; otherwise (float64, older torch) a loop over the experts that received
         rows. Either way an expert with no rows costs nothing.
         """
-        dt = x_MD.dtype
-        if x_MD.is_cuda and torch.is_autocast_enabled("cuda"):
-            dt = torch.get_autocast_dtype("cuda")
+        dt = compute_dtype(x_MD)
         if self._grouped_mm_ok(dt, x_MD.is_cuda):
             offs = torch.cumsum(counts_E, 0).to(torch.int32)
             hid = F.silu(torch._grouped_mm(x_MD.to(dt), self.w1.to(dt), offs=offs))
@@ -117,3 +169,62 @@ class ExpertLibrary(nn.Module):
         outs = [F.silu(part @ self.w1[e]) @ self.w2[e]
                 for e, part in enumerate(torch.split(x_MD, counts)) if counts[e]]
         return torch.cat(outs) if outs else x_MD.new_zeros(0, self.d_out)
+
+
+class GemmCompose(torch.autograd.Function):
+    """The ``gemm`` composition path: with ``s = silu(x @ w1_cat)`` (n, E*F) and ``A_c[n, e*F + f] =
+    w[n, c, e] * s[n, e*F + f]``, ``out[:, c] = A_c @ w2_cat`` (w2_cat: (E*F, d_out)): the contraction over
+    experts x hidden is one GEMM for all C channels of a chunk of rows. Its backward is written out (``A`` is
+    rebuilt per chunk, never stored):
+
+        dA_c = g_c @ w2_catᵀ      dw[n, c, e] = Σ_f dA_c[n, e, f] s[n, e, f]      dw2_cat = Σ_c A_cᵀ g_c
+        ds = Σ_c w[:, c] ⊙ dA_c   da = ds ⊙ silu'(a)      dx = da @ w1_catᵀ        dw1_cat = xᵀ da
+    """
+
+    @staticmethod
+    def forward(ctx, x_ND, w_NCE, w1, w2, chunk):
+        dt = compute_dtype(x_ND)
+        with torch.autocast(x_ND.device.type, enabled=False):
+            x, w, w1c, w2c = GemmCompose._cast(x_ND, w_NCE, w1, w2, dt)
+            N, C, E = w.shape
+            out = x.new_empty(N * C, w2c.shape[1])
+            for i in range(0, N, chunk):
+                j = min(i + chunk, N)
+                s_n1EF = F.silu(x[i:j] @ w1c).view(j - i, 1, E, -1)
+                A = (w[i:j, :, :, None] * s_n1EF).view((j - i) * C, -1)  # (n*C, E*F)
+                torch.mm(A, w2c, out=out[i * C:j * C])
+        ctx.save_for_backward(x_ND, w_NCE, w1, w2)
+        ctx.chunk, ctx.dt = chunk, dt
+        return out.view(N, C, -1)
+
+    @staticmethod
+    def backward(ctx, g_NCd):
+        x_ND, w_NCE, w1, w2 = ctx.saved_tensors
+        with torch.autocast(x_ND.device.type, enabled=False):
+            x, w, w1c, w2c = GemmCompose._cast(x_ND, w_NCE, w1, w2, ctx.dt)
+            g = g_NCd.to(ctx.dt)
+            N, C, E = w.shape
+            dx, dw = torch.empty_like(x), torch.empty_like(w)
+            dw1c, dw2c = torch.zeros_like(w1c), torch.zeros_like(w2c)
+            for i in range(0, N, ctx.chunk):
+                j = min(i + ctx.chunk, N)
+                a = x[i:j] @ w1c  # recomputed: (n, E*F)
+                s_n1EF = F.silu(a).view(j - i, 1, E, -1)
+                g_i = g[i:j].reshape((j - i) * C, -1)
+                dA_nCEF = (g_i @ w2c.T).view(j - i, C, E, -1)
+                dw2c.addmm_((w[i:j, :, :, None] * s_n1EF).view((j - i) * C, -1).T, g_i)
+                dw[i:j] = (dA_nCEF * s_n1EF).sum(-1)
+                ds = torch.einsum("nce,ncef->nef", w[i:j], dA_nCEF).reshape(j - i, -1)
+                da = torch.ops.aten.silu_backward(ds, a)
+                torch.mm(da, w1c.T, out=dx[i:j])
+                dw1c.addmm_(x[i:j].T, da)
+        E_, d_in, F_ = w1.shape
+        return (dx.to(x_ND.dtype), dw.to(w_NCE.dtype), dw1c.view(d_in, E_, F_).transpose(0, 1).to(w1.dtype),
+                dw2c.view(E_, F_, -1).to(w2.dtype), None)
+
+    @staticmethod
+    def _cast(x, w, w1, w2, dt):
+        """Inputs in the compute dtype, the weights as (d_in, E*F) and (E*F, d_out) matrices."""
+        E, d_in, F_ = w1.shape
+        return (x.to(dt), w.to(dt), w1.to(dt).transpose(0, 1).reshape(d_in, E * F_),
+                w2.to(dt).reshape(E * F_, -1))

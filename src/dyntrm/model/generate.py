@@ -10,7 +10,8 @@ its halting step (``ArcTransformer.should_halt``, read at the prompt's end), so 
 
 Generation first runs the prompts this way (:func:`prefill`), keeping one KV cache per step for the rows that ran
 it; then every new token (:func:`decode`) goes through the same steps for the same rows, reading and extending
-those caches. :func:`generate` decodes answers constrained to well-formed grids (:class:`GridConstraint`): only
+those caches (on CUDA that step is captured once per batch layout and replayed as a CUDA graph,
+:class:`DecodeGraph`). :func:`generate` decodes answers constrained to well-formed grids (:class:`GridConstraint`): only
 colours, row separators and ``END``; every row as wide as the first; at most 30 x 30; under ``model.size_header``
 exactly the shape of the two size tokens the model writes first. Nothing is sized from the target. Shapes: ``B`` batch, ``R`` rows still running, ``T`` time, ``D`` width, ``H`` heads, ``d`` head width,
 ``V`` vocabulary.
@@ -30,7 +31,7 @@ from ..data.arc import MAX_SIDE, N_COLOURS
 from ..data.batching import padded
 from ..data.tokens import END, PAD, ROW, SIZE0, GridDecodeError, decode_answer
 from .context import AttnMask, ModelOutput, StepContext, Tap
-from .layers import GridCursor
+from .layers import GridCursor, compute_dtype
 
 
 class KVCache:
@@ -47,10 +48,11 @@ class KVCache:
         self.v[:, :, :T] = v_BTHd.transpose(1, 2)
 
     def write(self, k_B1Hd: torch.Tensor, v_B1Hd: torch.Tensor, pos_B: torch.Tensor) -> None:
-        """Decode: one new key/value per row, each at its own position."""
-        rows = torch.arange(k_B1Hd.shape[0], device=pos_B.device)
-        self.k[rows, :, pos_B] = k_B1Hd[:, 0]
-        self.v[rows, :, pos_B] = v_B1Hd[:, 0]
+        """Decode: one new key/value per row, each at its own position (a scatter: no host sync, capturable)."""
+        B, _, H, d = k_B1Hd.shape
+        idx = pos_B.view(B, 1, 1, 1).expand(B, H, 1, d)
+        self.k.scatter_(2, idx, k_B1Hd.transpose(1, 2).to(self.k.dtype))
+        self.v.scatter_(2, idx, v_B1Hd.transpose(1, 2).to(self.v.dtype))
 
 
 @dataclass
@@ -64,6 +66,18 @@ class DecodeState:
     q_halt: torch.Tensor  # (S, B) halting logits seen at prefill
     q_continue: torch.Tensor
     cursor: GridCursor | None = None  # each sample's place in its grid (model.grid_coords)
+
+    def counter_slots(self) -> list[tuple[object, str]]:
+        """Where the tensors live that every decoded token replaces (positions, the grid cursor's state), as
+        (object, attribute) pairs: :class:`DecodeGraph` copies each step's new values back into the tensors its
+        next replay reads."""
+        slots: list[tuple[object, str]] = [(self, "pos")]
+        if self.cursor is not None:
+            slots += [(self.cursor, k) for k, v in vars(self.cursor).items() if isinstance(v, torch.Tensor)]
+        return slots
+
+    def counters(self) -> list[torch.Tensor]:
+        return [getattr(o, k) for o, k in self.counter_slots()]
 
     def keep(self, idx: torch.Tensor) -> "DecodeState":
         """Only the batch rows ``idx`` go on, renumbered in that order: used to drop finished sequences from a
@@ -110,11 +124,13 @@ def recur_until_halted(model: nn.Module, tokens_BT: torch.Tensor, attention_mask
         step_ctx = ctx if running is None else ctx.rows(running)
         if cache_capacity is not None:
             R = B if running is None else running.numel()
-            cache = KVCache(R, model.cfg.n_heads, cache_capacity, model.cfg.d_head, x_BTD.device, x_BTD.dtype)
+            # in the dtype keys and values are computed in (bf16 under autocast): attention reads them as they are
+            cache = KVCache(R, model.cfg.n_heads, cache_capacity, model.cfg.d_head, x_BTD.device,
+                            compute_dtype(x_BTD))
             step_rows.append(every_B if running is None else running)
             caches.append(cache)
             step_ctx = replace(step_ctx, cache=cache)
-        x_RTD, stats = model.step(x_BTD[rows], x0_BTD[rows], s, step_ctx)
+        x_RTD, stats, _ = model.step(x_BTD[rows], x0_BTD[rows], s, step_ctx)
         l1, active = l1 + stats.l1, active + stats.active
         qh_R, qc_R = model.block.halt_logits(x_RTD[torch.arange(x_RTD.shape[0], device=x_RTD.device),
                                                    prompt_end_B[rows]])
@@ -156,16 +172,24 @@ def prefill(model: nn.Module, tokens_BT: torch.Tensor, prompt_len_B: torch.Tenso
 
 
 @torch.no_grad()
-def decode(model: nn.Module, token_B: torch.Tensor, state: DecodeState, tap: Tap | None = None) -> torch.Tensor:
+def decode(model: nn.Module, token_B: torch.Tensor, state: DecodeState, tap: Tap | None = None, *,
+           static: bool = False) -> torch.Tensor:
     """Feed one token per sample (B,) at its own position through the steps chosen at prefill; returns the
-    next-token logits (B, V)."""
+    next-token logits (B, V). The state advances (positions, grid cursor, KV caches).
+
+    ``static``: no host sync and no shape that depends on values (attention reads the whole cache under its mask,
+    the experts run densely with the inactive ones weighing 0): what :class:`DecodeGraph` captures. Same values.
+    """
     coords_B1K = None if state.cursor is None else state.cursor.step(token_B)[:, None]
     x0_B1D = model.embed_tokens(token_B[:, None], coords_B1K)
     x_B1D = x0_B1D
     pos_B = state.pos
-    length = int(pos_B.max()) + 1  # one host sync per token: attention then reads only the keys in use
-    if length > state.caches[0].k.shape[2]:
-        raise ValueError("decode ran past the KV cache capacity chosen at prefill (max_new)")
+    if static:  # DecodeGraph checks the capacity once, ahead of all its replays
+        length = state.caches[0].k.shape[2]
+    else:
+        length = int(pos_B.max()) + 1  # one host sync per token: attention then reads only the keys in use
+        if length > state.caches[0].k.shape[2]:
+            raise ValueError("decode ran past the KV cache capacity chosen at prefill (max_new)")
     keys_L = torch.arange(length, device=pos_B.device)
     for s, (rows_R, cache) in enumerate(zip(state.rows, state.caches)):
         if rows_R.numel() == 0:  # every sample that needed this step has left the batch
@@ -173,11 +197,60 @@ def decode(model: nn.Module, token_B: torch.Tensor, state: DecodeState, tap: Tap
         pos_R = pos_B[rows_R]
         cos, sin = model.rope.at(pos_R[:, None])
         mask = AttnMask(False, (keys_L[None, :] <= pos_R[:, None])[:, None, None, :])  # (R, 1, 1, L)
-        ctx = StepContext(s, cos, sin, mask, cache=cache, decode_pos=pos_R, observer=tap)
-        x_R1D, _ = model.step(x_B1D[rows_R], x0_B1D[rows_R], s, ctx)
+        ctx = StepContext(s, cos, sin, mask, cache=cache, decode_pos=pos_R, observer=tap, static=static)
+        x_R1D, _, _ = model.step(x_B1D[rows_R], x0_B1D[rows_R], s, ctx)
         x_B1D = x_B1D.index_copy(0, rows_R, x_R1D)
     state.pos = pos_B + 1
     return model.lm_head(model.norm(x_B1D[:, 0]))
+
+
+class DecodeGraph:
+    """:func:`decode` (static) captured as one CUDA graph for one layout of a :class:`DecodeState` (its batch rows,
+    the rows of every step, the cache capacity) and replayed for every token: one launch instead of hundreds of
+    small kernels per token, which is what bounds batched decoding on a GPU. Each replay advances the state as
+    :func:`decode` does (the graph ends by copying the new positions and cursor into the tensors it reads); after
+    ``DecodeState.keep`` (a new layout) build a new graph.
+    """
+
+    def __init__(self, model: nn.Module, state: DecodeState):
+        if state.pos.device.type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA device")
+        self.state = state
+        self.room = state.caches[0].k.shape[2] - int(state.pos.max())  # tokens that still fit the caches
+        self.token = torch.zeros_like(state.pos)
+        slots = state.counter_slots()
+        inputs = state.counters()
+        saved = [t.clone() for t in inputs]
+
+        def put_back() -> None:  # the counters' tensors and values as before the call
+            for (obj, name), t in zip(slots, inputs):
+                setattr(obj, name, t)
+
+        # Warm-up on a side stream (required before a capture: lazy initialisations, Triton compilations). Its
+        # keys and values land at the positions the first replay overwrites; the counters are put back.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.no_grad():
+            decode(model, self.token, state, static=True)
+        torch.cuda.current_stream().wait_stream(side)
+        put_back()
+        for t, v in zip(inputs, saved):
+            t.copy_(v)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.no_grad():  # records, runs nothing
+            self.logits = decode(model, self.token, state, static=True)
+            for t, new in zip(inputs, state.counters()):
+                t.copy_(new)
+        put_back()
+
+    def __call__(self, token_B: torch.Tensor) -> torch.Tensor:
+        """:func:`decode` of ``token_B`` (B,): the next-token logits (B, V)."""
+        if self.room <= 0:
+            raise ValueError("decode ran past the KV cache capacity chosen at prefill (max_new)")
+        self.room -= 1
+        self.token.copy_(token_B)
+        self.graph.replay()
+        return self.logits.clone()  # the graph's output buffer is overwritten by the next replay
 
 
 # ------------------------------------------------------------------------------------------------ grids
@@ -264,14 +337,18 @@ class Generation:
 def generate(model: nn.Module, prompts: Sequence[np.ndarray], *, max_new: int = MAX_ANSWER_TOKENS,
              constrain: bool = True, temperature: float = 0.0, top_k: int = 0, steps: torch.Tensor | None = None,
              generator: torch.Generator | None = None, compact: float = 0.5,
-             max_sides: Sequence[int] | None = None) -> list[Generation]:
+             max_sides: Sequence[int] | None = None, cuda_graphs: bool | None = None) -> list[Generation]:
     """Decode one answer per prompt (token arrays ending with the query's OUT), as one batch.
 
     Greedy by default; ``temperature > 0`` samples (optionally from the ``top_k`` most likely tokens). Samples that
     finish leave the batch once the finished fraction exceeds ``compact``. ``max_sides`` optionally limits each
-    answer's rows and columns (default 30).
+    answer's rows and columns (default 30). ``cuda_graphs`` (default: on CUDA) replays each token's decoding step
+    as a CUDA graph (:class:`DecodeGraph`), captured again whenever finished samples leave the batch.
     """
     device = next(model.parameters()).device
+    if cuda_graphs is None:
+        cuda_graphs = device.type == "cuda"
+    graph = None
     B = len(prompts)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     T = int(lengths.max())
@@ -322,7 +399,12 @@ def generate(model: nn.Module, prompts: Sequence[np.ndarray], *, max_new: int = 
             state = state.keep(keep)
             alive, tok = alive[keep], tok[keep]
             con.keep(keep)
-        logits = decode(model, tok, state)
+            graph = None  # a new layout
+        if cuda_graphs:
+            graph = graph or DecodeGraph(model, state)
+            logits = graph(tok)
+        else:
+            logits = decode(model, tok, state)
     results = []
     for i in range(B):
         toks = out_tok[i, :n_out[i]].tolist()

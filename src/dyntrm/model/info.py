@@ -29,6 +29,9 @@ def model_info(cfg: ModelConfig, context: int = 1024) -> dict[str, float]:
     }
     if cfg.variant == "dyn":
         E, F, Ef, Ff = cfg.attn_experts, cfg.attn_expert_hidden, cfg.ffn_experts, cfg.ffn_mult * d
+        # experts run per (token, head): all E under dense composition; under a sparse one the target per channel
+        # (a lower bound: an expert active in any of q, k, v runs once for all three)
+        Ea = cfg.attn_active if cfg.attn_sparse else E
         params = {
             "attn_library": E * 2 * dh * F,
             "ffn_library": Ef * 2 * d * Ff,
@@ -41,8 +44,8 @@ def model_info(cfg: ModelConfig, context: int = 1024) -> dict[str, float]:
         }
         flops |= {
             "attn_routing": H * 3 * 2 * dh * E,
-            "attn_library": H * E * 2 * 2 * dh * F,  # dense composition: every expert on every head
-            "attn_composition": H * 3 * 2 * E * dh,
+            "attn_library": H * Ea * 2 * 2 * dh * F,
+            "attn_composition": H * 3 * 2 * Ea * dh,
             "ffn_routing": 2 * d * Ef,
             "ffn_experts": cfg.ffn_active * 2 * 2 * d * Ff,  # only the active experts run
             "attn_shared": 2 * 3 * d * d if cfg.attn_shared else 0,

@@ -1,4 +1,5 @@
-"""Small shared layers: RMSNorm and 1-D rotary position embedding (DESIGN §3.3). No training logic here.
+"""Small shared layers: RMSNorm and 1-D rotary position embedding (DESIGN §3.3), and the matmul dtype under
+autocast. No training logic here.
 
 RoPE rotates channel pairs ``(i, i + d/2)`` of Q and K by ``position * base^(-2i/d)``, so the score between a query
 at position m and a key at position n depends on ``m - n`` only (tested).
@@ -12,6 +13,13 @@ from torch import nn
 
 from ..data.arc import MAX_SIDE
 from ..data.tokens import IN, N_COLOURS, OUT, ROW, SIZE0
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on ``x`` run in: the autocast dtype where autocast is on for its device, else its own."""
+    if x.is_cuda and torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    return x.dtype
 
 
 class RMSNorm(nn.Module):

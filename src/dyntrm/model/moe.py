@@ -25,10 +25,20 @@ from .experts import ExpertLibrary, ExpertMLP, group_by_expert
 
 @dataclass
 class MoEStats:
-    """Per-call sums over real tokens (divide by the token count for means)."""
+    """Per-call sums over real rows of a ReLU router (divide by the row count for means): DynMoE's, and DynSIHA+'s
+    under a sparse composition (rows (token, head, channel) there)."""
 
-    l1: torch.Tensor  # Σ_tokens Σ_e w_e   (carries gradient: the sparsity penalty)
-    active: torch.Tensor  # Σ_tokens #{e: w_e > 0}   (no gradient)
+    l1: torch.Tensor  # Σ_rows Σ_e w_e   (carries gradient: the sparsity penalty)
+    active: torch.Tensor  # Σ_rows #{e: w_e > 0}   (no gradient)
+
+
+def initial_gate(target: float, n_experts: int) -> float:
+    """The gate g that leaves ``min(2 target, E/2)`` of E experts active on average under ``w = ReLU(z - g)`` with
+    z ~ N(0, 1) (unit-RMS inputs, unit-normal prototypes): the (1 - a/E) quantile of z. Twice the target, as ReMoE
+    starts dense: a ReLU router whose expert is inactive gets no gradient for it, so starting at the target lets
+    experts die before the L1 controller can act; the controller then pulls sparsity down."""
+    q = 1.0 - min(2 * target, n_experts / 2) / n_experts
+    return math.sqrt(2.0) * torch.erfinv(torch.tensor(2 * q - 1)).item()
 
 
 class DynMoE(nn.Module):
@@ -47,13 +57,8 @@ class DynMoE(nn.Module):
         if self.shared is not None:
             nn.init.normal_(self.shared.w1.weight, std=1.0 / math.sqrt(self.d_model))
             nn.init.normal_(self.shared.w2.weight, std=shared_out_std)
-        # With unit-RMS h and unit-normal prototypes, r + g ~ N(0, 1): a gate at the (1 - a/E) quantile makes a
-        # experts active per token on average. Start at twice the target (at most half the library), as ReMoE
-        # starts dense: a ReLU router whose expert is inactive gets no gradient for it, so starting at the
-        # target lets experts die before the L1 controller can act; the controller then pulls sparsity down.
-        nn.init.normal_(self.proto, std=1.0)
-        q = 1.0 - min(2 * self.target_active, self.n_experts / 2) / self.n_experts
-        nn.init.constant_(self.gate, math.sqrt(2.0) * torch.erfinv(torch.tensor(2 * q - 1)).item())
+        nn.init.normal_(self.proto, std=1.0)  # with unit-RMS h, r + g ~ N(0, 1)
+        nn.init.constant_(self.gate, initial_gate(self.target_active, self.n_experts))
 
     def logits(self, h_ND: torch.Tensor) -> torch.Tensor:
         """Routing logits r: (N, D) -> (N, 1, E), one channel."""
@@ -66,11 +71,14 @@ class DynMoE(nn.Module):
         w_NE = F.relu(r_N1E[:, 0])
         if ctx.valid is not None:  # padding never activates an expert
             w_NE = w_NE * ctx.valid.reshape(B * T, 1)
-        e_M, n_M, counts_E = group_by_expert(w_NE > 0)
-        out_MD = lib.grouped(h_ND[n_M], counts_E)
-        out_MD = out_MD * w_NE[n_M, e_M].unsqueeze(1).to(out_MD.dtype)
-        # viewed as (N, C=1, D) before use, so that the tap's ``out`` is the tensor on the loss path
-        y_N1D = torch.zeros_like(h_ND).index_add_(0, n_M, out_MD.to(h_ND.dtype)).view(B * T, 1, D)
+        if ctx.static:  # fixed shapes (CUDA-graph capture): every expert, the inactive ones weighing exactly 0
+            y_N1D = lib.compose(h_ND, w_NE[:, None]).to(h_ND.dtype)
+        else:
+            e_M, n_M, counts_E = group_by_expert(w_NE > 0)
+            out_MD = lib.grouped(h_ND[n_M], counts_E)
+            out_MD = out_MD * w_NE[n_M, e_M].unsqueeze(1).to(out_MD.dtype)
+            # viewed as (N, C=1, D) before use, so that the tap's ``out`` is the tensor on the loss path
+            y_N1D = torch.zeros_like(h_ND).index_add_(0, n_M, out_MD.to(h_ND.dtype)).view(B * T, 1, D)
         if ctx.tapped:
             ctx.tap(Routed(ctx.step, FFN_CHANNELS, h_ND, r_N1E, w_NE[:, None], y_N1D, ctx.valid_flat, lib, self))
         stats = MoEStats(w_NE.sum(), (w_NE > 0).sum().detach().to(w_NE.dtype))
@@ -97,11 +105,14 @@ class SparsityController:
     cap: float = math.inf
 
     @classmethod
-    def for_config(cls, cfg: Config) -> "SparsityController":
+    def for_config(cls, cfg: Config, library: str = "ffn") -> "SparsityController":
+        """The controller of DynMoE's router (``library="ffn"``) or of the attention routers (``"attn"``, for
+        ``model.attn_active``)."""
         t, m = cfg.train, cfg.model
+        target, size = (m.ffn_active, m.ffn_experts) if library == "ffn" else (m.attn_active, m.attn_experts)
         # two-sided only where a reward can act: routers learning from the main loss, a target below the library
-        two_sided = t.l1_two_sided and not cfg.shaping.meta_only and m.ffn_active < m.ffn_experts
-        return cls(m.ffn_active, t.l1_factor, t.l1_init if two_sided else None, t.l1_max)
+        two_sided = t.l1_two_sided and not cfg.shaping.meta_only and target < size
+        return cls(target, t.l1_factor, t.l1_init if two_sided else None, t.l1_max)
 
     def next_coef(self, coef: float, active: float) -> float:
         """The coefficient after a step that saw ``active`` experts per token on average."""

@@ -36,14 +36,15 @@ class RoutingStats:
 
     @torch.no_grad()
     def add(self, r: Routed) -> None:
-        w_nCE = r.weights.detach()
-        if r.valid is not None:
-            w_nCE = w_nCE[r.valid]
-        on_nCE = (w_nCE > 0).float()
-        ent_nC = routing_entropy(w_nCE)
+        w_NCE = r.weights.detach()
+        # sums over the real rows as products with the (N,) mask: no copy of the (N, C, E) weights
+        real_N = torch.ones_like(w_NCE[:, 0, 0]) if r.valid is None else r.valid.to(w_NCE.dtype)
+        usage_CE = torch.einsum("nce,n->ce", (w_NCE > 0).to(w_NCE.dtype), real_N)
+        ent_C = real_N @ routing_entropy(w_NCE)
+        rows = real_N.sum()
         for c, name in enumerate(r.names):
-            for store, val in ((self.active, on_nCE[:, c].sum()), (self.entropy, ent_nC[:, c].sum()),
-                               (self.usage, on_nCE[:, c].sum(0)), (self.rows, torch.tensor(float(w_nCE.shape[0])))):
+            for store, val in ((self.active, usage_CE[c].sum()), (self.entropy, ent_C[c]), (self.usage, usage_CE[c]),
+                               (self.rows, rows)):
                 store[name] = store.get(name, 0) + val
 
     def metrics(self) -> dict[str, Any]:

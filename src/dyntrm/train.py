@@ -30,7 +30,7 @@ from .data.batching import Batch
 from .data.dataset import Epoch, TrainingSet, split_items, training_items
 from .evaluate import evaluate_items, metrics_of, score_line
 from .io import append_jsonl, write_json
-from .loss import compute_loss, global_counts
+from .loss import compute_loss, detach_steps, global_counts
 from .model import ArcTransformer
 from .model.moe import SparsityController
 from .runtime import Runtime, setup
@@ -133,8 +133,7 @@ class Trainer:
         self.state = TrainState(l1_coef=cfg.train.l1_init)
         self.data = data if data is not None else self._training_set()
         self.shaper = make_shaper(cfg, self.model, rt, self.optimizer)  # shaping.kind: sars, fars or none
-        # train.grad_steps: the first steps of the recursion run without gradient (0: full BPTT)
-        self.detach_steps = cfg.model.max_steps - cfg.train.grad_steps if cfg.train.grad_steps else 0
+        self.detach_steps = detach_steps(cfg)  # train.grad_steps: the first steps run without gradient
         self.sparsity = SparsityController.for_config(cfg)
         if resume:
             self.restore(checkpoint.load(self.run_dir))

@@ -135,13 +135,52 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 # ------------------------------------------------------------------------------------------------ evaluation
 
+def add_ttt_options(p: argparse.ArgumentParser) -> None:
+    """Test-time training and ranking (issue 12), shared by eval, predict and demo."""
+    from .scoring import RANKINGS
+    from .ttt import PARAM_SETS
+
+    p.add_argument("--ttt-steps", type=int, default=0,
+                   help="fine-tune a copy of the model on each task's demonstrations for this many steps (0: off)")
+    p.add_argument("--ttt-lr", type=float, default=1e-3, help="test-time training learning rate (constant)")
+    p.add_argument("--ttt-params", choices=PARAM_SETS, default="all",
+                   help="what test-time training adapts: all, routing (router prototypes and gates), norms")
+    p.add_argument("--ttt-batch", type=int, default=4, help="leave-one-out sequences per test-time training step")
+    p.add_argument("--rank", choices=RANKINGS, default="votes",
+                   help="order candidates by votes, by log-likelihood summed over the views, or votes then "
+                        "likelihood (both)")
+
+
+def ttt_of(args: argparse.Namespace):
+    """The test-time training settings of the command line (validated before any model is loaded); its
+    ``recipe`` is set from the checkpoint's config once that is read."""
+    from .ttt import TTT
+
+    return TTT(args.ttt_steps, args.ttt_lr, args.ttt_params, args.ttt_batch, args.seed)
+
+
+def ttt_line(m: dict) -> str:
+    """What test-time training did, for the console; empty without it."""
+    if not m.get("ttt_steps"):
+        return ""
+    line = (f"; TTT {m['ttt_steps']} steps of {m['ttt_params']} ({m['ttt_trained_numbers']:,} numbers) on "
+            f"{m['ttt_tasks']} tasks, {m['ttt_seconds_per_task'] or 0:.1f} s per task")
+    if m["ttt_single_demo_tasks"]:
+        line += f", {m['ttt_single_demo_tasks']} single-demonstration tasks answered without it"
+    return line
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
     from .checkpoint import load_model
     from .data.dataset import split_items
     from .evaluate import run_eval, score_line
     from .runtime import pick_device
 
+    ttt = ttt_of(args)
     model, cfg, ckpt_dir = load_model(args.checkpoint, device=pick_device())
+    ttt = replace(ttt, recipe=cfg.train)
     if args.source:
         cfg.data.source = args.source
     items = split_items(cfg, args.split, args.limit)
@@ -149,13 +188,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
     m, _ = run_eval(model, items, out, n_views=args.views, seed=args.seed, title=f"dyntrm eval: {ckpt_dir}",
                     extra={"checkpoint": str(ckpt_dir), "source": cfg.data.source,
                            "split": args.split or cfg.data.eval_split},
-                    temperature=args.temperature, top_k=args.top_k, cap_to_prompt=args.cap_to_prompt)
+                    temperature=args.temperature, top_k=args.top_k, cap_to_prompt=args.cap_to_prompt, ttt=ttt,
+                    rank=args.rank)
     console.print(f"{score_line(m)} ({m['n_test_inputs']} test inputs, {args.views} views); "
                   f"mean ACT steps {m['mean_steps']:.2f}; "
-                  f"{m['decode_tokens_per_s']:.0f} decode tok/s -> {out}/report.html")
+                  f"{m['decode_tokens_per_s']:.0f} decode tok/s{ttt_line(m)} -> {out}/report.html")
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
     from .checkpoint import load_model
     from .data.arc import load_task_file
     from .data.dataset import eval_items
@@ -163,15 +205,17 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from .io import write_json
     from .runtime import pick_device
 
+    ttt = ttt_of(args)
     model, cfg, _ = load_model(args.checkpoint, device=pick_device())
     task = load_task_file(args.task)
-    results, stats = evaluate_items(model, eval_items([task]), n_views=args.views, seed=args.seed)
+    results, stats = evaluate_items(model, eval_items([task]), n_views=args.views, seed=args.seed,
+                                    ttt=replace(ttt, recipe=cfg.train), rank=args.rank)
     out = Path(args.out or f"{task.id}.answers.json")
     write_json(out, submission_of(results), indent=None)
     msg = f"{task.id}: {len(task.test)} test inputs -> {out}"
     if all(p.output is not None for p in task.test):
         msg += f"; pass@2 {metrics_of(results, stats)['pass@2']:.3f}"
-    console.print(msg)
+    console.print(msg + ttt_line(stats))
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
@@ -342,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--cap-to-prompt", action="store_true",
                     help="limit answers to the largest grid side in their prompt (bounds decoding cost; a heuristic)")
     ev.add_argument("--out", default=None, help="output directory (default RUN/eval-SPLIT)")
+    add_ttt_options(ev)
     ev.set_defaults(func=cmd_eval)
 
     pr = sub.add_parser("predict", help="answers for any task file, in the ARC Prize format")
@@ -350,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--views", type=int, default=8)
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--out", default=None, help="answers file (default TASK_ID.answers.json)")
+    add_ttt_options(pr)
     pr.set_defaults(func=cmd_predict)
 
     ins = sub.add_parser("inspect", help="pictures of one task's routing per step and module, and of halting")

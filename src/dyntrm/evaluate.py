@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -20,7 +20,12 @@ from .data.augment import Augmentation, views
 from .data.dataset import EvalItem
 from .io import write_json
 from .model.generate import Generation, generate_batched
-from .scoring import DIAGNOSTICS, Ranked, attempts, copy_input_reference, score, solved, targets_of, vote
+from .rescore import view_likelihoods
+from .scoring import (DIAGNOSTICS, Ranked, attempts, copy_input_reference, rerank, score, solved, targets_of,
+                      vote)
+
+if TYPE_CHECKING:
+    from .ttt import TTT
 
 
 @dataclass
@@ -40,7 +45,7 @@ def prompt_max_side(item: EvalItem) -> int:
 
 def evaluate_items(model, items: Sequence[EvalItem], *, n_views: int = 8, seed: int = 0,
                    tokens_per_batch: int = 131072, max_len: int | None = None, cap_to_prompt: bool = False,
-                   **gen_kw) -> tuple[list[ItemResult], dict]:
+                   ttt: TTT | None = None, rank: str = "votes", **gen_kw) -> tuple[list[ItemResult], dict]:
     """Decode every item under ``n_views`` views, un-augment, vote. Returns per-item results and timing stats.
 
     Items whose prompt leaves no room for a full answer within ``model.max_positions`` (or exceeds ``max_len``) are
@@ -48,6 +53,9 @@ def evaluate_items(model, items: Sequence[EvalItem], *, n_views: int = 8, seed: 
     ``cap_to_prompt`` limits each answer to the largest grid side seen in its prompt (a heuristic read from the
     demonstrations, never the target; it bounds the cost of decoding from a barely trained model and can miss
     answers larger than every prompt grid).
+    ``ttt`` (with steps > 0): every task is answered by a copy of the model fine-tuned on its demonstrations
+    (``ttt.py``). ``rank``: ``votes``, or ``likelihood`` / ``both`` to score every candidate under every view
+    (``rescore.py``, ``scoring.rerank``).
     """
     prompts, owners, sides = [], [], []
     skipped = 0
@@ -66,24 +74,46 @@ def evaluate_items(model, items: Sequence[EvalItem], *, n_views: int = 8, seed: 
             prompts.append(e.tokens)
             owners.append((i, v))
             sides.append(prompt_max_side(it))
-    t0 = time.perf_counter()
-    if cap_to_prompt:
-        gen_kw["max_sides"] = sides
-    gens = generate_batched(model, prompts, tokens_per_batch=tokens_per_batch, **gen_kw)
-    seconds = time.perf_counter() - t0
-    per_item: list[list[tuple[Augmentation, Generation]]] = [[] for _ in items]
-    for (i, v), g in zip(owners, gens):
-        per_item[i].append((v, g))
-    results = []
-    for it, gs in zip(items, per_item):
-        cands = [(None if g.grid is None else v.invert_grid(g.grid), g.mean_logprob) for v, g in gs]
-        ranked = vote(cands)
-        results.append(ItemResult(it, ranked, cands, [g.steps for _, g in gs], attempts(ranked)))
+    # -- issue 12: one model for every prompt, or per task the model its test-time training adapted
+    adapted = ttt is not None and ttt.steps > 0
+    groups = ttt.per_task(model, items, owners) if adapted else [(model, list(range(len(prompts))), None)]
+    gens: list[Generation | None] = [None] * len(prompts)
+    results: dict[int, ItemResult] = {}
+    seconds = rank_seconds = 0.0
+    records = []
+    for m, sel, record in groups:
+        records.append(record)
+        t0 = time.perf_counter()
+        kw = dict(gen_kw, max_sides=[sides[k] for k in sel]) if cap_to_prompt else gen_kw
+        for k, g in zip(sel, generate_batched(m, [prompts[k] for k in sel], tokens_per_batch=tokens_per_batch,
+                                              **kw)):
+            gens[k] = g
+        seconds += time.perf_counter() - t0
+        per_item: dict[int, list[tuple[Augmentation, Generation]]] = {}
+        for k in sel:
+            per_item.setdefault(owners[k][0], []).append((owners[k][1], gens[k]))
+        t0 = time.perf_counter()
+        for i, gs in per_item.items():
+            cands = [(None if g.grid is None else v.invert_grid(g.grid), g.mean_logprob) for v, g in gs]
+            ranked = vote(cands)
+            if rank != "votes":
+                lls = view_likelihoods(m, items[i], [r.grid for r in ranked], [v for v, _ in gs],
+                                       tokens_per_batch=tokens_per_batch)
+                for r, ll in zip(ranked, lls):
+                    r.likelihood = ll
+                ranked = rerank(ranked, rank)
+            results[i] = ItemResult(items[i], ranked, cands, [g.steps for _, g in gs], attempts(ranked))
+        rank_seconds += time.perf_counter() - t0
+    results_list = [results.get(i) or ItemResult(it, [], [], [], attempts([])) for i, it in enumerate(items)]
     n_tok = sum(len(g.tokens) for g in gens)
     stats = {"decode_seconds": seconds, "decode_tokens": n_tok, "decode_tokens_per_s": n_tok / max(seconds, 1e-9),
              "mean_steps": float(np.mean([g.steps for g in gens])) if gens else 0.0, "sequences": len(gens),
-             "skipped_over_max_len": skipped, "views": n_views, "cap_to_prompt": cap_to_prompt}
-    return results, stats
+             "skipped_over_max_len": skipped, "views": n_views, "cap_to_prompt": cap_to_prompt, "rank": rank}
+    if rank != "votes":
+        stats["rank_seconds"] = rank_seconds
+    if adapted:
+        stats.update(ttt.summary(records))
+    return results_list, stats
 
 
 def submission_of(results: Sequence[ItemResult]) -> dict[str, list[dict[str, Any]]]:

@@ -234,6 +234,21 @@ def test_a_candidate_is_scored_as_each_view_would_write_it(g, seed):
         assert np.array_equal(answer, v.grid(g)) and np.array_equal(v.invert_grid(answer), g)
 
 
+def test_the_report_marks_the_answers_ttt_changed():
+    from dyntrm.evaluate import ItemResult
+    from dyntrm.report import results_html
+    from dyntrm.scoring import vote
+
+    item = lambda i: EvalItem("t", i, (), G([1]), G([2]))  # noqa: E731
+    result = lambda i, g: ItemResult(item(i), vote([(g, 0.0)]), [], [1], [g, g])  # noqa: E731
+    before = [result(0, G([1])), result(1, G([1])), result(2, G([2]))]
+    after = [result(0, G([2])), result(1, G([1])), result(2, G([3]))]  # 0 gained, 1 unchanged, 2 lost
+    page = results_html(after, before)
+    assert page.count("changed by TTT") == 2
+    assert "changed by TTT (was not solved)" in page and "changed by TTT (was solved)" in page
+    assert "changed by TTT" not in results_html(after)  # nothing to compare with: no marks
+
+
 # ------------------------------------------------------------------------------------------------ command line
 
 def test_negative_ttt_steps_are_refused_before_loading_anything(tmp_path, capsys):

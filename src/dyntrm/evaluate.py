@@ -155,8 +155,10 @@ def score_line(m: dict[str, Any]) -> str:
 
 
 def run_eval(model, items: Sequence[EvalItem], out_dir: Path, *, n_views: int, seed: int = 0,
-             title: str = "evaluation", extra: dict | None = None, **gen_kw) -> tuple[dict, list[ItemResult]]:
-    """Evaluate items and write metrics.json, submission.json and report.html into ``out_dir``."""
+             title: str = "evaluation", extra: dict | None = None, without_ttt: Sequence[ItemResult] = (),
+             **gen_kw) -> tuple[dict, list[ItemResult]]:
+    """Evaluate items and write metrics.json, submission.json and report.html into ``out_dir``; the report marks
+    the answers that differ from ``without_ttt`` (the same items evaluated without test-time training)."""
     from .report import write_report  # matplotlib comes with it: loaded only when a report is written
 
     results, stats = evaluate_items(model, items, n_views=n_views, seed=seed, **gen_kw)
@@ -167,5 +169,5 @@ def run_eval(model, items: Sequence[EvalItem], out_dir: Path, *, n_views: int, s
     write_json(out_dir / "metrics.json", metrics)
     write_json(out_dir / "submission.json", submission_of(results), indent=None)
     summary = {k: v for k, v in metrics.items() if k != "tasks"}
-    write_report(out_dir / "report.html", title, summary=summary, results=results)
+    write_report(out_dir / "report.html", title, summary=summary, results=results, without_ttt=without_ttt)
     return metrics, results

@@ -135,6 +135,9 @@ def test_demo_end_to_end_on_the_debug_preset(tmp_path, capsys, monkeypatch):
         assert m["n_test_inputs"] == len(items)
     report = (out / "report.html").read_text()
     assert "answering with the test input" in report and "pass@2 (2 views)" in report
+    # scores without and with test-time training side by side (its default steps on the demo)
+    assert "2 view(s), TTT: pass@1" in text and "without TTT |" in report and "answers TTT changed" in report
+    assert json.loads((out / "eval-2view-ttt" / "metrics.json").read_text())["ttt_tasks"] == 6
     # a second demo into the same directory replaces the first one's run (run directories belong to one run)
     assert main(["demo", "--out", str(out), "--views", "1"]) == 0
     assert not (out / "eval-2view").exists() and "pass@2 (2 views)" not in (out / "report.html").read_text()

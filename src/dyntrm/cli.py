@@ -148,14 +148,53 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 # ------------------------------------------------------------------------------------------------ evaluation
 
+def add_ttt_options(p: argparse.ArgumentParser, steps: int = 0) -> None:
+    """Test-time training and ranking (issue 12), shared by eval, predict and demo."""
+    from .scoring import RANKINGS
+    from .ttt import PARAM_SETS
+
+    p.add_argument("--ttt-steps", type=int, default=steps,
+                   help="fine-tune a copy of the model on each task's demonstrations for this many steps (0: off)")
+    p.add_argument("--ttt-lr", type=float, default=1e-3, help="test-time training learning rate (constant)")
+    p.add_argument("--ttt-params", choices=PARAM_SETS, default="all",
+                   help="what test-time training adapts: all, routing (router prototypes and gates), norms")
+    p.add_argument("--ttt-batch", type=int, default=4, help="leave-one-out sequences per test-time training step")
+    p.add_argument("--rank", choices=RANKINGS, default="votes",
+                   help="order candidates by votes, by log-likelihood summed over the views, or votes then "
+                        "likelihood (both)")
+
+
+def ttt_of(args: argparse.Namespace):
+    """The test-time training settings of the command line (validated before any model is loaded); its
+    ``recipe`` is set from the checkpoint's config once that is read."""
+    from .ttt import TTT
+
+    return TTT(args.ttt_steps, args.ttt_lr, args.ttt_params, args.ttt_batch, args.seed)
+
+
+def ttt_line(m: dict) -> str:
+    """What test-time training did, for the console; empty without it."""
+    if not m.get("ttt_steps"):
+        return ""
+    line = (f"; TTT {m['ttt_steps']} steps of {m['ttt_params']} ({m['ttt_trained_numbers']:,} numbers) on "
+            f"{m['ttt_tasks']} tasks, {m['ttt_seconds_per_task'] or 0:.1f} s per task")
+    if m["ttt_single_demo_tasks"]:
+        line += f", {m['ttt_single_demo_tasks']} single-demonstration tasks answered without it"
+    return line
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
     from .checkpoint import load_model
     from .data.dataset import split_items
     from .evaluate import run_eval, score_line
     from .io import writable_dir
     from .runtime import pick_device
 
+    ttt = ttt_of(args)
     model, cfg, ckpt_dir = load_model(args.checkpoint, device=pick_device())
+    ttt = replace(ttt, recipe=cfg.train)
     if args.source:
         cfg.data.source = args.source
     items = split_items(cfg, args.split, args.limit)
@@ -163,13 +202,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
     m, _ = run_eval(model, items, out, n_views=args.views, seed=args.seed, title=f"dyntrm eval: {ckpt_dir}",
                     extra={"checkpoint": str(ckpt_dir), "source": cfg.data.source,
                            "split": args.split or cfg.data.eval_split},
-                    temperature=args.temperature, top_k=args.top_k, cap_to_prompt=args.cap_to_prompt)
+                    temperature=args.temperature, top_k=args.top_k, cap_to_prompt=args.cap_to_prompt, ttt=ttt,
+                    rank=args.rank)
     console.print(f"{score_line(m)}; {m['n_test_inputs']} test inputs, {args.views} views; "
                   f"mean ACT steps {m['mean_steps']:.2f}; "
-                  f"{m['decode_tokens_per_s']:.0f} decode tok/s -> {out}/report.html")
+                  f"{m['decode_tokens_per_s']:.0f} decode tok/s{ttt_line(m)} -> {out}/report.html")
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
     from .checkpoint import load_model
     from .data.arc import load_task_file
     from .data.dataset import eval_items
@@ -177,7 +219,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from .io import writable_dir, write_json
     from .runtime import pick_device
 
-    task = load_task_file(args.task)  # the user's input first: it is quicker to check than a model to load
+    ttt = ttt_of(args)  # the user's input first: it is quicker to check than a model to load
+    task = load_task_file(args.task)
     model, cfg, _ = load_model(args.checkpoint, device=pick_device())
     out = Path(args.out or f"{task.id}.answers.json")
     if out.is_dir():
@@ -194,12 +237,13 @@ def cmd_predict(args: argparse.Namespace) -> None:
                          f"{limit} this model answers; answered from {len(f.item.demos) - f.dropped} of "
                          f"{len(f.item.demos)} demonstrations (the largest left out)", highlight=False,
                          soft_wrap=True, markup=False)
-    results, stats = evaluate_items(model, items, n_views=args.views, seed=args.seed)
+    results, stats = evaluate_items(model, items, n_views=args.views, seed=args.seed,
+                                    ttt=replace(ttt, recipe=cfg.train), rank=args.rank)
     write_json(out, submission_of(results), indent=None)
     msg = f"{task.id}: {len(task.test)} test inputs -> {out}"
     if all(p.output is not None for p in task.test):
         msg += f"; pass@2 {metrics_of(results, stats)['pass@2']:.3f}"
-    console.print(msg)
+    console.print(msg + ttt_line(stats))
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
@@ -264,17 +308,24 @@ def demo_config(minutes: float):
     ])
 
 
+# The demo's test-time training: PLACEHOLDER
+DEMO_TTT_STEPS = 2
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     import time
+    from dataclasses import replace
 
     from .data.dataset import split_items
     from .evaluate import run_eval, score_line
     from .io import read_metrics
-    from .report import write_report
+    from .report import ttt_changed, write_report
+    from .scoring import solved
     from .train import train
     from .viz import plot_run
 
     cfg = demo_config(args.minutes)
+    ttt = replace(ttt_of(args), recipe=cfg.train)  # a bad --ttt-* option stops the demo before it trains
     out = Path(args.out)
     t0 = time.perf_counter()
     items = split_items(cfg, max_side=cfg.data.max_side)  # the tasks it trains on
@@ -289,28 +340,48 @@ def cmd_demo(args: argparse.Namespace) -> None:
                "final loss": round(last["loss"], 4), "final LM loss (last step)": round(last["lm_last"], 4)}
     first = next(r for r in read_metrics(out) if r.get("kind") == "train")
     summary["first logged loss"] = round(first["loss"], 4)
-    evals = {}
+    if ttt.steps:
+        summary["test-time training (TTT)"] = (f"{ttt.steps} steps of {ttt.params} parameters per task, "
+                                               f"{ttt.batch} leave-one-out sequences per step, lr {ttt.lr:g}")
+    rows = {"pass@2": "pass@2", "pass@1": "pass@1", "shape@1": "answers of the right shape",
+            "cells@1": "cells right, diagnostic", "mean_steps": "mean ACT steps"}
+    final = without = None
     for views in args.views:
-        m, results = run_eval(model, items, out / f"eval-{views}view", n_views=views,
-                              title=f"demo evaluation, {views} views")
-        evals[views] = (m, results)
-        summary[f"pass@2 ({views} views)"] = round(m["pass@2"], 4)
-        summary[f"pass@1 ({views} views)"] = round(m["pass@1"], 4)
-        summary[f"answers of the right shape ({views} views)"] = round(m["shape@1"], 4)
-        summary[f"cells right, diagnostic ({views} views)"] = round(m["cells@1"], 4)
-        summary[f"mean ACT steps ({views} views)"] = round(m["mean_steps"], 2)
+        m, results = run_eval(model, items, out / f"eval-{views}view", n_views=views, seed=args.seed,
+                              title=f"demo evaluation, {views} views", rank=args.rank)
         console.print(f"{views} view(s): {score_line(m)}; "
                       f"mean ACT steps {m['mean_steps']:.2f}; {m['decode_tokens_per_s']:.0f} decode tok/s")
+        final, without, mt = results, (), None
+        if ttt.steps:  # the same items and views, each task answered by its adapted copy
+            t1 = time.perf_counter()
+            mt, final = run_eval(model, items, out / f"eval-{views}view-ttt", n_views=views, seed=args.seed, ttt=ttt,
+                                 title=f"demo evaluation, {views} views, TTT", rank=args.rank, without_ttt=results)
+            without = results
+            console.print(f"{views} view(s), TTT: {score_line(mt)}; mean ACT steps {mt['mean_steps']:.2f}"
+                          f"{ttt_line(mt)}; {(time.perf_counter() - t1) / 60:.1f} min in all")
+        for key, label in rows.items():
+            value = f"{m[key]:.4f}" if mt is None else f"{m[key]:.4f} without TTT | {mt[key]:.4f} with TTT"
+            summary[f"{label} ({views} views)"] = value
+        if mt is not None:
+            changed = ttt_changed(final, without)
+            now = {(r.item.task_id, r.item.index): solved(r.attempts, r.item.target, 2) for r in final}
+            was = {k: solved(b.attempts, b.item.target, 2) for k, b in changed.items()}
+            gained, lost = sum(now[k] and not w for k, w in was.items()), sum(w and not now[k] for k, w in was.items())
+            summary[f"answers TTT changed ({views} views)"] = (f"{len(changed)} of {len(final)}: {gained} newly "
+                                                                f"solved, {lost} no longer solved")
+            summary[f"TTT seconds per task ({views} views)"] = round(mt["ttt_seconds_per_task"] or 0.0, 2)
     ref = m["reference_copy_input"]  # the same for every view count: it depends on the items only
     ref_line = f"pass@2 {ref['pass@2']:.4f}, right shape {ref['shape@1']:.4f}, cells right {ref['cells@1']:.4f}"
     summary["reference: answering with the test input"] = ref_line
     console.print(f"reference, answering each test input with itself: {ref_line}")
     summary["wall minutes"] = round((time.perf_counter() - t0) / 60, 2)
     curves = plot_run(out)
-    results = evals[max(evals)][1]
-    path = write_report(out / "report.html", "dyntrm demo", summary=summary, results=results, images=curves,
+    path = write_report(out / "report.html", "dyntrm demo", summary=summary, results=final, images=curves,
+                        without_ttt=without,
                         notes="Model: tiny preset (DynSIHA+ attention, DynMoE FFN, N = 8 recursion steps, ACT). "
-                              "Weights: EMA. Test outputs of these tasks were never trained on.")
+                              "Weights: EMA. Test outputs of these tasks were never trained on. Test inputs are "
+                              "shown as answered " + ("with test-time training; answers it changed are marked."
+                                                      if ttt.steps else "by the trained model."))
     console.print(f"report: {path.resolve()}")
 
 
@@ -392,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--cap-to-prompt", action="store_true",
                     help="limit answers to the largest grid side in their prompt (bounds decoding cost; a heuristic)")
     ev.add_argument("--out", default=None, help="output directory (default RUN/eval-SPLIT)")
+    add_ttt_options(ev)
     ev.set_defaults(func=cmd_eval)
 
     pr = sub.add_parser("predict", help="answers for any task file, in the ARC Prize format")
@@ -400,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--views", type=POSITIVE, default=8)
     pr.add_argument("--seed", type=NONNEGATIVE, default=0)
     pr.add_argument("--out", default=None, help="answers file (default TASK_ID.answers.json)")
+    add_ttt_options(pr)
     pr.set_defaults(func=cmd_predict)
 
     ins = sub.add_parser("inspect", help="pictures of one task's routing per step and module, and of halting")
@@ -426,6 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--minutes", type=number(float, 0, strict=True), default=4.0, help="training time budget")
     demo.add_argument("--views", type=POSITIVE, nargs="+", default=[1],
                       help="evaluate with these view counts (e.g. --views 1 8; each view costs a full decode)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the views and of test-time training")
+    add_ttt_options(demo, steps=DEMO_TTT_STEPS)
     demo.set_defaults(func=cmd_demo)
     return p
 

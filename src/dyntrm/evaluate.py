@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -21,7 +21,12 @@ from .data.dataset import EvalItem
 from .data.tokens import Encoded
 from .io import write_json
 from .model.generate import Generation, generate_batched
-from .scoring import DIAGNOSTICS, Ranked, attempts, copy_input_reference, score, solved, targets_of, vote
+from .rescore import view_likelihoods
+from .scoring import (DIAGNOSTICS, Ranked, attempts, copy_input_reference, rerank, score, solved, targets_of,
+                      vote)
+
+if TYPE_CHECKING:
+    from .ttt import TTT
 
 
 @dataclass
@@ -54,6 +59,7 @@ class Fitted:
     """An item's prompts under its views, shortened to fit the model where needed."""
 
     item: EvalItem
+    shown: EvalItem  # the item with the demonstrations its prompts kept
     prompts: list[tuple[Augmentation, Encoded]]  # one per view; none when even the bare query is too long
     dropped: int  # demonstrations left out
     length: int  # the longest view's prompt with every demonstration
@@ -74,19 +80,21 @@ def fit_prompts(items: Sequence[EvalItem], n_views: int, seed: int, limit: int |
         vs = views(n_views, seed=seed + i)
         order = sorted(range(len(it.demos)), key=lambda j: (it.demos[j].input.size + it.demos[j].output.size, j))
         keep = list(range(len(it.demos)))
+        shown = it
         encs = full = [(v, it.prompt(v, header=header)) for v in vs]
         while limit is not None and _longest(encs) > limit and keep:
             keep.remove(order.pop())
             shown = replace(it, demos=tuple(it.demos[j] for j in keep))
             encs = [(v, shown.prompt(v, header=header)) for v in vs]
         fits = limit is None or _longest(encs) <= limit
-        out.append(Fitted(it, encs if fits else [], len(it.demos) - len(keep), _longest(full), _longest(encs)))
+        out.append(Fitted(it, shown, encs if fits else [], len(it.demos) - len(keep), _longest(full),
+                          _longest(encs)))
     return out
 
 
 def evaluate_items(model, items: Sequence[EvalItem], *, n_views: int = 8, seed: int = 0,
                    tokens_per_batch: int = 131072, max_len: int | None = None, cap_to_prompt: bool = False,
-                   **gen_kw) -> tuple[list[ItemResult], dict]:
+                   ttt: TTT | None = None, rank: str = "votes", **gen_kw) -> tuple[list[ItemResult], dict]:
     """Decode every item under ``n_views`` views, un-augment, vote. Returns per-item results and timing stats.
 
     A prompt that leaves no room for a full answer within ``model.max_positions`` (or exceeds ``max_len``) is
@@ -95,6 +103,9 @@ def evaluate_items(model, items: Sequence[EvalItem], *, n_views: int = 8, seed: 
     ``cap_to_prompt`` limits each answer to the largest grid side seen in its prompt (a heuristic read from the
     demonstrations, never the target; it bounds the cost of decoding from a barely trained model and can miss
     answers larger than every prompt grid).
+    ``ttt`` (with steps > 0): every task is answered by a copy of the model fine-tuned on its demonstrations
+    (``ttt.py``). ``rank``: ``votes``, or ``likelihood`` / ``both`` to score every candidate under every view
+    (``rescore.py``, ``scoring.rerank``).
     """
     limit = prompt_limit(model, max_len, gen_kw.get("max_new", MAX_ANSWER_TOKENS))
     header = bool(getattr(getattr(model, "cfg", None), "size_header", False))
@@ -105,26 +116,53 @@ def evaluate_items(model, items: Sequence[EvalItem], *, n_views: int = 8, seed: 
             prompts.append(e.tokens)
             owners.append((i, v))
             sides.append(prompt_max_side(f.item))
-    t0 = time.perf_counter()
-    if cap_to_prompt:
-        gen_kw["max_sides"] = sides
-    gens = generate_batched(model, prompts, tokens_per_batch=tokens_per_batch, **gen_kw)
-    seconds = time.perf_counter() - t0
-    per_item: list[list[tuple[Augmentation, Generation]]] = [[] for _ in items]
-    for (i, v), g in zip(owners, gens):
-        per_item[i].append((v, g))
-    results = []
-    for f, gs in zip(fitted, per_item):
-        cands = [(None if g.grid is None else v.invert_grid(g.grid), g.mean_logprob) for v, g in gs]
-        ranked = vote(cands)
-        results.append(ItemResult(f.item, ranked, cands, [g.steps for _, g in gs],
-                                  attempts(ranked, fallback=f.item.input), f.dropped, not f.prompts))
+    # -- issue 12: one model for every prompt, or per task the model its test-time training adapted
+    adapted = ttt is not None and ttt.steps > 0
+    groups = (ttt.per_task(model, [f.shown for f in fitted], owners) if adapted  # each from what its prompts show
+              else [(model, list(range(len(prompts))), None)])
+    gens: list[Generation | None] = [None] * len(prompts)
+    results: dict[int, ItemResult] = {}
+    seconds = rank_seconds = 0.0
+    records = []
+    for m, sel, record in groups:
+        records.append(record)
+        t0 = time.perf_counter()
+        kw = dict(gen_kw, max_sides=[sides[k] for k in sel]) if cap_to_prompt else gen_kw
+        for k, g in zip(sel, generate_batched(m, [prompts[k] for k in sel], tokens_per_batch=tokens_per_batch,
+                                              **kw)):
+            gens[k] = g
+        seconds += time.perf_counter() - t0
+        per_item: dict[int, list[tuple[Augmentation, Generation]]] = {}
+        for k in sel:
+            per_item.setdefault(owners[k][0], []).append((owners[k][1], gens[k]))
+        t0 = time.perf_counter()
+        for i, gs in per_item.items():
+            f = fitted[i]
+            cands = [(None if g.grid is None else v.invert_grid(g.grid), g.mean_logprob) for v, g in gs]
+            ranked = vote(cands)
+            if rank != "votes":  # scored after the prompt it was answered from (shortened where it had to be)
+                lls = view_likelihoods(m, f.shown, [r.grid for r in ranked], [v for v, _ in gs],
+                                       tokens_per_batch=tokens_per_batch)
+                for r, ll in zip(ranked, lls):
+                    r.likelihood = ll
+                ranked = rerank(ranked, rank)
+            results[i] = ItemResult(f.item, ranked, cands, [g.steps for _, g in gs],
+                                    attempts(ranked, fallback=f.item.input), f.dropped, False)
+        rank_seconds += time.perf_counter() - t0
+    # an item too long even alone was never decoded: the fallback answers it
+    results_list = [results.get(i) or ItemResult(f.item, [], [], [], attempts([], fallback=f.item.input),
+                                                 f.dropped, True) for i, f in enumerate(fitted)]
     n_tok = sum(len(g.tokens) for g in gens)
     stats = {"decode_seconds": seconds, "decode_tokens": n_tok, "decode_tokens_per_s": n_tok / max(seconds, 1e-9),
              "mean_steps": float(np.mean([g.steps for g in gens])) if gens else 0.0, "sequences": len(gens),
              "prompts_shortened": sum(f.dropped > 0 and bool(f.prompts) for f in fitted),
-             "too_long": sum(not f.prompts for f in fitted), "views": n_views, "cap_to_prompt": cap_to_prompt}
-    return results, stats
+             "too_long": sum(not f.prompts for f in fitted), "views": n_views, "cap_to_prompt": cap_to_prompt,
+             "rank": rank}
+    if rank != "votes":
+        stats["rank_seconds"] = rank_seconds
+    if adapted:
+        stats.update(ttt.summary(records))
+    return results_list, stats
 
 
 def submission_of(results: Sequence[ItemResult]) -> dict[str, list[dict[str, Any]]]:
@@ -173,8 +211,10 @@ def score_line(m: dict[str, Any]) -> str:
 
 
 def run_eval(model, items: Sequence[EvalItem], out_dir: Path, *, n_views: int, seed: int = 0,
-             title: str = "evaluation", extra: dict | None = None, **gen_kw) -> tuple[dict, list[ItemResult]]:
-    """Evaluate items and write metrics.json, submission.json and report.html into ``out_dir``."""
+             title: str = "evaluation", extra: dict | None = None, without_ttt: Sequence[ItemResult] = (),
+             **gen_kw) -> tuple[dict, list[ItemResult]]:
+    """Evaluate items and write metrics.json, submission.json and report.html into ``out_dir``; the report marks
+    the answers that differ from ``without_ttt`` (the same items evaluated without test-time training)."""
     from .report import write_report  # matplotlib comes with it: loaded only when a report is written
 
     results, stats = evaluate_items(model, items, n_views=n_views, seed=seed, **gen_kw)
@@ -185,5 +225,5 @@ def run_eval(model, items: Sequence[EvalItem], out_dir: Path, *, n_views: int, s
     write_json(out_dir / "metrics.json", metrics)
     write_json(out_dir / "submission.json", submission_of(results), indent=None)
     summary = {k: v for k, v in metrics.items() if k != "tasks"}
-    write_report(out_dir / "report.html", title, summary=summary, results=results)
+    write_report(out_dir / "report.html", title, summary=summary, results=results, without_ttt=without_ttt)
     return metrics, results

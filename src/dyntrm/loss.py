@@ -44,6 +44,11 @@ def global_counts(micro: list[Batch], rt: Runtime) -> Counts:
     return Counts(counts[0], counts[1], counts[2])
 
 
+def detach_steps(cfg: Config) -> int:
+    """How many leading recursion steps run without gradient under ``train.grad_steps`` (0: full BPTT)."""
+    return cfg.model.max_steps - cfg.train.grad_steps if cfg.train.grad_steps else 0
+
+
 def act_targets(correct_SB: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
     """halt_t = correct_t; continue_t = γ · max_{t' > t} halt_t' (0 at the last step)."""
     halt = correct_SB.float()

@@ -1,5 +1,6 @@
 """Self-contained HTML reports: each task's test input, target, the two attempts and the vote counts as grids,
-plus training curves and metrics when a run is reported. Grids are drawn as HTML tables in the ARC palette (no
+plus training curves and metrics when a run is reported; answers that test-time training changed are marked,
+beside the attempt the model gave without it. Grids are drawn as HTML tables in the ARC palette (no
 image files needed); curve pictures are embedded as PNG data."""
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ table.grid td { width: 10px; height: 10px; padding: 0; border: 1px solid #555; }
 .panel { display: inline-block; margin: 0 12px 8px 0; vertical-align: top; font-size: 12px; }
 .ok { color: #1a7f37; font-weight: bold; } .miss { color: #b42318; }
 .task { border-top: 1px solid #ddd; padding: 8px 0; }
+.changed { background: #fff3c4; padding: 0 4px; }
 table.metrics td, table.metrics th { padding: 2px 10px; text-align: right; border-bottom: 1px solid #eee; }
 """
 
@@ -57,8 +59,22 @@ def fmt(v: Any) -> str:
     return str(v)
 
 
-def results_html(results: Sequence[Any]) -> str:
-    """One block per test input: input, target, attempts (marked right or wrong) and vote counts."""
+def ttt_changed(results: Sequence[Any], without_ttt: Sequence[Any]) -> dict[tuple[str, int], Any]:
+    """The results whose two attempts differ from the same test input's without test-time training, keyed by
+    (task, test index), each mapped to its result without TTT."""
+    before = {(r.item.task_id, r.item.index): r for r in without_ttt}
+    out = {}
+    for r in results:
+        b = before.get((r.item.task_id, r.item.index))
+        if b is not None and any(not np.array_equal(x, y) for x, y in zip(r.attempts[:2], b.attempts[:2])):
+            out[(r.item.task_id, r.item.index)] = b
+    return out
+
+
+def results_html(results: Sequence[Any], without_ttt: Sequence[Any] = ()) -> str:
+    """One block per test input: input, target, attempts (marked right or wrong) and vote counts; with
+    ``without_ttt``, the answers TTT changed are marked and shown beside the attempt given without it."""
+    changed = ttt_changed(results, without_ttt)
     parts = []
     for r in sorted(results, key=lambda r: (r.item.task_id, r.item.index)):
         it = r.item
@@ -74,6 +90,12 @@ def results_html(results: Sequence[Any]) -> str:
                 mark = " ✓" if np.array_equal(a, it.target) else " ✗"
             v = r.ranked[i].votes if i < len(r.ranked) else 0
             panels += panel(f"attempt {i + 1} ({v} votes){mark}", a)
+        before = changed.get((it.task_id, it.index))
+        if before is not None:
+            was = "" if it.target is None else (" (was solved)" if solved(before.attempts, it.target, 2)
+                                                else " (was not solved)")
+            status += f' <span class="changed">changed by TTT{was}</span>'
+            panels += panel("attempt 1 without TTT", before.attempts[0])
         steps = f"{np.mean(r.steps):.2f}" if r.steps else "-"
         parts.append(f'<div class="task"><b>{html.escape(it.task_id)}</b> test {it.index} {status} '
                      f'&middot; votes per candidate: {votes} &middot; mean ACT steps {steps}<br>{panels}</div>')
@@ -81,7 +103,7 @@ def results_html(results: Sequence[Any]) -> str:
 
 
 def write_report(path: str | os.PathLike, title: str, *, summary: dict[str, Any], results: Sequence[Any] = (),
-                 images: Sequence[str | os.PathLike] = (), notes: str = "") -> Path:
+                 images: Sequence[str | os.PathLike] = (), notes: str = "", without_ttt: Sequence[Any] = ()) -> Path:
     body = [f"<h1>{html.escape(title)}</h1>"]
     if notes:
         body.append(f"<p>{html.escape(notes)}</p>")
@@ -91,7 +113,7 @@ def write_report(path: str | os.PathLike, title: str, *, summary: dict[str, Any]
             body.append(f"<p>{image_html(img)}</p>")
     if results:
         body.append("<h2>Test inputs</h2>")
-        body.append(results_html(results))
+        body.append(results_html(results, without_ttt))
     doc = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>" \
           f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>\n"
     return write_text(path, doc)

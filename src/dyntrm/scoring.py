@@ -2,6 +2,7 @@
 
 Candidates vote: identical grids count together and are ranked by votes, then by their best mean token
 log-probability, then by their bytes (so the order is total and deterministic); the first two are the attempts.
+:func:`rerank` orders them by their log-likelihood under every view instead (``rescore.py``), or by votes first.
 ARC's official metric is pass@2: a test input is solved when one of the first two attempts equals the target
 exactly; a task scores the fraction of its test inputs solved; a set scores the mean over tasks. Beside it, two
 diagnostics of attempt 1 (``shape@1``, ``cells@1``) and the scores of the trivial answer "the test input itself"
@@ -27,6 +28,7 @@ class Ranked:
     grid: np.ndarray
     votes: int
     best_mean_logprob: float
+    likelihood: float | None = None  # total answer log-likelihood over the views (rescore.py), when computed
 
 
 def vote(candidates: Sequence[tuple[np.ndarray | None, float]]) -> list[Ranked]:
@@ -43,7 +45,25 @@ def vote(candidates: Sequence[tuple[np.ndarray | None, float]]) -> list[Ranked]:
             groups[k].best_mean_logprob = max(groups[k].best_mean_logprob, lp)
         else:
             groups[k] = Ranked(np.asarray(grid), 1, lp)
-    return sorted(groups.values(), key=lambda r: (-r.votes, -r.best_mean_logprob, grid_key(r.grid)))
+    return rerank(list(groups.values()), "votes")
+
+
+RANKINGS = ("votes", "likelihood", "both")
+
+
+def rerank(ranked: Sequence[Ranked], mode: str) -> list[Ranked]:
+    """Order candidates by ``mode``: ``votes`` (:func:`vote`'s order), ``likelihood`` (total log-likelihood over
+    the views, then votes), or ``both`` (votes, then likelihood breaks ties, before the best mean log-probability
+    of a single decode). Grid bytes end every key, so the order stays total."""
+    if mode == "votes":
+        key = lambda r: (-r.votes, -r.best_mean_logprob, grid_key(r.grid))  # noqa: E731
+    elif mode == "likelihood":
+        key = lambda r: (-r.likelihood, -r.votes, grid_key(r.grid))  # noqa: E731
+    elif mode == "both":
+        key = lambda r: (-r.votes, -r.likelihood, -r.best_mean_logprob, grid_key(r.grid))  # noqa: E731
+    else:
+        raise ValueError(f"ranking {mode!r}: expected one of {', '.join(RANKINGS)}")
+    return sorted(ranked, key=key)
 
 
 def attempts(ranked: Sequence[Ranked], k: int = 2, fallback: np.ndarray | None = None) -> list[np.ndarray]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import signal
 import sys
 import threading
@@ -33,9 +32,10 @@ from .data.batching import Batch
 from .data.dataset import Epoch, TrainingSet, split_items, training_items
 from .evaluate import evaluate_items, metrics_of, score_line
 from .io import append_jsonl, write_json
-from .loss import compute_loss, global_counts
+from .loss import compute_loss, detach_steps, global_counts
 from .model import ArcTransformer
 from .model.moe import SparsityController
+from .optim import lr_factor, param_groups
 from .runtime import Runtime, setup
 from .shaping import make_shaper
 
@@ -60,34 +60,6 @@ class TrainState:
 
 
 # ------------------------------------------------------------------------------------------------ pieces
-
-def param_groups(model: nn.Module, cfg: Config) -> list[dict[str, Any]]:
-    """Computation (decayed matrices; undecayed norms, biases, embeddings) and routing (prototypes, gates)."""
-    decay, no_decay, routing = [], [], []
-    for name, p in model.named_parameters():
-        if name.endswith(".proto") or name.endswith(".gate"):
-            routing.append(p)
-        elif p.dim() >= 2 and "embed" not in name:
-            decay.append(p)
-        else:
-            no_decay.append(p)
-    t = cfg.train
-    groups = [
-        {"name": "computation", "params": decay, "weight_decay": t.weight_decay, "lr_mult": 1.0},
-        {"name": "computation_no_decay", "params": no_decay, "weight_decay": 0.0, "lr_mult": 1.0},
-        {"name": "routing", "params": routing, "weight_decay": 0.0, "lr_mult": t.routing_lr_mult},
-    ]
-    return [g for g in groups if g["params"]]
-
-
-def lr_factor(cfg: Config, step: int, elapsed: float) -> float:
-    """Linear warm-up times cosine decay to ``min_lr_ratio``; progress by steps, or by time under a budget."""
-    t = cfg.train
-    progress = elapsed / t.time_budget_s if t.time_budget_s > 0 else step / t.steps
-    progress = min(max(progress, 0.0), 1.0)
-    cosine = t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return min(1.0, (step + 1) / max(t.warmup, 1)) * cosine
-
 
 class EMA:
     """fp32 exponential moving average of the weights, with the usual early ramp ``(1 + n) / (10 + n)``."""
@@ -137,8 +109,7 @@ class Trainer:
         self.state = TrainState(l1_coef=cfg.train.l1_init, attn_l1_coef=cfg.train.l1_init)
         self.data = data if data is not None else self._training_set()
         self.shaper = make_shaper(cfg, self.model, rt, self.optimizer)  # shaping.kind: sars, fars or none
-        # train.grad_steps: the first steps of the recursion run without gradient (0: full BPTT)
-        self.detach_steps = cfg.model.max_steps - cfg.train.grad_steps if cfg.train.grad_steps else 0
+        self.detach_steps = detach_steps(cfg)  # train.grad_steps: the first steps run without gradient
         self.sparsity = SparsityController.for_config(cfg)
         self.saved: tuple[int | None, Path | None] = (None, None)  # the step whose state is on disk, and where
         self.attn_sparsity = SparsityController.for_config(cfg, "attn") if cfg.model.attn_sparse else None

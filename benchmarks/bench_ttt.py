@@ -1,0 +1,170 @@
+"""Test-time training (issue 12): pass@2 without TTT and with TTT of all / routing / norms, on the same items.
+
+    python benchmarks/bench_ttt.py --checkpoint RUN --ladder DIR [--limit N] [--steps K] [--views V] [--quick]
+
+One checkpoint, two item sets: the held-out (evaluation) split of a sanity ladder written by ``dyntrm data synth``
+(``--ladder``), and the ARC-AGI-1 evaluation tasks whose grids all fit in 10x10, the first ``--limit`` of them
+(never trained on). Each set is evaluated without TTT, then with K steps of TTT of all parameters, of the routers
+only (prototypes and gates) and of the RMSNorm weights only. Every evaluation decodes once and ranks the same
+candidates by votes and by view-consistent likelihood (``--rank`` of ``dyntrm eval``), so the two rankings are
+compared on identical answers. Reported: pass@2 under each ranking, TTT seconds per task, the task's
+leave-one-out loss at the first and last TTT step, the mean halting step over all answers and over solved ones,
+and the share of the full-TTT gain that routing-only TTT recovers. Answers are capped to the largest side in their
+prompt where the model has no size header, as in bench_sanity.py.
+
+``--quick``: without ``--checkpoint``, trains a `debug` model for a minute on a small ladder it writes, then runs
+the same table on 12 held-out ladder tasks and 4 ARC tasks with 4 TTT steps: a smoke run of a couple of minutes.
+Writes BENCHMARKS.md section "ttt" unless ``--no-write``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import arguments, finish, table  # noqa: E402
+
+from dyntrm.checkpoint import load_model  # noqa: E402
+from dyntrm.config import apply_overrides, preset  # noqa: E402
+from dyntrm.data.arc import filter_max_side, load_source  # noqa: E402
+from dyntrm.data.dataset import eval_items  # noqa: E402
+from dyntrm.data.synth import write_ladder  # noqa: E402
+from dyntrm.evaluate import evaluate_items, metrics_of  # noqa: E402
+from dyntrm.runtime import pick_device  # noqa: E402
+from dyntrm.scoring import attempts, rerank  # noqa: E402
+from dyntrm.train import train  # noqa: E402
+from dyntrm.ttt import PARAM_SETS, TTT  # noqa: E402
+
+QUICK_FAMILIES = ("identity", "mirror", "recolour", "transpose")
+
+
+def quick_checkpoint(out: Path) -> tuple[Path, Path]:
+    """A small ladder and a `debug` model trained on its training split for about a minute."""
+    ladder = out / "ladder"
+    if not (ladder / "evaluation").exists():
+        write_ladder(ladder, QUICK_FAMILIES, 30, 3, (3, 5), seed=0)
+    run = out / "run"
+    cfg = apply_overrides(preset("debug"), [
+        f"data.source={ladder}", "data.train_splits=train", "data.demo_splits=", "data.eval_split=eval",
+        "train.time_budget_s=60", "train.steps=100000", "train.warmup=10", "train.lr=3e-3", "train.log_every=25",
+        "train.save_every=0", "train.ema_decay=0.9"])
+    train(cfg, run, live=False)
+    return run, ladder
+
+
+def ranked_as(results, mode: str):
+    """The same results with their candidates ordered by ``mode`` (their likelihoods are already computed)."""
+    out = []
+    for r in results:
+        ranked = rerank(r.ranked, mode)
+        out.append(replace(r, ranked=ranked, attempts=attempts(ranked)))
+    return out
+
+
+def run_mode(model, items, ttt: TTT | None, args, max_len: int, cap: bool) -> dict:
+    t0 = time.perf_counter()
+    results, stats = evaluate_items(model, items, n_views=args.views, seed=args.seed, ttt=ttt, rank="likelihood",
+                                    max_len=max_len, cap_to_prompt=cap)
+    row = {"seconds": time.perf_counter() - t0, "ttt_seconds_per_task": stats.get("ttt_seconds_per_task"),
+           "loss_first": stats.get("ttt_loss_first"), "loss_last": stats.get("ttt_loss_last"),
+           "too_long": stats["too_long"], "prompts_shortened": stats["prompts_shortened"],
+           "single_demo_tasks": stats.get("ttt_single_demo_tasks", 0)}
+    for mode in ("votes", "likelihood", "both"):
+        m = metrics_of(ranked_as(results, mode), stats)
+        row[f"pass@2 {mode}"] = m["pass@2"]
+        if mode == "votes":
+            tests = [t for task in m["tasks"].values() for t in task["tests"]]
+            solved = [t["mean_steps"] for t in tests if t["solved@2"]]
+            row.update({"pass@1 votes": m["pass@1"], "halt_all": m["mean_steps"],
+                        "halt_solved": float(np.mean(solved)) if solved else float("nan")})
+    return row
+
+
+def item_sets(args) -> dict[str, list]:
+    sets = {}
+    if args.ladder:
+        sets["ladder (held out)"] = eval_items(load_source(args.ladder).split("eval"))
+    if args.limit:
+        tasks = filter_max_side(load_source("arc1").split("eval"), 10)[:args.limit]
+        sets["ARC-AGI-1 eval <= 10x10"] = eval_items(tasks)
+    return sets
+
+
+def render(rows: list[dict], args, name: str, sizes: dict[str, str]) -> str:
+    head = ["items", "TTT", "pass@2 votes", "pass@2 likelihood", "pass@2 both", "TTT s / task", "LOO loss first -> last",
+            "halting step all / solved", "routing's share of the gain"]
+    body = []
+    for r in rows:
+        loss = "-" if r["loss_first"] is None else f"{r['loss_first']:.3f} -> {r['loss_last']:.3f}"
+        secs = "-" if r["ttt_seconds_per_task"] is None else f"{r['ttt_seconds_per_task']:.1f}"
+        body.append([r["set"], r["mode"], f"{r['pass@2 votes']:.3f}", f"{r['pass@2 likelihood']:.3f}",
+                     f"{r['pass@2 both']:.3f}", secs, loss, f"{r['halt_all']:.2f} / {r['halt_solved']:.2f}",
+                     r.get("recovered", "")])
+    return (f"Checkpoint `{name}`; {'; '.join(f'{s}: {n}' for s, n in sizes.items())}; {args.views} views; TTT: {args.steps} steps of "
+            f"{args.batch} leave-one-out sequences, lr {args.lr:g} (routing {args.lr_routing or args.lr:g}, "
+            f"norms {args.lr_norms or args.lr:g}), constant, fresh AdamW per task. pass@2 is ARC's metric, "
+            f"under three orders of the same candidates: votes; total log-likelihood over the views; votes, then "
+            f"likelihood. Halting: mean ACT step of every answer / of the answers solved (pass@2, votes). "
+            f"Routing's share: (routing - none) / (all - none) of pass@2 (votes).\n\n" + table(head, body))
+
+
+def main() -> None:
+    ap = arguments(__doc__, quick="train a debug model on a small ladder and run a smoke-sized table")
+    ap.add_argument("--checkpoint", default=None, help="run directory or checkpoint (required without --quick)")
+    ap.add_argument("--ladder", default=None, help="a ladder directory from `dyntrm data synth` (its evaluation/)")
+    ap.add_argument("--limit", type=int, default=40, help="ARC-AGI-1 evaluation tasks with grids <= 10x10 (0: none)")
+    ap.add_argument("--steps", type=int, default=16, help="TTT steps per task")
+    ap.add_argument("--batch", type=int, default=4, help="leave-one-out sequences per TTT step")
+    ap.add_argument("--lr", type=float, default=1e-3, help="TTT learning rate")
+    ap.add_argument("--lr-routing", type=float, default=None, help="routing-only TTT's learning rate (default --lr)")
+    ap.add_argument("--lr-norms", type=float, default=None, help="norms-only TTT's learning rate (default --lr)")
+    ap.add_argument("--views", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="runs/bench_ttt", help="where --quick writes its ladder and model")
+    args = ap.parse_args()
+    if args.quick:
+        args.steps, args.views, args.limit = min(args.steps, 4), min(args.views, 2), min(args.limit, 4)
+        if args.checkpoint is None:
+            run, ladder = quick_checkpoint(Path(args.out))
+            args.checkpoint, args.ladder = str(run), args.ladder or str(ladder)
+    if args.checkpoint is None:
+        ap.error("--checkpoint is required (or --quick to train a debug one)")
+    model, cfg, ckpt = load_model(args.checkpoint, device=pick_device())
+    cap = not cfg.model.size_header
+    sets = item_sets(args)
+    sizes = {}
+    lrs = {"all": args.lr, "routing": args.lr_routing or args.lr, "norms": args.lr_norms or args.lr}
+    rows = []
+    for set_name, items in sets.items():
+        base = None
+        for mode in ("none", *PARAM_SETS):
+            ttt = None if mode == "none" else TTT(args.steps, lrs[mode], mode, args.batch, args.seed, cfg.train)
+            row = {"set": set_name, "mode": mode, **run_mode(model, items, ttt, args, cfg.data.max_len, cap)}
+            base = row if mode == "none" else base
+            rows.append(row)
+            sizes[set_name] = (f"{len(items)} test inputs of {len({i.task_id for i in items})} tasks, "
+                               f"{row['prompts_shortened']} prompts shortened and {row['too_long']} too long for max_len "
+                               f"{cfg.data.max_len}, "
+                               f"{row['single_demo_tasks']} with a single demonstration (no TTT)")
+            print(f"[{set_name} | {mode}] pass@2 votes {row['pass@2 votes']:.3f} likelihood "
+                  f"{row['pass@2 likelihood']:.3f} both {row['pass@2 both']:.3f}; {row['seconds']:.0f} s", flush=True)
+        full = next(r for r in rows if r["set"] == set_name and r["mode"] == "all")
+        routing = next(r for r in rows if r["set"] == set_name and r["mode"] == "routing")
+        gain = full["pass@2 votes"] - base["pass@2 votes"]
+        routing["recovered"] = (f"{(routing['pass@2 votes'] - base['pass@2 votes']) / gain:.0%}" if gain > 0
+                                else "no full-TTT gain to recover")
+    text = render(rows, args, str(ckpt), sizes)
+    figures = {f"{r['set']} | {r['mode']}": {k: r[k] for k in ("pass@2 votes", "pass@2 likelihood", "pass@2 both",
+                                                                 "ttt_seconds_per_task", "halt_all", "halt_solved")}
+               for r in rows}
+    finish("ttt", text, figures, write=not args.no_write,
+           note="The machine's cores may be shared: seconds are indicative." if args.quick else "")
+
+
+if __name__ == "__main__":
+    main()

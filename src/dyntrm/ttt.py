@@ -1,0 +1,173 @@
+"""Test-time training (issue 12): each task fine-tunes a copy of the model on its own demonstrations, then answers.
+
+For one task with demonstrations ``d_0 .. d_{n-1}`` (n >= 2) and the checkpoint's weights θ::
+
+    θ' = a copy of θ; opt = a fresh AdamW over the parameters of θ' that --ttt-params selects
+    for k in 0..K-1:
+        batch: B sequences; sequence b takes d_j as its query, j = (k·B + b) mod n (every demonstration in
+               turn), the other n - 1 as its context, all under a fresh random view (dihedral x colours x order)
+        loss = the training loss (loss.compute_loss: deep-supervised LM on output grids + ACT targets, so the
+               halting rule learns the task too; train.grad_steps respected)
+        θ' ← AdamW step (the run's groups, betas and gradient clipping; constant learning rate)
+    decode the task's test inputs under every view with θ'; drop θ'
+
+θ is never written: every task starts from a fresh copy, so nothing of one task reaches another. A test output
+cannot enter: the batches are built from the demonstrations alone (:func:`loo_batch` never sees an ``EvalItem``,
+which carries the target). A task with a single demonstration has no leave-one-out pair: it is answered by θ
+itself, said on stderr and counted. Given a seed, everything is deterministic: a task's views depend on
+(seed, task id) only, not on which tasks came before it.
+
+``--ttt-params``: ``all`` (every parameter), ``routing`` (the prototypes and gates of both libraries' routers, a
+few thousand numbers: the global experts stay, their composition adapts), ``norms`` (the RMSNorm weights only;
+the halt head's bias is *not* included, so ``norms`` is a pure rescaling of the residual stream's features).
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Iterator, Literal, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import Config, ConfigError, TrainConfig
+from .data.arc import Pair, Task
+from .data.augment import Augmentation, random_augmentation
+from .data.batching import Batch, collate
+from .data.dataset import EvalItem
+from .data.tokens import encode
+from .loss import compute_loss, detach_steps, global_counts
+from .model.layers import RMSNorm
+from .optim import param_groups
+from .runtime import Runtime
+
+PARAM_SETS = ("all", "routing", "norms")
+
+
+def trainable(model: nn.Module, which: str) -> list[tuple[str, nn.Parameter]]:
+    """The named parameters that ``--ttt-params which`` trains."""
+    if which == "all":
+        return list(model.named_parameters())
+    if which == "routing":  # DynSIHA+'s and DynMoE's routers: r = h·Pᵀ/√d − g
+        return [(n, p) for n, p in model.named_parameters() if n.endswith(".proto") or n.endswith(".gate")]
+    if which == "norms":
+        return [(f"{n}.weight", m.weight) for n, m in model.named_modules() if isinstance(m, RMSNorm)]
+    raise ConfigError(f"--ttt-params {which!r}: expected one of {', '.join(PARAM_SETS)}")
+
+
+def loo_batch(task_id: str, demos: Sequence[Pair], queries: Sequence[int], rng: np.random.Generator, *,
+              header: bool) -> Batch:
+    """Leave-one-out sequences of one task's demonstrations: for each index j in ``queries``, ``demos[j]`` is the
+    query and the others its context, under a fresh random view. Given demonstrations only, by design."""
+    seqs = []
+    for j in queries:
+        context = tuple(demos[:j]) + tuple(demos[j + 1:])
+        view = random_augmentation(rng, len(context)).task(Task(task_id, context, (demos[j],)))
+        seqs.append(encode([*view.train, view.test[0]], header=header))
+    return collate(seqs, [task_id] * len(seqs))
+
+
+def task_loss(model: nn.Module, batch: Batch, cfg: Config) -> torch.Tensor:
+    """The training loss of one batch as the only batch of a one-process step (no L1 term: see :class:`TTT`)."""
+    device = next(model.parameters()).device
+    batch = batch.to(device)
+    rt = Runtime(device)
+    with rt.autocast(cfg.train.bf16):
+        out = model(batch.tokens, batch.attention_mask, batch.prompt_end, detach_steps=detach_steps(cfg))
+        loss, _ = compute_loss(out, batch, cfg, 0.0, global_counts([batch], rt))
+    return loss
+
+
+@dataclass(frozen=True)
+class TTT:
+    """Test-time training settings. ``recipe`` is the checkpoint's training config: its loss settings (deep
+    supervision, ACT weight and gamma, grad_steps), AdamW betas, weight decay, routing lr multiplier and gradient
+    clipping are reused. DynMoE's L1 coefficient is 0 here: it is a controller's state that moves over hundreds of
+    steps toward a sparsity target; K steps on one task should keep the activity the checkpoint has."""
+
+    steps: int
+    lr: float = 1e-3
+    params: Literal["all", "routing", "norms"] = "all"
+    batch: int = 4  # leave-one-out sequences per step
+    seed: int = 0
+    recipe: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        if self.steps < 0:
+            raise ConfigError(f"--ttt-steps {self.steps}: must be >= 0 (0: no test-time training)")
+        if self.batch < 1:
+            raise ConfigError(f"--ttt-batch {self.batch}: must be >= 1")
+        if not self.lr > 0:
+            raise ConfigError(f"--ttt-lr {self.lr}: must be > 0")
+        if self.params not in PARAM_SETS:
+            raise ConfigError(f"--ttt-params {self.params!r}: expected one of {', '.join(PARAM_SETS)}")
+
+    def adapt(self, model: nn.Module, task_id: str, demos: Sequence[Pair]) -> tuple[nn.Module, dict]:
+        """A copy of ``model`` fine-tuned on ``demos`` (n >= 2), in eval mode, and a record of the run."""
+        t0 = time.perf_counter()
+        cfg = Config(model=model.cfg, train=self.recipe)
+        tuned = copy.deepcopy(model).train()
+        chosen = {id(p) for _, p in trainable(tuned, self.params)}
+        for p in tuned.parameters():  # no weight gradients where nothing is trained
+            p.requires_grad_(id(p) in chosen)
+        groups = [dict(g, params=[p for p in g["params"] if id(p) in chosen]) for g in param_groups(tuned, cfg)]
+        groups = [dict(g, lr=self.lr * g["lr_mult"]) for g in groups if g["params"]]
+        opt = torch.optim.AdamW(groups, lr=self.lr, betas=(self.recipe.beta1, self.recipe.beta2))
+        params = [p for g in groups for p in g["params"]]
+        rng = np.random.default_rng([self.seed, zlib.crc32(task_id.encode())])
+        n, losses, skipped = len(demos), [], 0
+        for k in range(self.steps):
+            queries = [(k * self.batch + b) % n for b in range(self.batch)]
+            loss = task_loss(tuned, loo_batch(task_id, demos, queries, rng, header=model.cfg.size_header), cfg)
+            loss.backward()
+            gnorm = nn.utils.clip_grad_norm_(params, self.recipe.grad_clip or float("inf"))  # 0: no clipping
+            if torch.isfinite(loss) and torch.isfinite(gnorm):
+                opt.step()
+            else:  # as in training: a non-finite step is skipped, not applied
+                skipped += 1
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+        tuned.requires_grad_(False)
+        record = {"task": task_id, "seconds": time.perf_counter() - t0, "loss_first": losses[0] if losses else None,
+                  "loss_last": losses[-1] if losses else None, "skipped_steps": skipped,
+                  "trained_numbers": sum(p.numel() for p in params)}
+        return tuned.eval(), record
+
+    def per_task(self, model: nn.Module, items: Sequence[EvalItem], owners: Sequence[tuple[int, Augmentation]]
+                 ) -> Iterator[tuple[nn.Module, list[int], dict]]:
+        """For each task among ``owners`` (the (item index, view) of every prompt to decode): the model that
+        answers it (adapted, or ``model`` itself for a single demonstration), the indices of its prompts, and a
+        record. The adapted copy is dropped once the caller asks for the next task."""
+        prompts_of: dict[str, list[int]] = {}
+        for k, (i, _) in enumerate(owners):
+            prompts_of.setdefault(items[i].task_id, []).append(k)
+        for task_id, sel in prompts_of.items():
+            demos = items[owners[sel[0]][0]].demos
+            if len(demos) < 2:
+                print(f"{task_id}: a single demonstration leaves no leave-one-out pair: answered without "
+                      f"test-time training", file=sys.stderr, flush=True)
+                yield model, sel, {"task": task_id, "single_demo": True}
+                continue
+            tuned, record = self.adapt(model, task_id, demos)
+            yield tuned, sel, record
+            del tuned
+
+    def summary(self, records: Sequence[dict]) -> dict:
+        """The TTT fields of an evaluation's stats: settings, seconds per adapted task, losses, skipped tasks."""
+        done = [r for r in records if "seconds" in r]
+
+        def mean(key: str) -> float | None:
+            values = [r[key] for r in done if r[key] is not None]
+            return float(np.mean(values)) if values else None
+
+        return {"ttt_steps": self.steps, "ttt_lr": self.lr, "ttt_params": self.params, "ttt_batch": self.batch,
+                "ttt_tasks": len(done), "ttt_single_demo_tasks": sum(1 for r in records if r.get("single_demo")),
+                "ttt_seconds": float(sum(r["seconds"] for r in done)), "ttt_seconds_per_task": mean("seconds"),
+                "ttt_trained_numbers": done[0]["trained_numbers"] if done else 0,
+                "ttt_loss_first": mean("loss_first"), "ttt_loss_last": mean("loss_last"),
+                "ttt_skipped_steps": sum(r["skipped_steps"] for r in done)}

@@ -1,0 +1,277 @@
+"""Test-time training and view-consistent scoring (issue 12): isolation, what trains, no test output in a batch,
+the loss it lowers, likelihood ranking by hand, the command line."""
+
+import json
+from dataclasses import replace
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import dyntrm.evaluate as E
+import dyntrm.ttt as T
+from dyntrm.cli import main
+from dyntrm.data.arc import MAX_SIDE, Pair, Task
+from dyntrm.data.augment import Augmentation, dihedral, views
+from dyntrm.data.dataset import EvalItem, eval_items, split_items
+from dyntrm.data.tokens import END, IN, OUT, SIZE0, VOCAB_SIZE, decode_answer, tokens_to_grid
+from dyntrm.evaluate import evaluate_items
+from dyntrm.model import ArcTransformer
+from dyntrm.model.generate import Generation
+from dyntrm.rescore import view_likelihoods
+from dyntrm.ttt import TTT, loo_batch, task_loss, trainable
+from helpers import TASKS, debug_cfg, params
+from conftest import grids
+
+G = lambda *rows: np.array(rows, dtype=np.uint8)  # noqa: E731
+
+
+def _model(seed: int = 0) -> ArcTransformer:
+    torch.manual_seed(seed)
+    model = ArcTransformer(debug_cfg().model).eval()
+    with torch.no_grad():  # the halt head starts at 0, which sends its norm no gradient; a trained one does not
+        model.block.halt.weight.normal_(std=0.1)
+    return model
+
+
+def _ttt(**kw) -> TTT:
+    return TTT(**{"steps": 2, "lr": 3e-3, "recipe": debug_cfg().train, **kw})
+
+
+def _owners(items):
+    """One identity view per item: the (item index, view) list that ``TTT.per_task`` groups by task."""
+    return [(i, Augmentation()) for i in range(len(items))]
+
+
+def _adapted(model, ttt, items) -> dict[str, dict[str, torch.Tensor]]:
+    """Each task's adapted weights, in the order ``per_task`` yields them."""
+    return {rec["task"]: params(m) for m, _, rec in ttt.per_task(model, items, _owners(items))}
+
+
+# ------------------------------------------------------------------------------------------------ isolation
+
+def test_ttt_leaves_the_model_untouched_and_tasks_independent():
+    model, items = _model(), split_items(debug_cfg())
+    before = params(model)
+    ttt = _ttt()
+    results, stats = evaluate_items(model, items, n_views=2, ttt=ttt)
+    assert all(torch.equal(before[k], v) for k, v in params(model).items())  # bit-identical after a full eval
+    assert stats["ttt_tasks"] == 6 and stats["ttt_seconds_per_task"] > 0 and len(results) == len(items)
+
+    everything = _adapted(model, ttt, items)
+    last = items[-1].task_id  # adapted after five other tasks, then alone: the same weights to the bit
+    alone = _adapted(model, ttt, [it for it in items if it.task_id == last])[last]
+    assert all(torch.equal(alone[k], v) for k, v in everything[last].items())
+    # adaptation really moved the weights, and another seed moves them elsewhere (deterministic, not constant)
+    assert any(not torch.equal(before[k], v) for k, v in alone.items())
+    other = _adapted(model, replace(ttt, seed=1), [it for it in items if it.task_id == last])[last]
+    assert any(not torch.equal(other[k], v) for k, v in alone.items())
+    # the answers of a task do not depend on the tasks evaluated before it
+    solo, _ = evaluate_items(model, [items[-1]], n_views=2, seed=len(items) - 1, ttt=ttt)
+    assert [a.tolist() for a in solo[0].attempts] == [a.tolist() for a in results[-1].attempts]
+
+
+def _canonical(g: np.ndarray) -> bytes:
+    """A grid up to a permutation of colours 1-9 (0 fixed): colours renamed in order of first appearance."""
+    names = {0: 0}
+    for c in g.reshape(-1).tolist():
+        names.setdefault(c, len(names))
+    return bytes(g.shape) + bytes(names[c] for c in g.reshape(-1).tolist())
+
+
+def _grids_of(tokens: np.ndarray) -> list[np.ndarray]:
+    """Every grid of a (padded) sequence: the spans after IN up to OUT and after OUT up to END (less their size
+    header, where the model writes one)."""
+    out, start = [], None
+    body = lambda span: tokens_to_grid(span[(span < SIZE0) | (span >= SIZE0 + MAX_SIDE)])  # noqa: E731
+    for i, t in enumerate(tokens.tolist()):
+        if t in (IN, OUT):
+            if start is not None and t == OUT:
+                out.append(body(tokens[start:i]))
+            start = i + 1
+        elif t == END and start is not None:
+            out.append(body(tokens[start:i]))
+            start = None
+    return out
+
+
+def _leaks(batches: list[np.ndarray], targets: list[np.ndarray]) -> bool:
+    """Whether any target, under any dihedral transform and colour permutation, is a grid of any sequence."""
+    banned = {_canonical(dihedral(t, d)) for t in targets for d in range(8)}
+    return any(_canonical(g) in banned for b in batches for row in b for g in _grids_of(row))
+
+
+def test_no_test_output_enters_a_ttt_batch(monkeypatch):
+    rng = np.random.default_rng(0)
+    grid = lambda h, w: rng.integers(0, 10, (h, w)).astype(np.uint8)  # noqa: E731
+    tasks = [Task(f"t{i}", tuple(Pair(grid(3, 3), grid(3, 3)) for _ in range(3)),
+                  tuple(Pair(grid(3, 3), grid(3, 3)) for _ in range(2))) for i in range(3)]
+    items = eval_items(tasks)
+    seen = []
+    collate = T.collate
+
+    def recording(seqs, ids=()):
+        batch = collate(seqs, ids)
+        seen.append(batch.tokens.numpy())
+        return batch
+
+    monkeypatch.setattr(T, "collate", recording)
+    evaluate_items(_model(), items, n_views=2, ttt=_ttt(steps=3, batch=5))
+    assert len(seen) == 3 * 3 and all(b.shape[0] == 5 for b in seen)  # every TTT batch was recorded
+    targets = [it.target for it in items]
+    assert not _leaks(seen, targets)
+    # the check can fail: a sequence that did hold a test pair is caught, whatever view it was under
+    t = tasks[0]
+    leaky = loo_batch(t.id, (*t.train, t.test[1]), [3], rng, header=True).tokens.numpy()
+    assert _leaks([leaky], targets)
+
+
+# ------------------------------------------------------------------------------------------------ what trains
+
+@pytest.mark.parametrize("which", ["routing", "norms", "all"])
+def test_ttt_params_selects_exactly_the_intended_parameters(which):
+    model, items = _model(), split_items(debug_cfg())[:1]
+    names = {n for n, _ in trainable(model, which)}
+    want = {"routing": {n for n, _ in model.named_parameters() if n.split(".")[-1] in ("proto", "gate")},
+            "norms": {"block.norm1.weight", "block.norm2.weight", "block.halt_norm.weight", "norm.weight"},
+            "all": {n for n, _ in model.named_parameters()}}[which]
+    assert names == want and names
+    before = params(model)
+    after = next(iter(_adapted(model, _ttt(params=which), items).values()))
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == want  # every selected tensor moved; every other one is bit-identical
+
+
+def test_ttt_lowers_the_tasks_leave_one_out_loss():
+    """On sequences the adaptation never saw (other views), the task's loss goes down: a property, not a given."""
+    cfg, model = debug_cfg(), _model()
+    item = next(it for it in split_items(cfg) if it.task_id == "flip_lr")
+    held_out = loo_batch(item.task_id, item.demos, [0, 1, 2, 0, 1, 2], np.random.default_rng(123), header=False)
+    tuned, record = _ttt(steps=8, recipe=cfg.train).adapt(model, item.task_id, item.demos)
+    with torch.no_grad():
+        before, after = float(task_loss(model, held_out, cfg)), float(task_loss(tuned, held_out, cfg))
+    assert after < 0.9 * before, (before, after)
+    assert record["loss_last"] < record["loss_first"]
+
+
+def test_a_single_demonstration_task_is_answered_without_ttt(capsys):
+    model, items = _model(), split_items(debug_cfg())[:2]
+    lone = replace(items[0], task_id="lone", demos=items[0].demos[:1])
+    results, stats = evaluate_items(model, [lone, items[1]], n_views=1, ttt=_ttt())
+    assert "lone: a single demonstration" in capsys.readouterr().err
+    assert stats["ttt_single_demo_tasks"] == 1 and stats["ttt_tasks"] == 1
+    plain, _ = evaluate_items(model, [lone], n_views=1)  # answered by the checkpoint itself, not dropped
+    assert results[0].ranked and [a.tolist() for a in results[0].attempts] == [a.tolist() for a in plain[0].attempts]
+
+
+# ------------------------------------------------------------------------------------------------ ranking
+
+class PrefersZero(nn.Module):
+    """A stand-in model: at every position the logit of colour 0 is 10, every other token's 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.cfg = SimpleNamespace(size_header=False, max_positions=4096)
+        self.weight = nn.Parameter(torch.zeros(()))
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, tokens, attention_mask=None, prompt_end=None, *, halt=False):
+        assert halt  # scored at the halting step, as decoding runs
+        self.seen.append(tokens)
+        logits = torch.zeros(*tokens.shape, VOCAB_SIZE)
+        logits[..., 0] = 10.0
+        return SimpleNamespace(final_logits=logits)
+
+
+def test_likelihood_ranking_by_hand(monkeypatch):
+    """Two views decode B (colour 5 everywhere), one decodes A (all background): votes pick B; the likelihood
+    under every view picks A, whose value is worked out by hand."""
+    a, b = G([0, 0], [0, 0]), G([5, 5], [5, 5])
+    item = EvalItem("t", 0, (Pair(G([1]), G([1])), Pair(G([2]), G([2]))), G([3, 3], [3, 3]), a)
+    vs = views(3, seed=0)
+    decoded = []  # (grid in the task's own frame, log-prob) per view, in the view order
+
+    def stand_in(model, prompts, **kw):
+        return [Generation([], v.grid(g), lp, 1) for v, (g, lp) in zip(vs, decoded)]
+
+    monkeypatch.setattr(E, "generate_batched", stand_in)
+    results = {}
+    for rank in ("votes", "likelihood", "both"):
+        decoded = [(b, -1.0), (b, -1.0), (a, -1.0)]
+        results[rank], _ = evaluate_items(PrefersZero(), [item], n_views=3, rank=rank)
+    assert [r.grid.tolist() for r in results["votes"][0].ranked] == [b.tolist(), a.tolist()]
+    assert [r.grid.tolist() for r in results["both"][0].ranked] == [b.tolist(), a.tolist()]  # votes decide first
+    ranked = results["likelihood"][0].ranked
+    assert [r.grid.tolist() for r in ranked] == [a.tolist(), b.tolist()]
+    # A under any view is "0 0 ROW 0 0 END": four zeros and two other tokens, log Z = log(e^10 + 47)
+    log_z = np.log(np.exp(10.0) + VOCAB_SIZE - 1)
+    assert ranked[0].likelihood == pytest.approx(3 * (4 * (10 - log_z) + 2 * -log_z), rel=1e-5)
+    assert ranked[1].likelihood == pytest.approx(3 * 6 * -log_z, rel=1e-5)  # B: no zero at all
+    # with equal votes, "both" lets the likelihood decide before the decoder's own (higher for B) log-prob
+    decoded = [(b, -0.5), (a, -1.0)]
+    tied = {rank: evaluate_items(PrefersZero(), [item], n_views=2, rank=rank)[0][0].ranked for rank in
+            ("votes", "both")}
+    assert [r.votes for r in tied["both"]] == [1, 1]
+    assert tied["votes"][0].grid.tolist() == b.tolist() and tied["both"][0].grid.tolist() == a.tolist()
+
+
+@given(grids(1, 6), st.integers(0, 2 ** 16))
+def test_a_candidate_is_scored_as_each_view_would_write_it(g, seed):
+    """The scored sequence under view v is v's prompt followed by v(candidate): decoding it and mapping it back
+    with v's inverse gives the candidate again."""
+    model = PrefersZero()
+    item = EvalItem("t", 0, (Pair(G([1, 2]), G([2, 1])),), G([3]), None)
+    vs = views(4, seed=seed)
+    view_likelihoods(model, item, [g], vs)
+    rows = [row for batch in model.seen for row in batch.numpy()]
+    assert len(rows) == len(vs)
+    for v in vs:
+        prompt = item.prompt(v).tokens
+        row = next(r for r in rows if np.array_equal(r[:len(prompt)], prompt))
+        answer = decode_answer(row[len(prompt):])
+        assert np.array_equal(answer, v.grid(g)) and np.array_equal(v.invert_grid(answer), g)
+
+
+def test_the_report_marks_the_answers_ttt_changed():
+    from dyntrm.evaluate import ItemResult
+    from dyntrm.report import results_html
+    from dyntrm.scoring import vote
+
+    item = lambda i: EvalItem("t", i, (), G([1]), G([2]))  # noqa: E731
+    result = lambda i, g: ItemResult(item(i), vote([(g, 0.0)]), [], [1], [g, g])  # noqa: E731
+    before = [result(0, G([1])), result(1, G([1])), result(2, G([2]))]
+    after = [result(0, G([2])), result(1, G([1])), result(2, G([3]))]  # 0 gained, 1 unchanged, 2 lost
+    page = results_html(after, before)
+    assert page.count("changed by TTT") == 2
+    assert "changed by TTT (was not solved)" in page and "changed by TTT (was solved)" in page
+    assert "changed by TTT" not in results_html(after)  # nothing to compare with: no marks
+
+
+# ------------------------------------------------------------------------------------------------ command line
+
+def test_negative_ttt_steps_are_refused_before_loading_anything(tmp_path, capsys):
+    for cmd in (["eval", str(tmp_path)], ["predict", str(tmp_path), str(TASKS / "flip_lr.json")]):
+        assert main([*cmd, "--ttt-steps", "-3"]) == 2
+        err = capsys.readouterr().err
+        assert "--ttt-steps -3: must be >= 0" in err and len(err.strip().splitlines()) == 1
+
+
+def test_eval_and_predict_with_ttt_write_its_fields(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "debug", "--source", str(TASKS), "--set", "data.train_splits=",
+                 "--set", "data.demo_splits=all", "--set", "data.eval_split=all", "--set", "train.steps=2",
+                 "--out", str(run)]) == 0
+    assert main(["eval", str(run), "--views", "1", "--ttt-steps", "2", "--ttt-params", "routing", "--rank", "both",
+                 "--out", str(tmp_path / "ev")]) == 0
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert m["ttt_steps"] == 2 and m["ttt_params"] == "routing" and m["ttt_tasks"] == 6 and m["rank"] == "both"
+    assert m["ttt_seconds_per_task"] > 0 and m["ttt_single_demo_tasks"] == 0 and m["ttt_trained_numbers"] > 0
+    assert "TTT 2 steps of routing" in capsys.readouterr().out
+    answers = tmp_path / "answers.json"
+    assert main(["predict", str(run), str(TASKS / "flip_lr.json"), "--views", "1", "--ttt-steps", "1",
+                 "--out", str(answers)]) == 0
+    assert list(json.loads(answers.read_text())) == ["flip_lr"] and "TTT 1 steps" in capsys.readouterr().out

@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +44,8 @@ from dyntrm.evaluate import evaluate_items, metrics_of  # noqa: E402
 from dyntrm.scoring import copy_input_reference  # noqa: E402
 from dyntrm.train import train  # noqa: E402
 
-CORE = ("identity", "mirror", "recolour", "transpose")  # the goal: mean pass@1 >= 0.6 over these
+CORE = ("identity", "mirror", "recolour", "transpose")
+DENSE = ["model.variant=dense", "shaping.kind=none"]  # the goal: mean pass@1 >= 0.6 over these
 
 
 def ladder_dir(args) -> Path:
@@ -69,7 +73,7 @@ def per_family(metrics: dict) -> dict[str, dict[str, float]]:
             for f, ts in fams.items()}
 
 
-def run_variant(name: str, overrides: list[str], args, source: Path, items, *, minutes, steps, diag_items):
+def run_variant(name: str, overrides: list[str], *, args, source: Path, items, minutes, steps, diag_items):
     cfg = config(args, source, overrides, minutes=minutes, steps=steps)
     if args.diagnose_every:
         cfg.train.eval_every = args.diagnose_every
@@ -117,7 +121,10 @@ def render(rows: list[dict], ref: dict, families: list[str], args) -> str:
                        f"{r['halt_all']:.2f} / {r['halt_solved']:.2f} of {r['max_steps']}"])
     body.append(["copy the test input (reference)", "-", "-", "-"] + ["-"] * len(families)
                 + ["-", f"{ref['pass@1']:.3f}", f"{ref['shape@1']:.3f}", f"{ref['cells@1']:.3f}", "-"])
-    text = (f"Budget {args.budget_minutes:g} min of training per variant on 2 CPU cores; ladder: {len(families)} "
+    shared = (f", {args.jobs} variants at a time ({max(1, (os.cpu_count() or 1) // args.jobs)} thread(s) each)"
+              if args.jobs > 1 else "")
+    text = (f"Budget {args.budget_minutes:g} min of training per variant on {os.cpu_count()} CPU cores{shared}; "
+            f"ladder: {len(families)} "
             f"families x {args.tasks} training tasks, {args.eval_tasks} held-out tasks per family, sides "
             f"{args.sides}, seed {args.seed}. pass@1 per family on the held-out test inputs (greedy, 1 view).\n\n"
             + table(head, body))
@@ -145,6 +152,9 @@ def main() -> None:
     p.add_argument("--variant", nargs="+", default=["default", "dense", "dense=tokens"],
                    help="default, dense, dense=tokens, or NAME=KEY=V,KEY=V")
     p.add_argument("--set", action="append", default=[], help="override applied to every variant")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="run the time-budgeted variants this many at a time, the cores shared equally (--jobs 2 on "
+                        "2 cores: one thread each)")
     p.add_argument("--diagnose-every", type=int, default=0)
     p.add_argument("--diagnose-items", type=int, default=60)
     p.add_argument("--out", default="runs/sanity")
@@ -159,24 +169,30 @@ def main() -> None:
     rng = np.random.default_rng(0)
     diag_items = [items[i] for i in sorted(rng.choice(len(items), min(args.diagnose_items, len(items)),
                                                       replace=False))]
-    rows = []
-    for spec in args.variant:
+    timed, rows = [], {}
+    for spec in args.variant:  # every variant under the time budget first; dense=tokens needs default's steps
         name, _, rest = spec.partition("=")
         if spec == "default":
-            rows.append(run_variant("default", [], args, source, items, minutes=args.budget_minutes, steps=None,
-                                    diag_items=diag_items))
+            timed.append((spec, "default", []))
         elif spec == "dense":
-            rows.append(run_variant("dense", ["model.variant=dense", "shaping.kind=none"], args, source, items,
-                                    minutes=args.budget_minutes, steps=None, diag_items=diag_items))
-        elif spec == "dense=tokens":
-            ref = next((r for r in rows if r["variant"] == "default"), None)
-            if ref is None:
-                raise SystemExit("dense=tokens needs the default variant first")
-            rows.append(run_variant("dense, equal tokens", ["model.variant=dense", "shaping.kind=none"], args,
-                                    source, items, minutes=None, steps=ref["steps"], diag_items=diag_items))
-        else:
-            rows.append(run_variant(name, [kv for kv in rest.split(",") if kv], args, source, items,
-                                    minutes=args.budget_minutes, steps=None, diag_items=diag_items))
+            timed.append((spec, "dense", DENSE))
+        elif spec != "dense=tokens":
+            timed.append((spec, name, [kv for kv in rest.split(",") if kv]))
+    if "dense=tokens" in args.variant and "default" not in args.variant:
+        raise SystemExit("dense=tokens needs the default variant")
+    kw = dict(args=args, source=source, items=items, minutes=args.budget_minutes, steps=None, diag_items=diag_items)
+    if args.jobs > 1:  # equal time on equal cores: each variant its share of the cores, all at once
+        threads = max(1, (os.cpu_count() or 1) // args.jobs)
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {spec: pool.submit(run_variant, name, [*ov, f"train.threads={threads}"], **kw)
+                       for spec, name, ov in timed}
+            rows = {spec: f.result() for spec, f in futures.items()}
+    else:
+        rows = {spec: run_variant(name, ov, **kw) for spec, name, ov in timed}
+    if "dense=tokens" in args.variant:
+        rows["dense=tokens"] = run_variant("dense, equal tokens", DENSE, **dict(kw, minutes=None,
+                                                                               steps=rows["default"]["steps"]))
+    rows = [rows[spec] for spec in args.variant]
     ref = copy_input_reference(items)
     text = render(rows, ref, args.families, args)
     print(text)

@@ -33,7 +33,7 @@ from dyntrm.checkpoint import load_model  # noqa: E402
 from dyntrm.config import apply_overrides, preset  # noqa: E402
 from dyntrm.data.arc import filter_max_side, load_source  # noqa: E402
 from dyntrm.data.dataset import eval_items  # noqa: E402
-from dyntrm.data.synth import write_ladder  # noqa: E402
+from dyntrm.data.synth import family_of, write_ladder  # noqa: E402
 from dyntrm.evaluate import evaluate_items, metrics_of  # noqa: E402
 from dyntrm.runtime import pick_device  # noqa: E402
 from dyntrm.scoring import attempts, rerank  # noqa: E402
@@ -88,7 +88,13 @@ def run_mode(model, items, ttt: TTT | None, args, max_len: int, cap: bool) -> di
 def item_sets(args) -> dict[str, list]:
     sets = {}
     if args.ladder:
-        sets["ladder (held out)"] = eval_items(load_source(args.ladder).split("eval"))
+        tasks = load_source(args.ladder).split("eval")
+        if args.ladder_per_family:  # the first N held-out tasks of every family
+            by_family: dict[str, list] = {}
+            for t in tasks:
+                by_family.setdefault(family_of(t.id), []).append(t)
+            tasks = [t for ts in by_family.values() for t in ts[:args.ladder_per_family]]
+        sets["ladder (held out)"] = eval_items(tasks)
     if args.limit:
         tasks = filter_max_side(load_source("arc1").split("eval"), 10)[:args.limit]
         sets["ARC-AGI-1 eval <= 10x10"] = eval_items(tasks)
@@ -117,6 +123,8 @@ def main() -> None:
     ap = arguments(__doc__, quick="train a debug model on a small ladder and run a smoke-sized table")
     ap.add_argument("--checkpoint", default=None, help="run directory or checkpoint (required without --quick)")
     ap.add_argument("--ladder", default=None, help="a ladder directory from `dyntrm data synth` (its evaluation/)")
+    ap.add_argument("--ladder-per-family", type=int, default=0,
+                    help="only the first N held-out ladder tasks of each family (0: all)")
     ap.add_argument("--limit", type=int, default=40, help="ARC-AGI-1 evaluation tasks with grids <= 10x10 (0: none)")
     ap.add_argument("--steps", type=int, default=16, help="TTT steps per task")
     ap.add_argument("--batch", type=int, default=4, help="leave-one-out sequences per TTT step")
@@ -126,6 +134,7 @@ def main() -> None:
     ap.add_argument("--views", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/bench_ttt", help="where --quick writes its ladder and model")
+    ap.add_argument("--section", default="ttt", help="BENCHMARKS.md section (one per checkpoint compared)")
     args = ap.parse_args()
     if args.quick:
         args.steps, args.views, args.limit = min(args.steps, 4), min(args.views, 2), min(args.limit, 4)
@@ -162,7 +171,7 @@ def main() -> None:
     figures = {f"{r['set']} | {r['mode']}": {k: r[k] for k in ("pass@2 votes", "pass@2 likelihood", "pass@2 both",
                                                                  "ttt_seconds_per_task", "halt_all", "halt_solved")}
                for r in rows}
-    finish("ttt", text, figures, write=not args.no_write,
+    finish(args.section, text, figures, write=not args.no_write,
            note="The machine's cores may be shared: seconds are indicative." if args.quick else "")
 
 

@@ -156,6 +156,11 @@ def bench_cache(cfg, answer: int, sampled: int | None) -> dict:
             "sampled": sampled}
 
 
+def exits(N: int) -> list[int]:
+    """The early-exit step counts timed against N: 1, N/4 and N/2, each once and at least 1 (N = 2: just 1)."""
+    return sorted({max(1, n) for n in (1, N // 4, N // 2) if n < N})
+
+
 def bench_early_exit(cfg, tokens: int, n_rounds: int) -> dict:
     torch.manual_seed(3)
     model = ArcTransformer(cfg.model).eval()
@@ -163,7 +168,7 @@ def bench_early_exit(cfg, tokens: int, n_rounds: int) -> dict:
     B, T = max(tokens // 512, 1), 512
     x = torch.randint(0, 17, (B, T))
     cands = {}
-    for n in (1, N // 4, N // 2, N):
+    for n in (*exits(N), N):
         s = torch.full((B,), n)
         cands[f"n={n}"] = lambda s=s: model(x, halt=True, steps=s)
     with torch.no_grad():
@@ -258,7 +263,7 @@ def main() -> None:
         "train_step_checkpointed_peak_rss_mib": rss["checkpointed"],
         "quick": q,
     }
-    for n in (1, N // 4, N // 2):
+    for n in exits(N):
         fig[f"early_exit_{n}_of_{N}_time_frac"] = te[f"n={n}"] / te[f"n={N}"]
     rows = [
         ["fp32 matmul rate (reference)", f"{rate / 1e9:.0f} GFLOP/s", "", ""],
@@ -278,7 +283,7 @@ def main() -> None:
          f"{cache['recompute_s']:.1f} s", f"{fig['kv_cache_speedup']:.0f}x faster", "goal >= 10x"
          + (f" (recompute integrated from {cache['sampled']} lengths)" if cache["sampled"] else "")],
     ]
-    for n in (1, N // 4, N // 2):
+    for n in exits(N):
         frac = fig[f"early_exit_{n}_of_{N}_time_frac"]
         rows.append([f"early exit after {n} of {N} steps", f"{te[f'n={n}'] * 1e3:.0f} / {te[f'n={N}'] * 1e3:.0f} ms",
                      f"{frac:.3f} of full (n/N = {n / N:.3f})", f"goal <= {1.1 * n / N:.3f}"])

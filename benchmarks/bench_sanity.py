@@ -89,7 +89,7 @@ def run_variant(name: str, overrides: list[str], *, args, source: Path, items, m
     tr, last = train(cfg, run_dir, live=False, on_eval=diagnose)
     train_s = time.perf_counter() - t0
     model = tr.ema_model()
-    if args.diagnose_every:
+    if args.diagnose_every and (not curve or curve[-1]["step"] != tr.state.step):  # the last step, once
         diagnose(tr, None)
     results, stats = evaluate_items(model, items, n_views=1, max_len=cfg.data.max_len,
                                     cap_to_prompt=not cfg.model.size_header)
@@ -123,7 +123,9 @@ def render(rows: list[dict], ref: dict, families: list[str], args) -> str:
                 + ["-", f"{ref['pass@1']:.3f}", f"{ref['shape@1']:.3f}", f"{ref['cells@1']:.3f}", "-"])
     shared = (f", {args.jobs} variants at a time ({max(1, (os.cpu_count() or 1) // args.jobs)} thread(s) each)"
               if args.jobs > 1 else "")
-    text = (f"Budget {args.budget_minutes:g} min of training per variant on {os.cpu_count()} CPU cores{shared}; "
+    budget = (f"Budget {args.budget_minutes:g} min of training per variant" if args.budget_minutes
+              else "Equal optimizer steps (no time budget)")
+    text = (f"{budget} on {os.cpu_count()} CPU cores{shared}; "
             f"ladder: {len(families)} "
             f"families x {args.tasks} training tasks, {args.eval_tasks} held-out tasks per family, sides "
             f"{args.sides}, seed {args.seed}. pass@1 per family on the held-out test inputs (greedy, 1 view).\n\n"

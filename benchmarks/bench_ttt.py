@@ -32,7 +32,8 @@ from common import arguments, finish, table  # noqa: E402
 from dyntrm.checkpoint import load_model  # noqa: E402
 from dyntrm.config import apply_overrides, preset  # noqa: E402
 from dyntrm.data.arc import filter_max_side, load_source  # noqa: E402
-from dyntrm.data.dataset import eval_items  # noqa: E402
+from dyntrm.cli import demo_config  # noqa: E402
+from dyntrm.data.dataset import eval_items, split_items  # noqa: E402
 from dyntrm.data.synth import family_of, write_ladder  # noqa: E402
 from dyntrm.evaluate import evaluate_items, metrics_of  # noqa: E402
 from dyntrm.runtime import pick_device  # noqa: E402
@@ -98,6 +99,9 @@ def item_sets(args) -> dict[str, list]:
     if args.limit:
         tasks = filter_max_side(load_source("arc1").split("eval"), 10)[:args.limit]
         sets["ARC-AGI-1 eval <= 10x10"] = eval_items(tasks)
+    if args.demo_set:  # what `make demo` scores: the held-out test inputs of the tasks it trains on
+        cfg = demo_config(0)
+        sets["demo (ARC-AGI-1 train <= 8x8, test inputs)"] = split_items(cfg, max_side=cfg.data.max_side)
     return sets
 
 
@@ -126,6 +130,8 @@ def main() -> None:
     ap.add_argument("--ladder-per-family", type=int, default=0,
                     help="only the first N held-out ladder tasks of each family (0: all)")
     ap.add_argument("--limit", type=int, default=40, help="ARC-AGI-1 evaluation tasks with grids <= 10x10 (0: none)")
+    ap.add_argument("--demo-set", action="store_true",
+                    help="also the items `make demo` scores (for a checkpoint the demo trained)")
     ap.add_argument("--steps", type=int, default=16, help="TTT steps per task")
     ap.add_argument("--batch", type=int, default=4, help="leave-one-out sequences per TTT step")
     ap.add_argument("--lr", type=float, default=1e-3, help="TTT learning rate")

@@ -132,6 +132,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=40, help="ARC-AGI-1 evaluation tasks with grids <= 10x10 (0: none)")
     ap.add_argument("--demo-set", action="store_true",
                     help="also the items `make demo` scores (for a checkpoint the demo trained)")
+    ap.add_argument("--params", nargs="+", choices=PARAM_SETS, default=list(PARAM_SETS),
+                    help="which TTT parameter sets to compare with no TTT")
     ap.add_argument("--steps", type=int, default=16, help="TTT steps per task")
     ap.add_argument("--batch", type=int, default=4, help="leave-one-out sequences per TTT step")
     ap.add_argument("--lr", type=float, default=1e-3, help="TTT learning rate")
@@ -157,7 +159,7 @@ def main() -> None:
     rows = []
     for set_name, items in sets.items():
         base = None
-        for mode in ("none", *PARAM_SETS):
+        for mode in ("none", *args.params):
             ttt = None if mode == "none" else TTT(args.steps, lrs[mode], mode, args.batch, args.seed, cfg.train)
             row = {"set": set_name, "mode": mode, **run_mode(model, items, ttt, args, cfg.data.max_len, cap)}
             base = row if mode == "none" else base
@@ -168,11 +170,12 @@ def main() -> None:
                                f"{row['single_demo_tasks']} with a single demonstration (no TTT)")
             print(f"[{set_name} | {mode}] pass@2 votes {row['pass@2 votes']:.3f} likelihood "
                   f"{row['pass@2 likelihood']:.3f} both {row['pass@2 both']:.3f}; {row['seconds']:.0f} s", flush=True)
-        full = next(r for r in rows if r["set"] == set_name and r["mode"] == "all")
-        routing = next(r for r in rows if r["set"] == set_name and r["mode"] == "routing")
-        gain = full["pass@2 votes"] - base["pass@2 votes"]
-        routing["recovered"] = (f"{(routing['pass@2 votes'] - base['pass@2 votes']) / gain:.0%}" if gain > 0
-                                else "no full-TTT gain to recover")
+        full = next((r for r in rows if r["set"] == set_name and r["mode"] == "all"), None)
+        routing = next((r for r in rows if r["set"] == set_name and r["mode"] == "routing"), None)
+        if full is not None and routing is not None:
+            gain = full["pass@2 votes"] - base["pass@2 votes"]
+            routing["recovered"] = (f"{(routing['pass@2 votes'] - base['pass@2 votes']) / gain:.0%}" if gain > 0
+                                    else "no full-TTT gain to recover")
     text = render(rows, args, str(ckpt), sizes)
     figures = {f"{r['set']} | {r['mode']}": {k: r[k] for k in ("pass@2 votes", "pass@2 likelihood", "pass@2 both",
                                                                  "ttt_seconds_per_task", "halt_all", "halt_solved")}

@@ -106,7 +106,8 @@ def item_sets(args) -> dict[str, list]:
 
 
 def render(rows: list[dict], args, name: str, sizes: dict[str, str]) -> str:
-    head = ["items", "TTT", "pass@2 votes", "pass@2 likelihood", "pass@2 both", "TTT s / task", "LOO loss first -> last",
+    head = ["items", "TTT", "pass@2 votes", "pass@2 likelihood", "pass@2 both", "TTT s / task",
+            "LOO loss first -> last",
             "halting step all / solved", "routing's share of the gain"]
     body = []
     for r in rows:
@@ -115,7 +116,8 @@ def render(rows: list[dict], args, name: str, sizes: dict[str, str]) -> str:
         body.append([r["set"], r["mode"], f"{r['pass@2 votes']:.3f}", f"{r['pass@2 likelihood']:.3f}",
                      f"{r['pass@2 both']:.3f}", secs, loss, f"{r['halt_all']:.2f} / {r['halt_solved']:.2f}",
                      r.get("recovered", "")])
-    return (f"Checkpoint `{name}`; {'; '.join(f'{s}: {n}' for s, n in sizes.items())}; {args.views} views; TTT: {args.steps} steps of "
+    sets = "; ".join(f"{s}: {n}" for s, n in sizes.items())
+    return (f"Checkpoint `{name}`; {sets}; {args.views} views; TTT: {args.steps} steps of "
             f"{args.batch} leave-one-out sequences, lr {args.lr:g} (routing {args.lr_routing or args.lr:g}, "
             f"norms {args.lr_norms or args.lr:g}), constant, fresh AdamW per task. pass@2 is ARC's metric, "
             f"under three orders of the same candidates: votes; total log-likelihood over the views; votes, then "
@@ -165,7 +167,8 @@ def main() -> None:
             base = row if mode == "none" else base
             rows.append(row)
             sizes[set_name] = (f"{len(items)} test inputs of {len({i.task_id for i in items})} tasks, "
-                               f"{row['prompts_shortened']} prompts shortened and {row['too_long']} too long for max_len "
+                               f"{row['prompts_shortened']} prompts shortened and {row['too_long']} too long "
+                               f"for max_len "
                                f"{cfg.data.max_len}, "
                                f"{row['single_demo_tasks']} with a single demonstration (no TTT)")
             print(f"[{set_name} | {mode}] pass@2 votes {row['pass@2 votes']:.3f} likelihood "

@@ -74,6 +74,7 @@ def answer_accuracy(model, items: Sequence[EvalItem], *, batch_size: int = 16) -
             exact += int(ok_last.all())
             n_items += 1
     res = {k: right[k] / total[k] if total[k] else float("nan") for k in CLASSES}
-    res.update({f"{k}@1": right_first[k] / total[k] if total[k] else float("nan") for k in ("cell_copy", "cell_change")})
+    res.update({f"{k}@1": right_first[k] / total[k] if total[k] else float("nan")
+                for k in ("cell_copy", "cell_change")})
     res["exact"] = exact / max(n_items, 1)
     return res

@@ -171,7 +171,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     diag_items = [items[i] for i in sorted(rng.choice(len(items), min(args.diagnose_items, len(items)),
                                                       replace=False))]
-    timed, rows = [], {}
+    timed = []
     for spec in args.variant:  # every variant under the time budget first; dense=tokens needs default's steps
         name, _, rest = spec.partition("=")
         if spec == "default":
@@ -188,13 +188,13 @@ def main() -> None:
         with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = {spec: pool.submit(run_variant, name, [*ov, f"train.threads={threads}"], **kw)
                        for spec, name, ov in timed}
-            rows = {spec: f.result() for spec, f in futures.items()}
+            by_spec = {spec: f.result() for spec, f in futures.items()}
     else:
-        rows = {spec: run_variant(name, ov, **kw) for spec, name, ov in timed}
+        by_spec = {spec: run_variant(name, ov, **kw) for spec, name, ov in timed}
     if "dense=tokens" in args.variant:
-        rows["dense=tokens"] = run_variant("dense, equal tokens", DENSE, **dict(kw, minutes=None,
-                                                                               steps=rows["default"]["steps"]))
-    rows = [rows[spec] for spec in args.variant]
+        by_spec["dense=tokens"] = run_variant("dense, equal tokens", DENSE,
+                                              **dict(kw, minutes=None, steps=by_spec["default"]["steps"]))
+    rows = [by_spec[spec] for spec in args.variant]
     ref = copy_input_reference(items)
     text = render(rows, ref, args.families, args)
     print(text)

@@ -21,7 +21,7 @@ from .data.dataset import EvalItem
 from .data.tokens import Encoded
 from .io import write_json
 from .model.generate import Generation, generate_batched
-from .rescore import view_likelihoods
+from .rescore import candidate_likelihoods
 from .scoring import (DIAGNOSTICS, Ranked, attempts, copy_input_reference, rerank, score, solved, targets_of,
                       vote)
 
@@ -136,18 +136,22 @@ def evaluate_items(model, items: Sequence[EvalItem], *, n_views: int = 8, seed: 
         for k in sel:
             per_item.setdefault(owners[k][0], []).append((owners[k][1], gens[k]))
         t0 = time.perf_counter()
+        cands = {i: [(None if g.grid is None else v.invert_grid(g.grid), g.mean_logprob) for v, g in gs]
+                 for i, gs in per_item.items()}
+        ranked = {i: vote(c) for i, c in cands.items()}
+        if rank != "votes":  # every candidate after each prompt it was decoded from (shortened where it had to be)
+            order = list(ranked)
+            lls = candidate_likelihoods(m, [([(v, e.tokens) for v, e in fitted[i].prompts],
+                                              [r.grid for r in ranked[i]]) for i in order],
+                                        tokens_per_batch=tokens_per_batch)
+            for i, item_lls in zip(order, lls):
+                for r, ll in zip(ranked[i], item_lls):
+                    r.likelihood = ll
+                ranked[i] = rerank(ranked[i], rank)
         for i, gs in per_item.items():
             f = fitted[i]
-            cands = [(None if g.grid is None else v.invert_grid(g.grid), g.mean_logprob) for v, g in gs]
-            ranked = vote(cands)
-            if rank != "votes":  # scored after the prompt it was answered from (shortened where it had to be)
-                lls = view_likelihoods(m, f.shown, [r.grid for r in ranked], [v for v, _ in gs],
-                                       tokens_per_batch=tokens_per_batch)
-                for r, ll in zip(ranked, lls):
-                    r.likelihood = ll
-                ranked = rerank(ranked, rank)
-            results[i] = ItemResult(f.item, ranked, cands, [g.steps for _, g in gs],
-                                    attempts(ranked, fallback=f.item.input), f.dropped, False)
+            results[i] = ItemResult(f.item, ranked[i], cands[i], [g.steps for _, g in gs],
+                                    attempts(ranked[i], fallback=f.item.input), f.dropped, False)
         rank_seconds += time.perf_counter() - t0
     # an item too long even alone was never decoded: the fallback answers it
     results_list = [results.get(i) or ItemResult(f.item, [], [], [], attempts([], fallback=f.item.input),

@@ -58,11 +58,28 @@ def answer_logprobs(model: nn.Module, prompts: Sequence[np.ndarray], answers: Se
     return out
 
 
+def candidate_likelihoods(model: nn.Module, jobs: Sequence[tuple[Sequence[tuple[Augmentation, np.ndarray]],
+                                                                  Sequence[np.ndarray]]],
+                          *, tokens_per_batch: int = 131072) -> list[list[float]]:
+    """For each job ``(prompts, grids)`` (the encoded prompt of every view it was decoded under, and its candidate
+    grids in the task's frame), each candidate's total answer log-likelihood over those views. All jobs' sequences
+    go through :func:`answer_logprobs` together, batched by length."""
+    header = bool(model.cfg.size_header)
+    prompts, answers, spans = [], [], []
+    for views_prompts, grids in jobs:
+        spans.append((len(prompts), len(grids), len(views_prompts)))
+        for g in grids:
+            for v, p in views_prompts:
+                prompts.append(p)
+                answers.append(np.concatenate([grid_tokens(v.grid(g), header), [END]]))
+    scores = np.asarray(answer_logprobs(model, prompts, answers, tokens_per_batch=tokens_per_batch))
+    return [[float(x) for x in scores[start:start + n * k].reshape(n, k).sum(1)] if n else []
+            for start, n, k in spans]
+
+
 def view_likelihoods(model: nn.Module, item: EvalItem, grids: Sequence[np.ndarray], vs: Sequence[Augmentation],
                      *, tokens_per_batch: int = 131072) -> list[float]:
     """Each candidate grid's total answer log-likelihood over the views ``vs`` of ``item``."""
     header = bool(model.cfg.size_header)
-    prompts = {v: item.prompt(v, header=header).tokens for v in vs}
-    pairs = [(prompts[v], np.concatenate([grid_tokens(v.grid(g), header), [END]])) for g in grids for v in vs]
-    scores = answer_logprobs(model, [p for p, _ in pairs], [a for _, a in pairs], tokens_per_batch=tokens_per_batch)
-    return [float(s) for s in np.asarray(scores).reshape(len(grids), len(vs)).sum(1)] if grids else []
+    prompts = [(v, item.prompt(v, header=header).tokens) for v in vs]
+    return candidate_likelihoods(model, [(prompts, grids)], tokens_per_batch=tokens_per_batch)[0]

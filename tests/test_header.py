@@ -15,7 +15,7 @@ from dyntrm.data.tokens import (BOS, END, EOS, IN, N_COLOURS, OUT, PAD, ROW, SIZ
                                 tokens_to_grid)
 from dyntrm.model.generate import GridConstraint, generate
 from dyntrm.model import ArcTransformer
-from dyntrm.model.layers import GridCursor, grid_coords
+from dyntrm.model.layers import MAX_PAIR, PAIR_ANSWER, GridCursor, grid_coords, pair_ids
 
 
 def test_header_sequence_by_hand():
@@ -134,6 +134,48 @@ def test_kv_cache_with_grid_coords_equals_recompute():
         for i in range(2):
             seqs[i].append(int(nxt[i]))
         logits = m.decode(nxt, state)
+
+
+def _naive_pairs(tokens):
+    """pair_ids by hand: count the IN tokens of the whole stream, then walk it remembering the last marker."""
+    total, seen, side, out = tokens.count(IN), 0, 0, []
+    for t in tokens:
+        if t == IN:
+            seen, side = seen + 1, 0
+        elif t == OUT:
+            side = 1
+        out.append(0 if seen == 0 else 1 + 2 * min(total - seen, MAX_PAIR) + side)
+    return out
+
+
+def test_pair_ids_by_hand():
+    demo, query = Pair(np.array([[1, 2]]), np.array([[3]])), Pair(np.array([[5]]), np.array([[6]]))
+    toks = encode([demo, query], header=False).tokens.tolist()
+    # BOS | IN 1 2 OUT 3 END (1 pair back: input 3, output 4) | IN 5 OUT 6 END EOS (the query: input 1, output 2)
+    assert pair_ids(torch.tensor(toks)).tolist() == [0, 3, 3, 3, 4, 4, 4, 1, 1, 2, 2, 2, 2]
+    assert PAIR_ANSWER == 2
+
+
+@given(st.lists(st.integers(0, 46), min_size=1, max_size=60))
+@settings(max_examples=80)
+def test_pair_ids_match_a_naive_scan(tokens):
+    assert pair_ids(torch.tensor(tokens)[None])[0].tolist() == _naive_pairs(tokens)
+
+
+def test_kv_cache_with_pair_embed_equals_recompute():
+    """Decoding gives every written token the query's output side: the full forward over the same tokens agrees."""
+    m = _model(4, grid_coords="borders", size_header=True, pair_embed=True).double()
+    demos = [Pair(np.array([[1, 2], [3, 4]]), np.array([[5]])), Pair(np.array([[2]]), np.array([[7, 7]]))]
+    prompt = encode_prompt(demos, np.array([[6, 7]]), header=True).tokens
+    tokens = torch.from_numpy(prompt)[None]
+    steps = torch.tensor([3])
+    logits, state = m.prefill(tokens, torch.tensor([len(prompt)]), max_new=5, steps=steps)
+    seq = list(prompt)
+    for t in [size_token(2), size_token(1), 3, ROW, 4]:
+        full = m(torch.tensor([seq]), halt=True, steps=steps).final_logits[0, -1]
+        torch.testing.assert_close(logits[0], full, rtol=0, atol=1e-9)
+        seq.append(t)
+        logits = m.decode(torch.tensor([t]), state)
 
 
 def test_grid_coords_change_the_model_only_where_switched_on():

@@ -33,7 +33,7 @@ from . import generate
 from .attention import DenseAttention, DynSIHA
 from .context import AttnMask, ModelOutput, StepContext, Tap
 from .experts import ExpertLibrary
-from .layers import RMSNorm, Rope, grid_coords
+from .layers import MAX_PAIR, RMSNorm, Rope, grid_coords, pair_ids
 from .moe import DenseFFN, DynMoE, MoEStats
 
 
@@ -102,6 +102,8 @@ class ArcTransformer(nn.Module):
         # "outside any grid", rows 1..30, columns 1..31 (a row separator's is w + 1)
         n_coords = {"off": 0, "origin": 2, "borders": 4}[cfg.grid_coords]
         self.coord_embed = nn.ModuleList(nn.Embedding(MAX_SIDE + 2, d) for _ in range(n_coords))
+        # model.pair_embed: which pair (counted back from the query) and which side of it a token is on
+        self.pair_embed = nn.Embedding(2 * MAX_PAIR + 3, d) if cfg.pair_embed else None
         if cfg.variant == "dyn":
             self.attn_expert_library = ExpertLibrary(cfg.attn_experts, dh, cfg.attn_expert_hidden, dh)
             self.ffn_expert_library = ExpertLibrary(cfg.ffn_experts, d, cfg.ffn_mult * d, d)
@@ -127,6 +129,8 @@ class ArcTransformer(nn.Module):
         nn.init.normal_(self.embed.weight, std=1.0)
         for table in self.coord_embed:  # smaller than the token's: what a cell is stays the larger signal
             nn.init.normal_(table.weight, std=0.5)
+        if self.pair_embed is not None:
+            nn.init.normal_(self.pair_embed.weight, std=0.5)
         nn.init.normal_(self.lm_head.weight, std=0.02)  # start near the uniform distribution
         for norm in (self.block.norm1, self.block.norm2, self.block.halt_norm, self.norm):
             nn.init.ones_(norm.weight)
@@ -177,10 +181,14 @@ class ArcTransformer(nn.Module):
         n_real = (valid_BT.sum() if valid_BT is not None else torch.tensor(B * T, device=tokens_BT.device)).clamp(min=1)
         return StepContext(0, cos, sin, attn, valid_BT, observer=tap), prompt_end, n_real
 
-    def embed_tokens(self, tokens_BT: torch.Tensor, coords_BTK: torch.Tensor | None = None) -> torch.Tensor:
+    def embed_tokens(self, tokens_BT: torch.Tensor, coords_BTK: torch.Tensor | None = None,
+                     pairs_BT: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings (B, T, D), plus the embeddings of each cell's place in its grid under
-        ``model.grid_coords`` (``coords_BTK``: given while decoding, else read from the tokens)."""
+        ``model.grid_coords`` and of its pair under ``model.pair_embed`` (``coords_BTK``, ``pairs_BT``: given
+        while decoding, else read from the tokens)."""
         x_BTD = self.embed(tokens_BT)
+        if self.pair_embed is not None:
+            x_BTD = x_BTD + self.pair_embed(pair_ids(tokens_BT) if pairs_BT is None else pairs_BT)
         if len(self.coord_embed):
             coords_BTK = grid_coords(tokens_BT) if coords_BTK is None else coords_BTK
             # clamped: a token stream that is not a valid task (tests feed random ones) may count past 31

@@ -31,7 +31,7 @@ from ..data.arc import MAX_SIDE, N_COLOURS
 from ..data.batching import padded
 from ..data.tokens import END, PAD, ROW, SIZE0, GridDecodeError, decode_answer
 from .context import AttnMask, ModelOutput, StepContext, Tap
-from .layers import GridCursor, compute_dtype
+from .layers import PAIR_ANSWER, GridCursor, compute_dtype
 
 
 class KVCache:
@@ -181,7 +181,8 @@ def decode(model: nn.Module, token_B: torch.Tensor, state: DecodeState, tap: Tap
     the experts run densely with the inactive ones weighing 0): what :class:`DecodeGraph` captures. Same values.
     """
     coords_B1K = None if state.cursor is None else state.cursor.step(token_B)[:, None]
-    x0_B1D = model.embed_tokens(token_B[:, None], coords_B1K)
+    pairs_B1 = torch.full_like(token_B[:, None], PAIR_ANSWER)  # every written token is in the query's output
+    x0_B1D = model.embed_tokens(token_B[:, None], coords_B1K, pairs_B1)
     x_B1D = x0_B1D
     pos_B = state.pos
     if static:  # DecodeGraph checks the capacity once, ahead of all its replays

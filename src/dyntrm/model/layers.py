@@ -99,6 +99,27 @@ def grid_coords(tokens: torch.Tensor) -> torch.Tensor:
                         torch.where(is_cell & (w > 0), w - col, zero)], -1)
 
 
+MAX_PAIR = 15  # pairs further back than this from the query share one embedding
+PAIR_ANSWER = 2  # :func:`pair_ids` of the query's output grid, hence of every token decoding writes
+
+
+def pair_ids(tokens: torch.Tensor) -> torch.Tensor:
+    """Each token's pair and side (``model.pair_embed``): (..., T) -> (..., T) int64
+    ``1 + 2 * min(pairs back from the query, MAX_PAIR) + (1 inside an output grid, 0 an input)``; 0 before the first
+    ``IN``. The query's pair is 0 back, the last demonstration 1, and so on, counted over the whole prompt (which the
+    model always sees whole before it answers); the answer the model writes is :data:`PAIR_ANSWER`. With it, "the
+    same cell of the same pair" (a demonstration's input under its output, the test input under the answer) is a
+    content match instead of a count of separators and grids."""
+    T = tokens.shape[-1]
+    pos = torch.arange(T, device=tokens.device).expand_as(tokens)
+    is_in = tokens == IN
+    seen = is_in.long().cumsum(-1)
+    back = (seen[..., -1:] - seen).clamp(max=MAX_PAIR)
+    last_in = torch.where(is_in, pos, torch.zeros_like(pos) - 1).cummax(-1).values
+    last_out = torch.where(tokens == OUT, pos, torch.zeros_like(pos) - 1).cummax(-1).values
+    return torch.where(seen > 0, 1 + 2 * back + (last_out > last_in).long(), torch.zeros_like(pos))
+
+
 def _size_at(tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """The side that the size token at ``idx`` names (1..30), or 0 where ``idx`` holds no size token."""
     t = tokens.gather(-1, idx)

@@ -39,7 +39,7 @@ from dyntrm.evaluate import evaluate_items, metrics_of  # noqa: E402
 from dyntrm.runtime import pick_device  # noqa: E402
 from dyntrm.scoring import attempts, rerank  # noqa: E402
 from dyntrm.train import train  # noqa: E402
-from dyntrm.ttt import PARAM_SETS, TTT  # noqa: E402
+from dyntrm.ttt import MODES, PARAM_SETS, TTT  # noqa: E402
 
 QUICK_FAMILIES = ("identity", "mirror", "recolour", "transpose")
 
@@ -78,6 +78,11 @@ def run_mode(model, items, ttt: TTT | None, args, max_len: int, cap: bool) -> di
     for mode in ("votes", "likelihood", "both"):
         m = metrics_of(ranked_as(results, mode), stats)
         row[f"pass@2 {mode}"] = m["pass@2"]
+        if mode == "both":  # per ladder family (tasks named FAMILY-INDEX), pass@2 under the default ranking
+            fam: dict[str, list[float]] = {}
+            for tid, task in m["tasks"].items():
+                fam.setdefault(family_of(tid), []).append(task["pass@2"])
+            row["families"] = {f: float(np.mean(v)) for f, v in fam.items()} if len(fam) > 1 else {}
         if mode == "votes":
             tests = [t for task in m["tasks"].values() for t in task["tests"]]
             solved = [t["mean_steps"] for t in tests if t["solved@2"]]
@@ -119,10 +124,22 @@ def render(rows: list[dict], args, name: str, sizes: dict[str, str]) -> str:
     sets = "; ".join(f"{s}: {n}" for s, n in sizes.items())
     return (f"Checkpoint `{name}`; {sets}; {args.views} views; TTT: {args.steps} steps of "
             f"{args.batch} leave-one-out sequences, lr {args.lr:g} (routing {args.lr_routing or args.lr:g}, "
-            f"norms {args.lr_norms or args.lr:g}), constant, fresh AdamW per task. pass@2 is ARC's metric, "
-            f"under three orders of the same candidates: votes; total log-likelihood over the views; votes, then "
-            f"likelihood. Halting: mean ACT step of every answer / of the answers solved (pass@2, votes). "
-            f"Routing's share: (routing - none) / (all - none) of pass@2 (votes).\n\n" + table(head, body))
+            f"norms {args.lr_norms or args.lr:g}), constant, fresh AdamW per "
+            f"{'task' if args.mode == 'task' else 'task and view (--mode view: adapted in the view frame)'}. "
+            f"pass@2 is ARC's metric, under three orders of the same candidates: votes; total log-likelihood over the "
+            f"views; votes, then likelihood. Halting: mean ACT step of every answer / of the answers solved (pass@2, "
+            f"votes). Routing's share: (routing - none) / (all - none) of pass@2 (votes).\n\n" + table(head, body)
+            + family_table(rows))
+
+
+def family_table(rows: list[dict]) -> str:
+    """pass@2 (votes, then likelihood) per ladder family and TTT setting; empty for sets of one family."""
+    fams = sorted({f for r in rows for f in r.get("families", {})})
+    if not fams:
+        return ""
+    body = [[r["set"], r["mode"], *(f"{r['families'][f]:.2f}" if f in r.get("families", {}) else "-" for f in fams)]
+            for r in rows if r.get("families")]
+    return "\n\npass@2 (both) per family:\n\n" + table(["items", "TTT", *fams], body)
 
 
 def main() -> None:
@@ -139,9 +156,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16, help="TTT steps per task")
     ap.add_argument("--batch", type=int, default=4, help="leave-one-out sequences per TTT step")
     ap.add_argument("--lr", type=float, default=1e-3, help="TTT learning rate")
-    ap.add_argument("--lr-routing", type=float, default=None, help="routing-only TTT's learning rate (default --lr)")
+    ap.add_argument("--lr-routing", type=float, default=None, help="routing-only TTT's learning rate, the routers' own "
+                    "(default --lr)")
     ap.add_argument("--lr-norms", type=float, default=None, help="norms-only TTT's learning rate (default --lr)")
     ap.add_argument("--views", type=int, default=4)
+    ap.add_argument("--mode", choices=MODES, default="task",
+                    help="task: one adapted copy per task; view: one per decoding view, in its frame (--ttt-mode)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/bench_ttt", help="where --quick writes its ladder and model")
     ap.add_argument("--section", default="ttt", help="BENCHMARKS.md section (one per checkpoint compared)")
@@ -162,7 +182,8 @@ def main() -> None:
     for set_name, items in sets.items():
         base = None
         for mode in ("none", *args.params):
-            ttt = None if mode == "none" else TTT(args.steps, lrs[mode], mode, args.batch, args.seed, cfg.train)
+            ttt = None if mode == "none" else TTT(args.steps, lrs[mode], mode, args.batch, args.seed, cfg.train,
+                                                        mode=args.mode)
             row = {"set": set_name, "mode": mode, **run_mode(model, items, ttt, args, cfg.data.max_len, cap)}
             base = row if mode == "none" else base
             rows.append(row)

@@ -49,7 +49,7 @@ def _owners(items):
 
 def _adapted(model, ttt, items) -> dict[str, dict[str, torch.Tensor]]:
     """Each task's adapted weights, in the order ``per_task`` yields them."""
-    return {rec["task"]: params(m) for m, _, rec in ttt.per_task(model, items, _owners(items))}
+    return {rec["task"]: params(answerers[0][0]) for answerers, rec in ttt.per_task(model, items, _owners(items))}
 
 
 # ------------------------------------------------------------------------------------------------ isolation
@@ -73,6 +73,36 @@ def test_ttt_leaves_the_model_untouched_and_tasks_independent():
     # the answers of a task do not depend on the tasks evaluated before it
     solo, _ = evaluate_items(model, [items[-1]], n_views=2, seed=len(items) - 1, ttt=ttt)
     assert [a.tolist() for a in solo[0].attempts] == [a.tolist() for a in results[-1].attempts]
+
+
+def test_view_mode_adapts_one_copy_per_view_in_that_views_frame():
+    model, items = _model(), split_items(debug_cfg())[:2]
+    ttt = _ttt(mode="view")
+    vs = views(3, 0)
+    owners = [(i, v) for i in range(len(items)) for v in vs]
+    for (answerers, record), item in zip(ttt.per_task(model, items, owners), items):
+        assert record["views"] == 3 and record["seconds"] > 0
+        # one copy per view, answering exactly that view's prompts
+        assert sorted(k for _, sel in answerers for k in sel) == [k for k, (i, _) in enumerate(owners)
+                                                                  if items[i].task_id == item.task_id]
+        for (m, sel), v in zip(answerers, vs):
+            assert all(owners[k][1] == v for k in sel)
+            # ... and it is the copy adapted on the demonstrations as that view shows them
+            want, _ = ttt.adapt(model, item.task_id, [v.pair(d) for d in item.demos], geometry=False)
+            assert all(torch.equal(a, b) for a, b in zip(params(m).values(), params(want).values()))
+    results, stats = evaluate_items(model, items, n_views=3, ttt=ttt, rank="both")
+    assert stats["ttt_mode"] == "view" and len(results) == 2 and all(len(r.steps) == 3 for r in results)
+
+
+def test_a_frame_kept_batch_holds_the_demonstrations_as_given():
+    rng = np.random.default_rng(0)
+    demos = [Pair(rng.integers(0, 10, (2, 3)).astype(np.uint8), rng.integers(0, 10, (3, 2)).astype(np.uint8))
+             for _ in range(3)]
+    given = {(g.tobytes(), g.shape) for p in demos for g in (p.input, p.output)}
+    batch = loo_batch("t", demos, [0, 1, 2, 0], rng, header=True, geometry=False).tokens.numpy()
+    assert {(g.tobytes(), g.shape) for row in batch for g in _grids_of(row)} == given
+    shuffled = loo_batch("t", demos, [0, 1, 2, 0], rng, header=True).tokens.numpy()  # the default: random views
+    assert {(g.tobytes(), g.shape) for row in shuffled for g in _grids_of(row)} != given
 
 
 def _canonical(g: np.ndarray) -> bytes:
@@ -144,6 +174,19 @@ def test_ttt_params_selects_exactly_the_intended_parameters(which):
     after = next(iter(_adapted(model, _ttt(params=which), items).values()))
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == want  # every selected tensor moved; every other one is bit-identical
+
+
+@pytest.mark.parametrize("which,mult", [("routing", 1.0), ("all", 0.1)])
+def test_ttt_lr_is_the_lr_of_what_is_trained(which, mult):
+    """One AdamW step moves an undecayed parameter by ~lr per element (|m / sqrt(v)| = 1 on the first step): the
+    routers move by --ttt-lr when they are all that trains, by lr x train.routing_lr_mult beside everything else."""
+    model, items = _model(), split_items(debug_cfg())[:1]
+    recipe = replace(debug_cfg().train, routing_lr_mult=0.1)
+    before = params(model)
+    after = next(iter(_adapted(model, _ttt(steps=1, lr=1e-2, params=which, recipe=recipe), items).values()))
+    steps = torch.cat([(after[n] - before[n]).abs().flatten() for n in before if n.endswith((".proto", ".gate"))])
+    moved = steps[steps > 0]
+    torch.testing.assert_close(moved.median(), torch.tensor(1e-2 * mult), rtol=0.05, atol=0)
 
 
 def test_ttt_lowers_the_tasks_leave_one_out_loss():
@@ -229,11 +272,11 @@ def test_a_candidate_is_scored_as_each_view_would_write_it(g, seed):
     view_likelihoods(model, item, [g], vs)
     rows = [row for batch in model.seen for row in batch.numpy()]
     assert len(rows) == len(vs)
-    for v in vs:
+    for v in vs:  # two views can show this tiny task alike: then either of their rows may be v's
         prompt = item.prompt(v).tokens
-        row = next(r for r in rows if np.array_equal(r[:len(prompt)], prompt))
-        answer = decode_answer(row[len(prompt):])
-        assert np.array_equal(answer, v.grid(g)) and np.array_equal(v.invert_grid(answer), g)
+        answers = [decode_answer(r[len(prompt):]) for r in rows if np.array_equal(r[:len(prompt)], prompt)]
+        answer = next((a for a in answers if np.array_equal(a, v.grid(g))), None)
+        assert answer is not None and np.array_equal(v.invert_grid(answer), g)
 
 
 def test_the_report_marks_the_answers_ttt_changed():

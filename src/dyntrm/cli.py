@@ -151,7 +151,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def add_ttt_options(p: argparse.ArgumentParser, steps: int = 0) -> None:
     """Test-time training and ranking (issue 12), shared by eval, predict and demo."""
     from .scoring import RANKINGS
-    from .ttt import PARAM_SETS
+    from .ttt import MODES, PARAM_SETS
 
     p.add_argument("--ttt-steps", type=int, default=steps,
                    help="fine-tune a copy of the model on each task's demonstrations for this many steps (0: off)")
@@ -159,6 +159,9 @@ def add_ttt_options(p: argparse.ArgumentParser, steps: int = 0) -> None:
     p.add_argument("--ttt-params", choices=PARAM_SETS, default="all",
                    help="what test-time training adapts: all, routing (router prototypes and gates), norms")
     p.add_argument("--ttt-batch", type=int, default=4, help="leave-one-out sequences per test-time training step")
+    p.add_argument("--ttt-mode", choices=MODES, default="task",
+                   help="task: one adapted copy per task, trained under random views; view: one per view it is "
+                        "decoded under, trained in that view's frame, answering that view only")
     p.add_argument("--rank", choices=RANKINGS, default="both",
                    help="order candidates by votes, by log-likelihood summed over the views, or by votes with ties "
                         "broken by likelihood (both; the default: never below votes in BENCHMARKS, section ttt)")
@@ -169,14 +172,15 @@ def ttt_of(args: argparse.Namespace):
     ``recipe`` is set from the checkpoint's config once that is read."""
     from .ttt import TTT
 
-    return TTT(args.ttt_steps, args.ttt_lr, args.ttt_params, args.ttt_batch, args.seed)
+    return TTT(args.ttt_steps, args.ttt_lr, args.ttt_params, args.ttt_batch, args.seed, mode=args.ttt_mode)
 
 
 def ttt_line(m: dict) -> str:
     """What test-time training did, for the console; empty without it."""
     if not m.get("ttt_steps"):
         return ""
-    line = (f"; TTT {m['ttt_steps']} steps of {m['ttt_params']} ({m['ttt_trained_numbers']:,} numbers) on "
+    per = " per view" if m.get("ttt_mode") == "view" else ""
+    line = (f"; TTT {m['ttt_steps']} steps{per} of {m['ttt_params']} ({m['ttt_trained_numbers']:,} numbers) on "
             f"{m['ttt_tasks']} tasks, {m['ttt_seconds_per_task'] or 0:.1f} s per task")
     if m["ttt_single_demo_tasks"]:
         line += f", {m['ttt_single_demo_tasks']} single-demonstration tasks answered without it"

@@ -116,37 +116,46 @@ def evaluate_items(model, items: Sequence[EvalItem], *, n_views: int = 8, seed: 
             prompts.append(e.tokens)
             owners.append((i, v))
             sides.append(prompt_max_side(f.item))
-    # -- issue 12: one model for every prompt, or per task the model its test-time training adapted
+    # -- issue 12: one model for every prompt, or per task the model(s) its test-time training adapted, each with
+    # the prompts it answers (one per task, or one per view of it under ``--ttt-mode view``)
     adapted = ttt is not None and ttt.steps > 0
     groups = (ttt.per_task(model, [f.shown for f in fitted], owners) if adapted  # each from what its prompts show
-              else [(model, list(range(len(prompts))), None)])
+              else [([(model, list(range(len(prompts))))], None)])
     gens: list[Generation | None] = [None] * len(prompts)
     results: dict[int, ItemResult] = {}
     seconds = rank_seconds = 0.0
     records = []
-    for m, sel, record in groups:
+    for answerers, record in groups:
         records.append(record)
         t0 = time.perf_counter()
-        kw = dict(gen_kw, max_sides=[sides[k] for k in sel]) if cap_to_prompt else gen_kw
-        for k, g in zip(sel, generate_batched(m, [prompts[k] for k in sel], tokens_per_batch=tokens_per_batch,
-                                              **kw)):
-            gens[k] = g
+        for m, sel in answerers:
+            kw = dict(gen_kw, max_sides=[sides[k] for k in sel]) if cap_to_prompt else gen_kw
+            for k, g in zip(sel, generate_batched(m, [prompts[k] for k in sel], tokens_per_batch=tokens_per_batch,
+                                                  **kw)):
+                gens[k] = g
         seconds += time.perf_counter() - t0
         per_item: dict[int, list[tuple[Augmentation, Generation]]] = {}
-        for k in sel:
+        for k in sorted(k for _, sel in answerers for k in sel):
             per_item.setdefault(owners[k][0], []).append((owners[k][1], gens[k]))
         t0 = time.perf_counter()
         cands = {i: [(None if g.grid is None else v.invert_grid(g.grid), g.mean_logprob) for v, g in gs]
                  for i, gs in per_item.items()}
         ranked = {i: vote(c) for i, c in cands.items()}
-        if rank != "votes":  # every candidate after each prompt it was decoded from (shortened where it had to be)
-            order = list(ranked)
-            lls = candidate_likelihoods(m, [([(v, e.tokens) for v, e in fitted[i].prompts],
-                                              [r.grid for r in ranked[i]]) for i in order],
-                                        tokens_per_batch=tokens_per_batch)
-            for i, item_lls in zip(order, lls):
-                for r, ll in zip(ranked[i], item_lls):
-                    r.likelihood = ll
+        if rank != "votes":  # every candidate after each prompt it was decoded from (shortened where it had to be),
+            order = list(ranked)  # scored by the model that answered that prompt, summed over the prompts
+            totals = {i: np.zeros(len(ranked[i])) for i in order}
+            for m, sel in answerers:
+                shown: dict[int, list[tuple[Augmentation, np.ndarray]]] = {}
+                for k in sel:
+                    shown.setdefault(owners[k][0], []).append((owners[k][1], prompts[k]))
+                mine = [i for i in order if i in shown]
+                lls = candidate_likelihoods(m, [(shown[i], [r.grid for r in ranked[i]]) for i in mine],
+                                            tokens_per_batch=tokens_per_batch)
+                for i, item_lls in zip(mine, lls):
+                    totals[i] += np.asarray(item_lls)
+            for i in order:
+                for r, ll in zip(ranked[i], totals[i]):
+                    r.likelihood = float(ll)
                 ranked[i] = rerank(ranked[i], rank)
         for i, gs in per_item.items():
             f = fitted[i]

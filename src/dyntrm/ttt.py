@@ -17,6 +17,14 @@ which carries the target). A task with a single demonstration has no leave-one-o
 itself, said on stderr and counted. Given a seed, everything is deterministic: a task's views depend on
 (seed, task id) only, not on which tasks came before it.
 
+``--ttt-mode view`` adapts one copy per view the task is decoded under instead, on the demonstrations as that
+view shows them (their order shuffled, no further dihedral or colour change), and that copy answers that view
+only: the weights can then learn the task's rule in the frame they answer in, where a copy trained under random
+views has to keep inferring which transform of the rule each sequence shows (K x views steps per task).
+
+``--ttt-lr`` is the learning rate of the parameters trained; under ``all`` the routers keep the recipe's
+``train.routing_lr_mult`` beside it, as in training.
+
 ``--ttt-params``: ``all`` (every parameter), ``routing`` (the prototypes and gates of both libraries' routers, a
 few thousand numbers: the global experts stay, their composition adapts), ``norms`` (the RMSNorm weights only;
 the halt head's bias is *not* included, so ``norms`` is a pure rescaling of the residual stream's features).
@@ -47,6 +55,7 @@ from .optim import param_groups
 from .runtime import Runtime
 
 PARAM_SETS = ("all", "routing", "norms")
+MODES = ("task", "view")
 
 
 def trainable(model: nn.Module, which: str) -> list[tuple[str, nn.Parameter]]:
@@ -61,13 +70,15 @@ def trainable(model: nn.Module, which: str) -> list[tuple[str, nn.Parameter]]:
 
 
 def loo_batch(task_id: str, demos: Sequence[Pair], queries: Sequence[int], rng: np.random.Generator, *,
-              header: bool) -> Batch:
+              header: bool, geometry: bool = True) -> Batch:
     """Leave-one-out sequences of one task's demonstrations: for each index j in ``queries``, ``demos[j]`` is the
-    query and the others its context, under a fresh random view. Given demonstrations only, by design."""
+    query and the others its context, under a fresh random view (``geometry=False``: the demonstrations as given,
+    only their order shuffled). Given demonstrations only, by design."""
     seqs = []
     for j in queries:
         context = tuple(demos[:j]) + tuple(demos[j + 1:])
-        view = random_augmentation(rng, len(context)).task(Task(task_id, context, (demos[j],)))
+        aug = random_augmentation(rng, len(context), dihedral_=geometry, colours=geometry)
+        view = aug.task(Task(task_id, context, (demos[j],)))
         seqs.append(encode([*view.train, view.test[0]], header=header))
     return collate(seqs, [task_id] * len(seqs))
 
@@ -96,6 +107,7 @@ class TTT:
     batch: int = 4  # leave-one-out sequences per step
     seed: int = 0
     recipe: TrainConfig = field(default_factory=TrainConfig)
+    mode: Literal["task", "view"] = "task"
 
     def __post_init__(self):
         if self.steps < 0:
@@ -106,9 +118,13 @@ class TTT:
             raise ConfigError(f"--ttt-lr {self.lr}: must be > 0")
         if self.params not in PARAM_SETS:
             raise ConfigError(f"--ttt-params {self.params!r}: expected one of {', '.join(PARAM_SETS)}")
+        if self.mode not in MODES:
+            raise ConfigError(f"--ttt-mode {self.mode!r}: expected one of {', '.join(MODES)}")
 
-    def adapt(self, model: nn.Module, task_id: str, demos: Sequence[Pair]) -> tuple[nn.Module, dict]:
-        """A copy of ``model`` fine-tuned on ``demos`` (n >= 2), in eval mode, and a record of the run."""
+    def adapt(self, model: nn.Module, task_id: str, demos: Sequence[Pair], *, geometry: bool = True
+              ) -> tuple[nn.Module, dict]:
+        """A copy of ``model`` fine-tuned on ``demos`` (n >= 2), in eval mode, and a record of the run.
+        ``geometry=False``: the leave-one-out sequences keep the demonstrations' frame and colours."""
         t0 = time.perf_counter()
         cfg = Config(model=model.cfg, train=self.recipe)
         tuned = copy.deepcopy(model).train()
@@ -116,14 +132,17 @@ class TTT:
         for p in tuned.parameters():  # no weight gradients where nothing is trained
             p.requires_grad_(id(p) in chosen)
         groups = [dict(g, params=[p for p in g["params"] if id(p) in chosen]) for g in param_groups(tuned, cfg)]
-        groups = [dict(g, lr=self.lr * g["lr_mult"]) for g in groups if g["params"]]
+        # --ttt-lr is the lr of what is trained: the recipe's routing multiplier applies only beside the computation
+        # parameters (``all``), else --ttt-params routing would run at a tenth of the lr asked for
+        groups = [dict(g, lr=self.lr * (g["lr_mult"] if self.params == "all" else 1.0)) for g in groups if g["params"]]
         opt = torch.optim.AdamW(groups, lr=self.lr, betas=(self.recipe.beta1, self.recipe.beta2))
         params = [p for g in groups for p in g["params"]]
         rng = np.random.default_rng([self.seed, zlib.crc32(task_id.encode())])
         n, losses, skipped = len(demos), [], 0
         for k in range(self.steps):
             queries = [(k * self.batch + b) % n for b in range(self.batch)]
-            loss = task_loss(tuned, loo_batch(task_id, demos, queries, rng, header=model.cfg.size_header), cfg)
+            batch = loo_batch(task_id, demos, queries, rng, header=model.cfg.size_header, geometry=geometry)
+            loss = task_loss(tuned, batch, cfg)
             loss.backward()
             gnorm = nn.utils.clip_grad_norm_(params, self.recipe.grad_clip or float("inf"))  # 0: no clipping
             if torch.isfinite(loss) and torch.isfinite(gnorm):
@@ -139,10 +158,13 @@ class TTT:
         return tuned.eval(), record
 
     def per_task(self, model: nn.Module, items: Sequence[EvalItem], owners: Sequence[tuple[int, Augmentation]]
-                 ) -> Iterator[tuple[nn.Module, list[int], dict]]:
-        """For each task among ``owners`` (the (item index, view) of every prompt to decode): the model that
-        answers it (adapted, or ``model`` itself for a single demonstration), the indices of its prompts, and a
-        record. The adapted copy is dropped once the caller asks for the next task."""
+                 ) -> Iterator[tuple[list[tuple[nn.Module, list[int]]], dict]]:
+        """For each task among ``owners`` (the (item index, view) of every prompt to decode): the models that answer
+        it, each with the indices of the prompts it answers, and a record. ``mode="task"``: one copy adapted under
+        random views answers every prompt of the task; ``mode="view"``: one copy per view, adapted on the
+        demonstrations as that view shows them (their order shuffled, nothing else), answers that view's prompts.
+        A task with a single demonstration is answered by ``model`` itself. The copies are dropped once the caller
+        asks for the next task."""
         prompts_of: dict[str, list[int]] = {}
         for k, (i, _) in enumerate(owners):
             prompts_of.setdefault(items[i].task_id, []).append(k)
@@ -151,11 +173,27 @@ class TTT:
             if len(demos) < 2:
                 print(f"{task_id}: a single demonstration leaves no leave-one-out pair: answered without "
                       f"test-time training", file=sys.stderr, flush=True)
-                yield model, sel, {"task": task_id, "single_demo": True}
+                yield [(model, sel)], {"task": task_id, "single_demo": True}
                 continue
-            tuned, record = self.adapt(model, task_id, demos)
-            yield tuned, sel, record
-            del tuned
+            if self.mode == "task":
+                tuned, record = self.adapt(model, task_id, demos)
+                yield [(tuned, sel)], record
+                del tuned
+                continue
+            by_view: dict[Augmentation, list[int]] = {}
+            for k in sel:
+                by_view.setdefault(owners[k][1], []).append(k)
+            answerers, records = [], []
+            for v, ks in by_view.items():
+                tuned, rec = self.adapt(model, task_id, [v.pair(d) for d in demos], geometry=False)
+                answerers.append((tuned, ks))
+                records.append(rec)
+            record = {**records[0], "seconds": sum(r["seconds"] for r in records),
+                      "loss_first": float(np.mean([r["loss_first"] for r in records])) if self.steps else None,
+                      "loss_last": float(np.mean([r["loss_last"] for r in records])) if self.steps else None,
+                      "skipped_steps": sum(r["skipped_steps"] for r in records), "views": len(records)}
+            yield answerers, record
+            del answerers
 
     def summary(self, records: Sequence[dict]) -> dict:
         """The TTT fields of an evaluation's stats: settings, seconds per adapted task, losses, skipped tasks."""
@@ -166,6 +204,7 @@ class TTT:
             return float(np.mean(values)) if values else None
 
         return {"ttt_steps": self.steps, "ttt_lr": self.lr, "ttt_params": self.params, "ttt_batch": self.batch,
+                "ttt_mode": self.mode,
                 "ttt_tasks": len(done), "ttt_single_demo_tasks": sum(1 for r in records if r.get("single_demo")),
                 "ttt_seconds": float(sum(r["seconds"] for r in done)), "ttt_seconds_per_task": mean("seconds"),
                 "ttt_trained_numbers": done[0]["trained_numbers"] if done else 0,

@@ -34,7 +34,7 @@ from dyntrm.config import apply_overrides, preset  # noqa: E402
 from dyntrm.data.arc import filter_max_side, load_source  # noqa: E402
 from dyntrm.cli import demo_config  # noqa: E402
 from dyntrm.data.dataset import eval_items, split_items  # noqa: E402
-from dyntrm.data.synth import family_of, write_ladder  # noqa: E402
+from dyntrm.data.synth import FAMILIES, family_of, write_ladder  # noqa: E402
 from dyntrm.evaluate import evaluate_items, metrics_of  # noqa: E402
 from dyntrm.runtime import pick_device  # noqa: E402
 from dyntrm.scoring import attempts, rerank  # noqa: E402
@@ -82,7 +82,8 @@ def run_mode(model, items, ttt: TTT | None, args, max_len: int, cap: bool) -> di
             fam: dict[str, list[float]] = {}
             for tid, task in m["tasks"].items():
                 fam.setdefault(family_of(tid), []).append(task["pass@2"])
-            row["families"] = {f: float(np.mean(v)) for f, v in fam.items()} if len(fam) > 1 else {}
+            ladder = len(fam) > 1 and all(f in FAMILIES for f in fam)  # ARC ids are not FAMILY-INDEX
+            row["families"] = {f: float(np.mean(v)) for f, v in fam.items()} if ladder else {}
         if mode == "votes":
             tests = [t for task in m["tasks"].values() for t in task["tests"]]
             solved = [t["mean_steps"] for t in tests if t["solved@2"]]
@@ -160,7 +161,7 @@ def main() -> None:
                     "(default --lr)")
     ap.add_argument("--lr-norms", type=float, default=None, help="norms-only TTT's learning rate (default --lr)")
     ap.add_argument("--views", type=int, default=4)
-    ap.add_argument("--mode", choices=MODES, default="task",
+    ap.add_argument("--mode", choices=MODES, default="view",
                     help="task: one adapted copy per task; view: one per decoding view, in its frame (--ttt-mode)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/bench_ttt", help="where --quick writes its ladder and model")

@@ -135,7 +135,8 @@ def _leaks(batches: list[np.ndarray], targets: list[np.ndarray]) -> bool:
     return any(_canonical(g) in banned for b in batches for row in b for g in _grids_of(row))
 
 
-def test_no_test_output_enters_a_ttt_batch(monkeypatch):
+@pytest.mark.parametrize("mode", ["view", "task"])
+def test_no_test_output_enters_a_ttt_batch(monkeypatch, mode):
     rng = np.random.default_rng(0)
     grid = lambda h, w: rng.integers(0, 10, (h, w)).astype(np.uint8)  # noqa: E731
     tasks = [Task(f"t{i}", tuple(Pair(grid(3, 3), grid(3, 3)) for _ in range(3)),
@@ -150,8 +151,10 @@ def test_no_test_output_enters_a_ttt_batch(monkeypatch):
         return batch
 
     monkeypatch.setattr(T, "collate", recording)
-    evaluate_items(_model(), items, n_views=2, ttt=_ttt(steps=3, batch=5))
-    assert len(seen) == 3 * 3 and all(b.shape[0] == 5 for b in seen)  # every TTT batch was recorded
+    _, stats = evaluate_items(_model(), items, n_views=2, ttt=_ttt(steps=3, batch=5, mode=mode))
+    # every TTT batch was recorded: 3 steps per adapted copy (one per task, or one per task and view)
+    assert all(b.shape[0] == 5 for b in seen) and (len(seen) == 3 * 3 if mode == "task" else len(seen) > 3 * 3)
+    assert len(seen) % 3 == 0 and stats["ttt_mode"] == mode
     targets = [it.target for it in items]
     assert not _leaks(seen, targets)
     # the check can fail: a sequence that did hold a test pair is caught, whatever view it was under
@@ -313,8 +316,8 @@ def test_eval_and_predict_with_ttt_write_its_fields(tmp_path, capsys):
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert m["ttt_steps"] == 2 and m["ttt_params"] == "routing" and m["ttt_tasks"] == 6 and m["rank"] == "both"
     assert m["ttt_seconds_per_task"] > 0 and m["ttt_single_demo_tasks"] == 0 and m["ttt_trained_numbers"] > 0
-    assert "TTT 2 steps of routing" in capsys.readouterr().out
+    assert m["ttt_mode"] == "view" and "TTT 2 steps per view of routing" in capsys.readouterr().out
     answers = tmp_path / "answers.json"
     assert main(["predict", str(run), str(TASKS / "flip_lr.json"), "--views", "1", "--ttt-steps", "1",
                  "--out", str(answers)]) == 0
-    assert list(json.loads(answers.read_text())) == ["flip_lr"] and "TTT 1 steps" in capsys.readouterr().out
+    assert list(json.loads(answers.read_text())) == ["flip_lr"] and "TTT 1 steps per view" in capsys.readouterr().out

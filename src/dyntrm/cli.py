@@ -159,9 +159,9 @@ def add_ttt_options(p: argparse.ArgumentParser, steps: int = 0) -> None:
     p.add_argument("--ttt-params", choices=PARAM_SETS, default="all",
                    help="what test-time training adapts: all, routing (router prototypes and gates), norms")
     p.add_argument("--ttt-batch", type=int, default=4, help="leave-one-out sequences per test-time training step")
-    p.add_argument("--ttt-mode", choices=MODES, default="task",
-                   help="task: one adapted copy per task, trained under random views; view: one per view it is "
-                        "decoded under, trained in that view's frame, answering that view only")
+    p.add_argument("--ttt-mode", choices=MODES, default="view",
+                   help="view (default): one adapted copy per view a task is decoded under, trained in that view's "
+                        "frame, answering that view only; task: one copy per task, trained under random views")
     p.add_argument("--rank", choices=RANKINGS, default="both",
                    help="order candidates by votes, by log-likelihood summed over the views, or by votes with ties "
                         "broken by likelihood (both; the default: never below votes in BENCHMARKS, section ttt)")
@@ -312,8 +312,9 @@ def demo_config(minutes: float):
     ])
 
 
-# The demo's test-time training, scored beside the plain model's answers: 2 steps per task (0.2 s) took the
-# 4-minute demo from pass@2 0.014 to 0.069 and the 30-minute one from 0.098 to 0.079 (BENCHMARKS.md, ttt-demo)
+# The demo's test-time training, scored beside the plain model's answers: 2 steps per task and view (1 s per task
+# with 4 views, --ttt-mode view) took a 4-minute demo's checkpoint from pass@2 0.083 to 0.131, where one copy per
+# task under random views reached 0.088 (BENCHMARKS.md, ttt-demo4-view / ttt-demo4-task)
 DEMO_TTT_STEPS = 2
 
 
@@ -346,7 +347,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     first = next(r for r in read_metrics(out) if r.get("kind") == "train")
     summary["first logged loss"] = round(first["loss"], 4)
     if ttt.steps:
-        summary["test-time training (TTT)"] = (f"{ttt.steps} steps of {ttt.params} parameters per task, "
+        per = "task and view" if ttt.mode == "view" else "task"
+        summary["test-time training (TTT)"] = (f"{ttt.steps} steps of {ttt.params} parameters per {per}, "
                                                f"{ttt.batch} leave-one-out sequences per step, lr {ttt.lr:g}")
     rows = {"pass@2": "pass@2", "pass@1": "pass@1", "shape@1": "answers of the right shape",
             "cells@1": "cells right, diagnostic", "mean_steps": "mean ACT steps"}

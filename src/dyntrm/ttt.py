@@ -1,26 +1,28 @@
 """Test-time training (issue 12): each task fine-tunes a copy of the model on its own demonstrations, then answers.
 
-For one task with demonstrations ``d_0 .. d_{n-1}`` (n >= 2) and the checkpoint's weights θ::
+For one task with demonstrations ``d_0 .. d_{n-1}`` (n >= 2), the checkpoint's weights θ, and each view v the
+task is decoded under (``--ttt-mode view``, the default)::
 
-    θ' = a copy of θ; opt = a fresh AdamW over the parameters of θ' that --ttt-params selects
+    θ_v = a copy of θ; opt = a fresh AdamW over the parameters of θ_v that --ttt-params selects
     for k in 0..K-1:
-        batch: B sequences; sequence b takes d_j as its query, j = (k·B + b) mod n (every demonstration in
-               turn), the other n - 1 as its context, all under a fresh random view (dihedral x colours x order)
+        batch: B sequences; sequence b takes v(d_j) as its query, j = (k·B + b) mod n (every demonstration in
+               turn), the other n - 1 as its context in a random order, as view v shows them (no other transform)
         loss = the training loss (loss.compute_loss: deep-supervised LM on output grids + ACT targets, so the
                halting rule learns the task too; train.grad_steps respected)
-        θ' ← AdamW step (the run's groups, betas and gradient clipping; constant learning rate)
-    decode the task's test inputs under every view with θ'; drop θ'
+        θ_v ← AdamW step (the run's groups, betas and gradient clipping; constant learning rate)
+    decode the task's test inputs under view v with θ_v; drop θ_v once the task is answered
+
+The copy learns the task's rule in the frame it answers in. ``--ttt-mode task`` adapts one copy per task under a
+fresh random view (dihedral x colours x order) per sequence and lets it answer every view: it must then keep
+inferring which transform of the rule each sequence shows, which the model does poorly (BENCHMARKS "rule
+selection"); per view measured better on the ladder and on the demo ("ttt-view", "ttt-demo4-*"), at K x views
+steps per task.
 
 θ is never written: every task starts from a fresh copy, so nothing of one task reaches another. A test output
 cannot enter: the batches are built from the demonstrations alone (:func:`loo_batch` never sees an ``EvalItem``,
 which carries the target). A task with a single demonstration has no leave-one-out pair: it is answered by θ
 itself, said on stderr and counted. Given a seed, everything is deterministic: a task's views depend on
 (seed, task id) only, not on which tasks came before it.
-
-``--ttt-mode view`` adapts one copy per view the task is decoded under instead, on the demonstrations as that
-view shows them (their order shuffled, no further dihedral or colour change), and that copy answers that view
-only: the weights can then learn the task's rule in the frame they answer in, where a copy trained under random
-views has to keep inferring which transform of the rule each sequence shows (K x views steps per task).
 
 ``--ttt-lr`` is the learning rate of the parameters trained; under ``all`` the routers keep the recipe's
 ``train.routing_lr_mult`` beside it, as in training.
@@ -107,7 +109,7 @@ class TTT:
     batch: int = 4  # leave-one-out sequences per step
     seed: int = 0
     recipe: TrainConfig = field(default_factory=TrainConfig)
-    mode: Literal["task", "view"] = "task"
+    mode: Literal["task", "view"] = "view"
 
     def __post_init__(self):
         if self.steps < 0:

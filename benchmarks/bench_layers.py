@@ -191,18 +191,28 @@ def step_trainer(cfg, tokens_per_batch: int, variant: str | None = None, overrid
     return tr, max((plan.batch(i, tr.data.items) for i in range(len(plan))), key=lambda b: b.n_tokens)
 
 
+# the default step with one switch changed, timed beside it (the breakdown of dyn_vs_dense_train_step)
+STEP_ABLATIONS = {"without SARS (shaping.kind=none)": ("shaping.kind=none",),
+                  "8 attention experts (model.attn_experts=8)": ("model.attn_experts=8",),
+                  "sparse attention composition (model.attn_active=4)": ("model.attn_active=4",)}
+
+
 def bench_train_step(cfg, n_rounds: int, tokens_per_batch: int) -> dict:
     """The preset's training step (its shaper, SARS by default) and the dense variant's on the same batch."""
     dyn, batch = step_trainer(cfg, tokens_per_batch)
     dense, dense_batch = step_trainer(cfg, tokens_per_batch, "dense")
     assert torch.equal(batch.tokens, dense_batch.tokens)
-    t = rounds({"dyn": lambda: dyn.step([batch]), "dense": lambda: dense.step([batch])}, n_rounds)
+    runs = {"dyn": lambda: dyn.step([batch]), "dense": lambda: dense.step([batch])}
+    for name, overrides in STEP_ABLATIONS.items():  # where DynTRM's step time goes: one switch at a time
+        tr, _ = step_trainer(cfg, tokens_per_batch, overrides=overrides)
+        runs[name] = lambda tr=tr: tr.step([batch])
+    t = rounds(runs, n_rounds)
     real = batch.n_tokens
     ctx = float(batch.attention_mask.sum(1).float().mean())
     m = dyn.cfg.model
     flops = 3 * m.max_steps * real * model_info(m, int(ctx))["flops_per_token_step"]
     return {"seconds": t["dyn"], "dense_seconds": t["dense"], "tokens": real, "flops": flops,
-            "shape": list(batch.tokens.shape)}
+            "shape": list(batch.tokens.shape), "ablations": {k: t[k] for k in STEP_ABLATIONS}}
 
 
 def _peak_rss(cfg, tokens_per_batch: int, overrides: tuple[str, ...], queue) -> None:
@@ -259,6 +269,7 @@ def main() -> None:
         "train_step_tokens_per_s": step["tokens"] / step["seconds"],
         "train_step_frac_of_matmul": step["flops"] / step["seconds"] / rate,
         "dyn_vs_dense_train_step": step["seconds"] / step["dense_seconds"],
+        **{f"dyn_vs_dense_train_step [{k}]": v / step["dense_seconds"] for k, v in step["ablations"].items()},
         "train_step_peak_rss_mib": rss["plain"],
         "train_step_checkpointed_peak_rss_mib": rss["checkpointed"],
         "quick": q,
@@ -294,6 +305,8 @@ def main() -> None:
               "goal >= 30%"],
              ["  vs the dense variant, same batch", f"{step['dense_seconds']:.2f} s dense",
               f"{fig['dyn_vs_dense_train_step']:.2f}x the time", "goal <= 1.5x"],
+             *[[f"  {name}", f"{sec:.2f} s", f"{sec / step['dense_seconds']:.2f}x the dense step", ""]
+               for name, sec in step["ablations"].items()],
              ["  peak RSS of a process running it, plain / train.checkpoint_steps",
               f"{rss['plain']:.0f} / {rss['checkpointed']:.0f} MiB", "", ""]]
     text = table(["measurement", "time", "figure", "note"], rows)

@@ -73,7 +73,8 @@ class ModelConfig:
                "beside the 1-D RoPE): origin = row and column from the top-left; borders = also from the bottom "
                "and right borders (needs model.size_header, which tells the size before the cells)")
     pair_embed: bool = opt(False, "a learned embedding of each token's pair, counted back from the query (0), and "
-                                  "of its side (input or output grid), added to its token embedding")
+                                  "of its side (input or output grid), added to its token embedding (measured "
+                                  "worse on the ladder: BENCHMARKS, rule selection)")
 
     @property
     def d_head(self) -> int:

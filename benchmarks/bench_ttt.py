@@ -182,18 +182,18 @@ def main() -> None:
     rows = []
     for set_name, items in sets.items():
         base = None
-        for mode in ("none", *args.params):
-            ttt = None if mode == "none" else TTT(args.steps, lrs[mode], mode, args.batch, args.seed, cfg.train,
-                                                        mode=args.mode)
-            row = {"set": set_name, "mode": mode, **run_mode(model, items, ttt, args, cfg.data.max_len, cap)}
-            base = row if mode == "none" else base
+        for which in ("none", *args.params):
+            ttt = None if which == "none" else TTT(args.steps, lrs[which], which, args.batch, args.seed, cfg.train,
+                                                         mode=args.mode)
+            row = {"set": set_name, "mode": which, **run_mode(model, items, ttt, args, cfg.data.max_len, cap)}
+            base = row if which == "none" else base
             rows.append(row)
             sizes[set_name] = (f"{len(items)} test inputs of {len({i.task_id for i in items})} tasks, "
                                f"{row['prompts_shortened']} prompts shortened and {row['too_long']} too long "
                                f"for max_len "
                                f"{cfg.data.max_len}, "
                                f"{row['single_demo_tasks']} with a single demonstration (no TTT)")
-            print(f"[{set_name} | {mode}] pass@2 votes {row['pass@2 votes']:.3f} likelihood "
+            print(f"[{set_name} | {which}] pass@2 votes {row['pass@2 votes']:.3f} likelihood "
                   f"{row['pass@2 likelihood']:.3f} both {row['pass@2 both']:.3f}; {row['seconds']:.0f} s", flush=True)
         full = next((r for r in rows if r["set"] == set_name and r["mode"] == "all"), None)
         routing = next((r for r in rows if r["set"] == set_name and r["mode"] == "routing"), None)

@@ -22,7 +22,7 @@ from dyntrm.data.tokens import END, IN, OUT, SIZE0, VOCAB_SIZE, decode_answer, t
 from dyntrm.evaluate import evaluate_items
 from dyntrm.model import ArcTransformer
 from dyntrm.model.generate import Generation
-from dyntrm.rescore import view_likelihoods
+from dyntrm.rescore import candidate_likelihoods
 from dyntrm.ttt import TTT, loo_batch, task_loss, trainable
 from helpers import TASKS, debug_cfg, params
 from conftest import grids
@@ -272,7 +272,7 @@ def test_a_candidate_is_scored_as_each_view_would_write_it(g, seed):
     model = PrefersZero()
     item = EvalItem("t", 0, (Pair(G([1, 2]), G([2, 1])),), G([3]), None)
     vs = views(4, seed=seed)
-    view_likelihoods(model, item, [g], vs)
+    candidate_likelihoods(model, [([(v, item.prompt(v).tokens) for v in vs], [g])])
     rows = [row for batch in model.seen for row in batch.numpy()]
     assert len(rows) == len(vs)
     for v in vs:  # two views can show this tiny task alike: then either of their rows may be v's

@@ -23,7 +23,6 @@ from torch import nn
 
 from .data.augment import Augmentation
 from .data.batching import padded
-from .data.dataset import EvalItem
 from .data.tokens import END, PAD, grid_tokens
 
 
@@ -76,10 +75,3 @@ def candidate_likelihoods(model: nn.Module, jobs: Sequence[tuple[Sequence[tuple[
     return [[float(x) for x in scores[start:start + n * k].reshape(n, k).sum(1)] if n else []
             for start, n, k in spans]
 
-
-def view_likelihoods(model: nn.Module, item: EvalItem, grids: Sequence[np.ndarray], vs: Sequence[Augmentation],
-                     *, tokens_per_batch: int = 131072) -> list[float]:
-    """Each candidate grid's total answer log-likelihood over the views ``vs`` of ``item``."""
-    header = bool(model.cfg.size_header)
-    prompts = [(v, item.prompt(v, header=header).tokens) for v in vs]
-    return candidate_likelihoods(model, [(prompts, grids)], tokens_per_batch=tokens_per_batch)[0]

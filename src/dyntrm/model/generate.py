@@ -181,7 +181,8 @@ def decode(model: nn.Module, token_B: torch.Tensor, state: DecodeState, tap: Tap
     the experts run densely with the inactive ones weighing 0): what :class:`DecodeGraph` captures. Same values.
     """
     coords_B1K = None if state.cursor is None else state.cursor.step(token_B)[:, None]
-    pairs_B1 = torch.full_like(token_B[:, None], PAIR_ANSWER)  # every written token is in the query's output
+    # model.pair_embed: every written token is in the query's output grid
+    pairs_B1 = None if model.pair_embed is None else torch.full_like(token_B[:, None], PAIR_ANSWER)
     x0_B1D = model.embed_tokens(token_B[:, None], coords_B1K, pairs_B1)
     x_B1D = x0_B1D
     pos_B = state.pos

@@ -16,6 +16,8 @@ from dyntrm.model.layers import Rope, apply_rope
 
 torch.set_default_dtype(torch.float32)
 
+VARIANTS = ["dyn", "dense", "dynsiha", "dynmoe"]  # model.variant: both halves routed, neither, attention, FFN
+
 
 def model_cfg(**kw):
     cfg = preset("debug").model
@@ -285,7 +287,7 @@ def test_causality():
         assert (out[:, :, t:] - base[:, :, t:]).abs().max() > 1e-6
 
 
-@pytest.mark.parametrize("variant", ["dyn", "dense"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_padded_batch_equals_each_sample_alone(variant):
     m = make(seed=7, variant=variant)
     with torch.no_grad():  # the halt head starts at zero weights: make q_halt depend on the input
@@ -367,7 +369,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skip
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("variant", ["dyn", "dense"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_kv_cache_decoding_equals_full_recompute(variant, device):
     """On the CPU in float64; on CUDA in float32, through its own kernels (SDPA, one composition chunk)."""
     dtype, rtol, atol = (torch.float64, 0.0, 1e-5) if device == "cpu" else (torch.float32, 1e-4, 1e-4)
@@ -433,7 +435,7 @@ def test_output_shapes(batch, length, seed):
 
 
 @pytest.mark.parametrize("name", ["debug", "tiny"])
-@pytest.mark.parametrize("variant", ["dyn", "dense"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_info_parameter_counts_match_the_model(name, variant):
     from dyntrm.model.info import model_info
 
@@ -442,10 +444,32 @@ def test_info_parameter_counts_match_the_model(name, variant):
     m = ArcTransformer(cfg)
     info = model_info(cfg)
     assert info["params_total"] == sum(p.numel() for p in m.parameters())
-    if variant == "dyn":
+    if variant in ("dyn", "dynsiha"):
         assert info["params_attn_library"] == m.attn_expert_library.w1.numel() + m.attn_expert_library.w2.numel()
+    else:
+        assert m.attn_expert_library is None and "params_attn_library" not in info
+    if variant in ("dyn", "dynmoe"):
         assert info["params_ffn_library"] == m.ffn_expert_library.w1.numel() + m.ffn_expert_library.w2.numel()
         assert info["params_active_per_token"] < info["params_total"]
+    else:
+        assert m.ffn_expert_library is None and info["params_active_per_token"] == info["params_total"]
+
+
+def test_hybrid_variants_take_each_half_from_one_side():
+    """dynsiha = DynSIHA+ attention with the dense FFN; dynmoe = dense attention with DynMoE: each half's
+    parameters are exactly those of the variant it comes from (so the halves are the same modules)."""
+    cfg = preset("debug").model
+    built = {v: ArcTransformer(replace(cfg, variant=v)) for v in VARIANTS}
+
+    def shapes(m, part):
+        return [(n, p.shape) for n, p in m.named_parameters() if n.startswith(part)]
+
+    for hybrid, attn_from, ffn_from in (("dynsiha", "dyn", "dense"), ("dynmoe", "dense", "dyn")):
+        m = built[hybrid]
+        assert shapes(m, "block.attn") == shapes(built[attn_from], "block.attn")
+        assert shapes(m, "attn_expert_library") == shapes(built[attn_from], "attn_expert_library")
+        assert shapes(m, "block.ffn") == shapes(built[ffn_from], "block.ffn")
+        assert shapes(m, "ffn_expert_library") == shapes(built[ffn_from], "ffn_expert_library")
 
 
 def test_dense_variant_has_the_same_active_ffn_width():

@@ -209,18 +209,25 @@ def test_meta_gradient_is_nonzero_lands_only_in_routing_and_changes_it():
             assert torch.equal(p.grad, main[n]), n
 
 
-def test_sars_changes_routing_parameters_relative_to_none():
+@pytest.mark.parametrize("variant", ["dyn", "dynsiha", "dynmoe"])
+def test_sars_changes_routing_parameters_relative_to_none(variant):
+    """On the full model and on each half-routed variant (whose routers are those of one library only)."""
     # no clipping: the global gradient norm (which includes the meta gradient) then scales nothing else
     a, before_a, m = _step_once("sars", **{"shaping.token_rate": 1, "shaping.meta_weight": 10.0,
-                                           "train.grad_clip": 0})
-    b, before_b, _ = _step_once("none", **{"train.grad_clip": 0})
+                                           "train.grad_clip": 0, "model.variant": variant})
+    b, before_b, _ = _step_once("none", **{"train.grad_clip": 0, "model.variant": variant})
     pa, pb = params(a.model), params(b.model)
     assert all(torch.equal(before_a[k], before_b[k]) for k in before_a)  # same seed, same start
     routing = [k for k in pa if k.endswith((".proto", ".gate"))]
     assert all(not torch.equal(pa[k], pb[k]) for k in routing)  # the meta loss moved every routing tensor
     assert all(torch.equal(pa[k], pb[k]) for k in pa if k not in routing)  # and nothing else
+    assert len(routing) == {"dyn": 4, "dynsiha": 2, "dynmoe": 2}[variant]
     assert m["meta_loss"] > 0 and m["meta_grad_norm"] > 0
-    assert {"goodness", "cost", "meta_entropy", "entropy_q", "active_ffn", "usage_v"} <= set(m)
+    assert {"goodness", "cost", "meta_entropy"} <= set(m)
+    if variant != "dynmoe":
+        assert {"entropy_q", "usage_v"} <= set(m)
+    if variant != "dynsiha":
+        assert "active_ffn" in set(m)
 
 
 def test_meta_only_routing_learns_from_the_meta_loss_alone(monkeypatch):

@@ -90,8 +90,8 @@ def cmd_info(args: argparse.Namespace) -> None:
     m = cfg.model
     console.print(f"preset {args.preset}: variant {m.variant}, d_model {m.d_model}, {m.n_heads} heads, "
                   f"N = {m.max_steps}"
-                  + (f", {m.attn_experts} attention experts (hidden {m.attn_expert_hidden}), "
-                     f"{m.ffn_experts} FFN experts ({m.ffn_active:g} active)" if m.variant == "dyn" else ""))
+                  + (f", {m.attn_experts} attention experts (hidden {m.attn_expert_hidden})" if m.dyn_attn else "")
+                  + (f", {m.ffn_experts} FFN experts ({m.ffn_active:g} active)" if m.dyn_ffn else ""))
     table = Table()
     table.add_column("quantity")
     table.add_column("value", justify="right")

@@ -41,8 +41,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    variant: Literal["dyn", "dense"] = opt("dyn", "dyn: expert libraries + routers; dense: plain attention and FFN "
-                                                  "of the same active width (the ablation baseline)")
+    variant: Literal["dyn", "dense", "dynsiha", "dynmoe"] = opt(
+        "dyn", "dyn: expert libraries + routers; dense: plain attention and FFN of the same active width (the "
+               "ablation baseline); dynsiha: DynSIHA+ attention, dense FFN; dynmoe: dense attention, DynMoE FFN")
     vocab_size: int = opt(48, "embedding rows (the 47 tokens: 10 colours, 7 specials, 30 sizes; padded to 48)")
     d_model: int = opt(128, "width of the residual stream")
     n_heads: int = opt(4, "physical attention heads; d_head = d_model / n_heads")
@@ -81,9 +82,19 @@ class ModelConfig:
         return self.d_model // self.n_heads
 
     @property
+    def dyn_attn(self) -> bool:
+        """Whether attention is DynSIHA+ (composed from the attention library): variants dyn and dynsiha."""
+        return self.variant in ("dyn", "dynsiha")
+
+    @property
+    def dyn_ffn(self) -> bool:
+        """Whether the FFN is DynMoE (routed over the FFN library): variants dyn and dynmoe."""
+        return self.variant in ("dyn", "dynmoe")
+
+    @property
     def attn_sparse(self) -> bool:
-        """Whether the attention composition is sparse: ``0 < attn_active < attn_experts``."""
-        return 0 < self.attn_active < self.attn_experts
+        """Whether the attention composition is sparse: DynSIHA+ with ``0 < attn_active < attn_experts``."""
+        return self.dyn_attn and 0 < self.attn_active < self.attn_experts
 
     @property
     def attn_expert_hidden(self) -> int:

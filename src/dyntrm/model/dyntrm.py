@@ -69,12 +69,11 @@ class DynTRMBlock(nn.Module):
         super().__init__()
         d = cfg.d_model
         self.norm1, self.norm2 = RMSNorm(d, cfg.norm_eps), RMSNorm(d, cfg.norm_eps)
-        if cfg.variant == "dyn":
-            self.attn = DynSIHA(d, cfg.n_heads, cfg.attn_experts, cfg.attn_shared, cfg.attn_active)
-            self.ffn = DynMoE(d, cfg.ffn_experts, cfg.ffn_active, cfg.ffn_mult * d if cfg.ffn_shared else 0)
-        else:
-            self.attn = DenseAttention(d, cfg.n_heads)
-            self.ffn = DenseFFN(d, round(cfg.ffn_active * cfg.ffn_mult * d))
+        # model.variant: each half is routed over its library or dense, independently (the ablations)
+        self.attn = (DynSIHA(d, cfg.n_heads, cfg.attn_experts, cfg.attn_shared, cfg.attn_active) if cfg.dyn_attn
+                     else DenseAttention(d, cfg.n_heads))
+        self.ffn = (DynMoE(d, cfg.ffn_experts, cfg.ffn_active, cfg.ffn_mult * d if cfg.ffn_shared else 0)
+                    if cfg.dyn_ffn else DenseFFN(d, round(cfg.ffn_active * cfg.ffn_mult * d)))
         self.halt_norm = RMSNorm(d, cfg.norm_eps)
         self.halt = nn.Linear(d, 2)  # (q_halt, q_continue)
 
@@ -104,11 +103,9 @@ class ArcTransformer(nn.Module):
         self.coord_embed = nn.ModuleList(nn.Embedding(MAX_SIDE + 2, d) for _ in range(n_coords))
         # model.pair_embed: which pair (counted back from the query) and which side of it a token is on
         self.pair_embed = nn.Embedding(2 * MAX_PAIR + 3, d) if cfg.pair_embed else None
-        if cfg.variant == "dyn":
-            self.attn_expert_library = ExpertLibrary(cfg.attn_experts, dh, cfg.attn_expert_hidden, dh)
-            self.ffn_expert_library = ExpertLibrary(cfg.ffn_experts, d, cfg.ffn_mult * d, d)
-        else:
-            self.attn_expert_library = self.ffn_expert_library = None
+        self.attn_expert_library = (ExpertLibrary(cfg.attn_experts, dh, cfg.attn_expert_hidden, dh) if cfg.dyn_attn
+                                    else None)
+        self.ffn_expert_library = ExpertLibrary(cfg.ffn_experts, d, cfg.ffn_mult * d, d) if cfg.dyn_ffn else None
         self.block = DynTRMBlock(cfg)
         self.step_embed = nn.Parameter(torch.zeros(cfg.max_steps, d)) if cfg.step_embedding else None
         self.norm = RMSNorm(d, cfg.norm_eps)
@@ -146,12 +143,12 @@ class ArcTransformer(nn.Module):
             else:
                 attn_std = math.sqrt(2.0 / n) * math.sqrt(2.0 / hid)
             self.attn_expert_library.init_weights(out_std=attn_std)
+        self.block.attn.init_weights(out_std)
+        if self.ffn_expert_library is not None:
             self.ffn_expert_library.init_weights(out_std=out_std * math.sqrt(cfg.d_model / (cfg.ffn_mult * cfg.d_model))
                                                  / math.sqrt(max(cfg.ffn_active, 1.0)))
-            self.block.attn.init_weights(out_std)
             self.block.ffn.init_weights(out_std * math.sqrt(1.0 / cfg.ffn_mult))
         else:
-            self.block.attn.init_weights(out_std)
             self.block.ffn.init_weights(out_std * math.sqrt(cfg.d_model / self.block.ffn.mlp.w1.out_features))
         # The halt head starts undecided toward "continue": sigmoid(q_halt - q_continue) = sigmoid(-2).
         nn.init.zeros_(self.block.halt.weight)
@@ -250,7 +247,7 @@ class ArcTransformer(nn.Module):
         out = ModelOutput(torch.stack(logits), torch.stack(q_halt), torch.stack(q_continue),
                           torch.full((B,), N, device=tokens.device), l1 / (n_real * n_trained),
                           (active / (n_real * n_trained)).detach(), detach_steps)
-        if self.cfg.variant == "dyn" and self.block.attn.sparse:  # per real (token, head, channel) and step
+        if self.cfg.attn_sparse:  # per real (token, head, channel) and step
             rows = n_real * n_trained * self.cfg.n_heads * 3
             out.attn_l1, out.attn_active = attn_l1 / rows, (attn_active / rows).detach()
         return out

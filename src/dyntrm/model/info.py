@@ -27,36 +27,44 @@ def model_info(cfg: ModelConfig, context: int = 1024) -> dict[str, float]:
         "attention_out": 2 * d * d,
         "lm_head": 2 * d * V,  # every step predicts (deep supervision)
     }
-    if cfg.variant == "dyn":
-        E, F, Ef, Ff = cfg.attn_experts, cfg.attn_expert_hidden, cfg.ffn_experts, cfg.ffn_mult * d
+    params, inactive_ffn = dict(common), 0
+    params["attn_out"] = d * d
+    if cfg.dyn_attn:
+        E, F = cfg.attn_experts, cfg.attn_expert_hidden
         # experts run per (token, head): all E under dense composition; under a sparse one the target per channel
         # (a lower bound: an expert active in any of q, k, v runs once for all three)
         Ea = cfg.attn_active if cfg.attn_sparse else E
-        params = {
+        params |= {
             "attn_library": E * 2 * dh * F,
-            "ffn_library": Ef * 2 * d * Ff,
             "attn_routing": 3 * E * (dh + 1),
-            "attn_out": d * d,
-            "ffn_routing": Ef * (d + 1),
             "attn_shared": 3 * d * d if cfg.attn_shared else 0,  # model.attn_shared: one linear Q/K/V expert
-            "ffn_shared": 2 * d * Ff if cfg.ffn_shared else 0,  # model.ffn_shared: one always-active FFN expert
-            **common,
         }
         flops |= {
             "attn_routing": H * 3 * 2 * dh * E,
             "attn_library": H * Ea * 2 * 2 * dh * F,
             "attn_composition": H * 3 * 2 * Ea * dh,
+            "attn_shared": 2 * 3 * d * d if cfg.attn_shared else 0,
+        }
+    else:
+        params["attn_qkv"] = 3 * d * d
+        flops["attn_qkv"] = 2 * 3 * d * d
+    if cfg.dyn_ffn:
+        Ef, Ff = cfg.ffn_experts, cfg.ffn_mult * d
+        params |= {
+            "ffn_library": Ef * 2 * d * Ff,
+            "ffn_routing": Ef * (d + 1),
+            "ffn_shared": 2 * d * Ff if cfg.ffn_shared else 0,  # model.ffn_shared: one always-active FFN expert
+        }
+        flops |= {
             "ffn_routing": 2 * d * Ef,
             "ffn_experts": cfg.ffn_active * 2 * 2 * d * Ff,  # only the active experts run
-            "attn_shared": 2 * 3 * d * d if cfg.attn_shared else 0,
             "ffn_shared": 2 * 2 * d * Ff if cfg.ffn_shared else 0,
         }
         inactive_ffn = (Ef - cfg.ffn_active) * 2 * d * Ff
     else:
         hidden = round(cfg.ffn_active * cfg.ffn_mult * d)
-        params = {"attn_qkv": 3 * d * d, "attn_out": d * d, "ffn": 2 * d * hidden, **common}
-        flops |= {"attn_qkv": 2 * 3 * d * d, "ffn": 2 * 2 * d * hidden}
-        inactive_ffn = 0
+        params["ffn"] = 2 * d * hidden
+        flops["ffn"] = 2 * 2 * d * hidden
     total = sum(params.values())
     return {
         "params_total": total,

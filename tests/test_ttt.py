@@ -71,7 +71,8 @@ def test_ttt_leaves_the_model_untouched_and_tasks_independent():
     other = _adapted(model, replace(ttt, seed=1), [it for it in items if it.task_id == last])[last]
     assert any(not torch.equal(other[k], v) for k, v in alone.items())
     # the answers of a task do not depend on the tasks evaluated before it
-    solo, _ = evaluate_items(model, [items[-1]], n_views=2, seed=len(items) - 1, ttt=ttt)
+    n_tasks = len({it.task_id for it in items})  # views are seeded by task: the last task is number n_tasks - 1
+    solo, _ = evaluate_items(model, [items[-1]], n_views=2, seed=n_tasks - 1, ttt=ttt)
     assert [a.tolist() for a in solo[0].attempts] == [a.tolist() for a in results[-1].attempts]
 
 
@@ -92,6 +93,18 @@ def test_view_mode_adapts_one_copy_per_view_in_that_views_frame():
             assert all(torch.equal(a, b) for a, b in zip(params(m).values(), params(want).values()))
     results, stats = evaluate_items(model, items, n_views=3, ttt=ttt, rank="both")
     assert stats["ttt_mode"] == "view" and len(results) == 2 and all(len(r.steps) == 3 for r in results)
+
+
+def test_a_tasks_test_inputs_share_views_so_view_mode_adapts_once_per_view():
+    model, items = _model(), split_items(debug_cfg())[:2]
+    second = replace(items[0], index=1, input=items[0].input[::-1].copy())  # another test input of task 0
+    fitted = E.fit_prompts([items[0], items[1], second], 3, seed=0, limit=None, header=True)
+    assert [v for v, _ in fitted[0].prompts] == [v for v, _ in fitted[2].prompts]
+    assert [v for v, _ in fitted[0].prompts] != [v for v, _ in fitted[1].prompts]
+    owners = [(i, v) for i, f in enumerate(fitted) for v, _ in f.prompts]
+    groups = list(_ttt(mode="view").per_task(model, [items[0], items[1], second], owners))
+    assert [r["views"] for _, r in groups] == [3, 3]  # task 0: three copies for its six prompts
+    assert [len(sel) for sel in (s for _, s in groups[0][0])] == [2, 2, 2]
 
 
 def test_a_frame_kept_batch_holds_the_demonstrations_as_given():

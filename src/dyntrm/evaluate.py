@@ -72,12 +72,15 @@ def _longest(encs: list[tuple[Augmentation, Encoded]]) -> int:
 
 def fit_prompts(items: Sequence[EvalItem], n_views: int, seed: int, limit: int | None, header: bool
                 ) -> list[Fitted]:
-    """Every item's prompts under ``n_views`` views (seeded ``seed + item index``). A prompt over ``limit`` tokens
-    loses demonstrations, the largest first (most cells; the last of equals first), until every view fits: an
-    answer from fewer demonstrations beats none. An item whose bare query does not fit gets no prompt."""
+    """Every item's prompts under ``n_views`` views, seeded ``seed + task index`` (tasks numbered in order of first
+    appearance): the test inputs of one task share their views, so per-view test-time training adapts one copy
+    per view of the task, not of each input. A prompt over ``limit`` tokens loses demonstrations, the largest first
+    (most cells; the last of equals first), until every view fits: an answer from fewer demonstrations beats none.
+    An item whose bare query does not fit gets no prompt."""
     out = []
-    for i, it in enumerate(items):
-        vs = views(n_views, seed=seed + i)
+    task_index: dict[str, int] = {}
+    for it in items:
+        vs = views(n_views, seed=seed + task_index.setdefault(it.task_id, len(task_index)))
         order = sorted(range(len(it.demos)), key=lambda j: (it.demos[j].input.size + it.demos[j].output.size, j))
         keep = list(range(len(it.demos)))
         shown = it

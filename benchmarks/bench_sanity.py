@@ -24,6 +24,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -141,6 +142,15 @@ def render(rows: list[dict], ref: dict, families: list[str], args) -> str:
     return text + "\n\nVariants: " + "; ".join(overrides) + "."
 
 
+def die_with_parent() -> None:
+    """A worker's initializer: on Linux the kernel sends it SIGTERM when this benchmark dies (killed or
+    interrupted), so that no orphaned training run goes on holding a core."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget-minutes", type=float, default=15.0)
@@ -185,7 +195,8 @@ def main() -> None:
     kw = dict(args=args, source=source, items=items, minutes=args.budget_minutes, steps=None, diag_items=diag_items)
     if args.jobs > 1:  # equal time on equal cores: each variant its share of the cores, all at once
         threads = max(1, (os.cpu_count() or 1) // args.jobs)
-        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=die_with_parent) as pool:
             futures = {spec: pool.submit(run_variant, name, [*ov, f"train.threads={threads}"], **kw)
                        for spec, name, ov in timed}
             by_spec = {spec: f.result() for spec, f in futures.items()}

@@ -191,6 +191,27 @@ def step_trainer(cfg, tokens_per_batch: int, variant: str | None = None, overrid
     return tr, max((plan.batch(i, tr.data.items) for i in range(len(plan))), key=lambda b: b.n_tokens)
 
 
+@torch.no_grad()
+def routers_at_target(tr, batch) -> float:
+    """Set DynMoE's gates so that the target number of experts (``model.ffn_active``) is active per real token on
+    ``batch`` on average over the recursion steps, as training holds it within a few hundred steps (at
+    initialisation the gates open twice the target: a step timed there runs twice the FFN experts). Returns the
+    mean active experts per token before the change (the initial state's)."""
+    moe, cfg = tr.model.block.ffn, tr.cfg.model
+    seen = []
+    hook = moe.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    try:
+        tr.model(batch.tokens, batch.attention_mask)
+    finally:
+        hook.remove()
+    valid = batch.attention_mask.bool().reshape(-1)
+    r = torch.cat([moe.logits(h.reshape(-1, h.shape[-1]))[valid, 0] + moe.gate for h in seen])  # (rows, E)
+    before = float((r - moe.gate > 0).sum(1).float().mean())
+    moe.gate.fill_(torch.quantile(r.flatten(), 1 - cfg.ffn_active / cfg.ffn_experts).item())
+    return before
+
+
+AT_INIT = "at initialisation (FFN gates not yet at the target)"
 # the default step with one switch changed, timed beside it (the breakdown of dyn_vs_dense_train_step)
 STEP_ABLATIONS = {"without SARS (shaping.kind=none)": ("shaping.kind=none",),
                   "8 attention experts (model.attn_experts=8)": ("model.attn_experts=8",),
@@ -203,8 +224,12 @@ def bench_train_step(cfg, n_rounds: int, tokens_per_batch: int) -> dict:
     dense, dense_batch = step_trainer(cfg, tokens_per_batch, "dense")
     assert torch.equal(batch.tokens, dense_batch.tokens)
     runs = {"dyn": lambda: dyn.step([batch]), "dense": lambda: dense.step([batch])}
+    init_dyn, _ = step_trainer(cfg, tokens_per_batch)  # as initialised: DynMoE's gates open twice the target
+    runs[AT_INIT] = lambda: init_dyn.step([batch])
+    active_init = routers_at_target(dyn, batch)
     for name, overrides in STEP_ABLATIONS.items():  # where DynTRM's step time goes: one switch at a time
         tr, _ = step_trainer(cfg, tokens_per_batch, overrides=overrides)
+        routers_at_target(tr, batch)
         runs[name] = lambda tr=tr: tr.step([batch])
     t = rounds(runs, n_rounds)
     real = batch.n_tokens
@@ -212,7 +237,8 @@ def bench_train_step(cfg, n_rounds: int, tokens_per_batch: int) -> dict:
     m = dyn.cfg.model
     flops = 3 * m.max_steps * real * model_info(m, int(ctx))["flops_per_token_step"]
     return {"seconds": t["dyn"], "dense_seconds": t["dense"], "tokens": real, "flops": flops,
-            "shape": list(batch.tokens.shape), "ablations": {k: t[k] for k in STEP_ABLATIONS}}
+            "shape": list(batch.tokens.shape), "active_init": active_init,
+            "ablations": {k: t[k] for k in (AT_INIT, *STEP_ABLATIONS)}}
 
 
 def _peak_rss(cfg, tokens_per_batch: int, overrides: tuple[str, ...], queue) -> None:
@@ -300,7 +326,9 @@ def main() -> None:
                      f"{frac:.3f} of full (n/N = {n / N:.3f})", f"goal <= {1.1 * n / N:.3f}"])
     sh = cfg.shaping
     rows += [[f"tiny training step {step['shape']} (shaping {sh.kind}"
-              + (f" at token_rate {sh.token_rate}" if sh.kind == "sars" else "") + ")", f"{step['seconds']:.2f} s",
+              + (f" at token_rate {sh.token_rate}" if sh.kind == "sars" else "")
+              + f"; {cfg.model.ffn_active:g} FFN experts active, {step['active_init']:.2f} at init)",
+              f"{step['seconds']:.2f} s",
               f"{fig['train_step_tokens_per_s']:.0f} tok/s, {fig['train_step_frac_of_matmul']:.0%} of matmul rate",
               "goal >= 30%"],
              ["  vs the dense variant, same batch", f"{step['dense_seconds']:.2f} s dense",

@@ -369,11 +369,16 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skip
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", [*VARIANTS, "dyn+qk_norm", "dense+qk_norm"])
 def test_kv_cache_decoding_equals_full_recompute(variant, device):
     """On the CPU in float64; on CUDA in float32, through its own kernels (SDPA, one composition chunk)."""
     dtype, rtol, atol = (torch.float64, 0.0, 1e-5) if device == "cpu" else (torch.float32, 1e-4, 1e-4)
-    m = make(seed=12, dtype=dtype, variant=variant).to(device)
+    variant, _, norm = variant.partition("+")
+    m = make(seed=12, dtype=dtype, variant=variant, qk_norm=bool(norm)).to(device)
+    if norm:  # gains away from 1, so that a path that skipped them would differ
+        with torch.no_grad():
+            for p in m.block.attn.qk_norm.parameters():
+                p.uniform_(0.5, 2.0)
     lengths = torch.tensor([9, 5, 7], device=device)
     T = int(lengths.max())
     prompts = torch.randint(0, 17, (3, T), device=device)
@@ -435,24 +440,60 @@ def test_output_shapes(batch, length, seed):
 
 
 @pytest.mark.parametrize("name", ["debug", "tiny"])
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", [*VARIANTS, "dyn+qk_norm"])
 def test_info_parameter_counts_match_the_model(name, variant):
     from dyntrm.model.info import model_info
 
     cfg = preset(name).model
-    cfg.variant = variant
+    cfg.variant, _, norm = variant.partition("+")
+    cfg.qk_norm = bool(norm)
     m = ArcTransformer(cfg)
     info = model_info(cfg)
     assert info["params_total"] == sum(p.numel() for p in m.parameters())
-    if variant in ("dyn", "dynsiha"):
+    if cfg.variant in ("dyn", "dynsiha"):
         assert info["params_attn_library"] == m.attn_expert_library.w1.numel() + m.attn_expert_library.w2.numel()
     else:
         assert m.attn_expert_library is None and "params_attn_library" not in info
-    if variant in ("dyn", "dynmoe"):
+    if cfg.variant in ("dyn", "dynmoe"):
         assert info["params_ffn_library"] == m.ffn_expert_library.w1.numel() + m.ffn_expert_library.w2.numel()
         assert info["params_active_per_token"] < info["params_total"]
     else:
         assert m.ffn_expert_library is None and info["params_active_per_token"] == info["params_total"]
+
+
+@pytest.mark.parametrize("variant", ["dyn", "dense"])
+def test_qk_norm_gives_unit_rms_queries_and_keys_times_their_gains(variant):
+    """With model.qk_norm, every (token, head) query and key reaching RoPE has RMS 1 over its channels, times the
+    learned gain; values are untouched."""
+    import dyntrm.model.attention as A
+
+    m = make(seed=3, variant=variant, qk_norm=True)
+    with torch.no_grad():
+        m.block.attn.qk_norm.q.weight.fill_(2.0)
+    seen = []
+    real = A.attend
+    A.attend = lambda q, k, v, ctx: seen.append((q, k, v)) or real(q, k, v, ctx)
+    try:
+        m(torch.randint(0, 17, (2, 9)))
+    finally:
+        A.attend = real
+    assert len(seen) == m.cfg.max_steps
+    for q, k, v in seen:
+        # up to the norm's epsilon (1e-6 beside a mean square of order 1)
+        torch.testing.assert_close(q.square().mean(-1).sqrt(), torch.full(q.shape[:-1], 2.0, dtype=q.dtype),
+                                   rtol=1e-5, atol=0)
+        torch.testing.assert_close(k.square().mean(-1).sqrt(), torch.ones(k.shape[:-1], dtype=k.dtype),
+                                   rtol=1e-5, atol=0)
+        assert not torch.allclose(v.square().mean(-1).sqrt(), torch.ones(v.shape[:-1], dtype=v.dtype))
+
+
+def test_attn_init_scale_scales_the_composed_qkv_only():
+    """model.attn_init_scale multiplies the attention library's output weights at initialisation (so the composed
+    Q, K, V, linear in them), and nothing else."""
+    a, b = make(seed=4), make(seed=4, attn_init_scale=0.25)
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    torch.testing.assert_close(pb["attn_expert_library.w2"], 0.25 * pa["attn_expert_library.w2"])
+    assert all(torch.equal(pa[n], pb[n]) for n in pa if n != "attn_expert_library.w2")
 
 
 def test_hybrid_variants_take_each_half_from_one_side():

@@ -52,6 +52,10 @@ class ModelConfig:
     attn_hidden: int = opt(0, "hidden width of an attention expert (0: d_head)")
     attn_shared: bool = opt(True, "DynSIHA+ adds an always-active linear Q/K/V expert over the full width (a "
                                    "shared expert) to the composed Q, K, V")
+    attn_init_scale: float = opt(1.0, "RMS of the library's composed Q, K, V at initialisation (1: unit, as the "
+                                      "shared path's; smaller: attention starts as the shared linear one and the "
+                                      "library grows in)")
+    qk_norm: bool = opt(False, "RMS-normalise every head's queries and keys (learned gain per channel) before RoPE")
     attn_active: float = opt(0.0, "target mean number of active attention experts per (token, head, channel); "
                                   "below attn_experts, Q, K, V are composed from the active experts only, the "
                                   "routers held at the target by an L1 controller like DynMoE's (0: attn_experts, "

@@ -27,7 +27,7 @@ from torch import nn
 
 from .context import ATTN_CHANNELS, Routed, StepContext
 from .experts import ExpertLibrary
-from .layers import apply_rope
+from .layers import RMSNorm, apply_rope
 from .moe import MoEStats, initial_gate
 
 
@@ -50,10 +50,27 @@ def attend(q_BTHd: torch.Tensor, k_BTHd: torch.Tensor, v_BTHd: torch.Tensor, ctx
     return o_BHTd.transpose(1, 2)
 
 
+class QKNorm(nn.Module):
+    """``model.qk_norm``: queries and keys RMS-normalised over the head's channels, each with a learned gain (the
+    same for every head), so that attention logits keep one scale whichever experts composed them."""
+
+    def __init__(self, d_head: int, eps: float = 1e-6):
+        super().__init__()
+        self.q, self.k = RMSNorm(d_head, eps), RMSNorm(d_head, eps)
+
+    def reset(self) -> None:
+        nn.init.ones_(self.q.weight)
+        nn.init.ones_(self.k.weight)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.q(q), self.k(k)
+
+
 class DynSIHA(nn.Module):
     """Routers (P_c, g_c for c in q, k, v) and the output projection; the experts are the global library."""
 
-    def __init__(self, d_model: int, n_heads: int, n_experts: int, shared: bool = False, active: float = 0.0):
+    def __init__(self, d_model: int, n_heads: int, n_experts: int, shared: bool = False, active: float = 0.0,
+                 qk_norm: bool = False):
         super().__init__()
         self.d_model, self.n_heads, self.d_head, self.n_experts = d_model, n_heads, d_model // n_heads, n_experts
         self.target_active = active if 0 < active < n_experts else None  # None: dense composition
@@ -63,6 +80,7 @@ class DynSIHA(nn.Module):
         # model.attn_shared: an always-active linear expert over the full width (DeepSeekMoE's shared expert): the
         # library's experts see one head's slice of h only; this path lets every head read the whole residual stream
         self.shared = nn.Linear(d_model, 3 * d_model, bias=False) if shared else None
+        self.qk_norm = QKNorm(self.d_head) if qk_norm else None
 
     @property
     def sparse(self) -> bool:
@@ -79,6 +97,8 @@ class DynSIHA(nn.Module):
         nn.init.normal_(self.out.weight, std=out_std)
         if self.shared is not None:
             nn.init.normal_(self.shared.weight, std=1.0 / math.sqrt(self.d_model))
+        if self.qk_norm is not None:
+            self.qk_norm.reset()
 
     def logits(self, h_ND: torch.Tensor) -> torch.Tensor:
         """Routing logits r_c for q, k and v at once: (N, d) -> (N, 3, E)."""
@@ -106,6 +126,8 @@ class DynSIHA(nn.Module):
         if self.shared is not None:
             qkv_BTHCd = qkv_BTHCd + self.shared(h_BTD).view(B, T, 3, H, d).transpose(2, 3)
         q_BTHd, k_BTHd, v_BTHd = qkv_BTHCd.unbind(3)
+        if self.qk_norm is not None:
+            q_BTHd, k_BTHd = self.qk_norm(q_BTHd, k_BTHd)
         o_BTHd = attend(q_BTHd, k_BTHd, v_BTHd, ctx)
         return self.out(o_BTHd.reshape(B, T, D)), self.stats(w_NCE, valid_N)
 
@@ -122,19 +144,24 @@ class DynSIHA(nn.Module):
 class DenseAttention(nn.Module):
     """Baseline: ordinary multi-head attention with linear Q, K, V; same core (RoPE, SDPA, cache)."""
 
-    def __init__(self, d_model: int, n_heads: int):
+    def __init__(self, d_model: int, n_heads: int, qk_norm: bool = False):
         super().__init__()
         self.n_heads, self.d_head = n_heads, d_model // n_heads
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.out = nn.Linear(d_model, d_model, bias=False)
+        self.qk_norm = QKNorm(self.d_head) if qk_norm else None
 
     def init_weights(self, out_std: float) -> None:
         nn.init.normal_(self.qkv.weight, std=1.0 / math.sqrt(self.qkv.in_features))
         nn.init.normal_(self.out.weight, std=out_std)
+        if self.qk_norm is not None:
+            self.qk_norm.reset()
 
     def forward(self, h_BTD: torch.Tensor, lib: None, ctx: StepContext) -> tuple[torch.Tensor, MoEStats]:
         B, T, D = h_BTD.shape
         q_BTHd, k_BTHd, v_BTHd = self.qkv(h_BTD).view(B, T, 3, self.n_heads, self.d_head).unbind(2)
+        if self.qk_norm is not None:
+            q_BTHd, k_BTHd = self.qk_norm(q_BTHd, k_BTHd)
         o_BTHd = attend(q_BTHd, k_BTHd, v_BTHd, ctx)
         zero = h_BTD.new_zeros(())
         return self.out(o_BTHd.reshape(B, T, D)), MoEStats(zero, zero)

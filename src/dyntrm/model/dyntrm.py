@@ -70,8 +70,8 @@ class DynTRMBlock(nn.Module):
         d = cfg.d_model
         self.norm1, self.norm2 = RMSNorm(d, cfg.norm_eps), RMSNorm(d, cfg.norm_eps)
         # model.variant: each half is routed over its library or dense, independently (the ablations)
-        self.attn = (DynSIHA(d, cfg.n_heads, cfg.attn_experts, cfg.attn_shared, cfg.attn_active) if cfg.dyn_attn
-                     else DenseAttention(d, cfg.n_heads))
+        self.attn = (DynSIHA(d, cfg.n_heads, cfg.attn_experts, cfg.attn_shared, cfg.attn_active, cfg.qk_norm)
+                     if cfg.dyn_attn else DenseAttention(d, cfg.n_heads, cfg.qk_norm))
         self.ffn = (DynMoE(d, cfg.ffn_experts, cfg.ffn_active, cfg.ffn_mult * d if cfg.ffn_shared else 0)
                     if cfg.dyn_ffn else DenseFFN(d, round(cfg.ffn_active * cfg.ffn_mult * d)))
         self.halt_norm = RMSNorm(d, cfg.norm_eps)
@@ -142,7 +142,7 @@ class ArcTransformer(nn.Module):
                 attn_std = 1.0 / math.sqrt(n * ((1 + g * g) * tail - g * pdf) * hid / 2)
             else:
                 attn_std = math.sqrt(2.0 / n) * math.sqrt(2.0 / hid)
-            self.attn_expert_library.init_weights(out_std=attn_std)
+            self.attn_expert_library.init_weights(out_std=attn_std * cfg.attn_init_scale)
         self.block.attn.init_weights(out_std)
         if self.ffn_expert_library is not None:
             self.ffn_expert_library.init_weights(out_std=out_std * math.sqrt(cfg.d_model / (cfg.ffn_mult * cfg.d_model))

@@ -17,7 +17,7 @@ def model_info(cfg: ModelConfig, context: int = 1024) -> dict[str, float]:
     common = {
         "embedding": V * d,
         "lm_head": V * d,
-        "norms": 4 * d,  # norm1, norm2, halt norm, final norm
+        "norms": 4 * d + (2 * dh if cfg.qk_norm else 0),  # norm1, norm2, halt norm, final norm (+ q, k norms)
         "halt_head": 2 * d + 2,
         "step_embedding": N * d if cfg.step_embedding else 0,
         "grid_coords": {"off": 0, "origin": 2, "borders": 4}[cfg.grid_coords] * (MAX_SIDE + 2) * d,

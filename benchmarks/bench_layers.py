@@ -9,8 +9,9 @@
    width.
 3. KV-cached generation of a 300-token answer vs recomputing the full sequence for every token.
 4. ACT early exit: a batch halting after n of N steps vs always N.
-5. A `tiny` training step (the preset as it is, SARS included): achieved model FLOP/s as a fraction of the matmul
-   rate, and its time over the dense variant's on the same batch;
+5. A `tiny` training step (the preset as it is, SARS included; DynMoE's gates at the target active count):
+   achieved model FLOP/s as a fraction of the matmul rate, and its time over the dense variant's on the same
+   batch; beside it the step at initialisation, without SARS, and of the full DynTRM (``model.variant=dyn``);
 6. Peak resident memory (RSS) of a process running that step, without and with train.checkpoint_steps.
 
 Prints a table, writes it to BENCHMARKS.md (section "layers"), and ends with one JSON line of the figures.
@@ -214,8 +215,10 @@ def routers_at_target(tr, batch) -> float:
 AT_INIT = "at initialisation (FFN gates not yet at the target)"
 # the default step with one switch changed, timed beside it (the breakdown of dyn_vs_dense_train_step)
 STEP_ABLATIONS = {"without SARS (shaping.kind=none)": ("shaping.kind=none",),
-                  "8 attention experts (model.attn_experts=8)": ("model.attn_experts=8",),
-                  "sparse attention composition (model.attn_active=4)": ("model.attn_active=4",)}
+                  "DynTRM with both libraries (model.variant=dyn)": ("model.variant=dyn",),
+                  "DynTRM without SARS": ("model.variant=dyn", "shaping.kind=none"),
+                  "DynTRM, sparse attention composition (model.attn_active=4)": ("model.variant=dyn",
+                                                                                "model.attn_active=4")}
 
 
 def bench_train_step(cfg, n_rounds: int, tokens_per_batch: int) -> dict:

@@ -16,6 +16,7 @@ A training batch that does not fit the card is halved until it does (reported in
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import sys
 import time
@@ -113,7 +114,8 @@ def parity(name: str, dev: torch.device) -> tuple[float, float]:
     """Relative error of the logits under bf16 autocast and with the compiled block, fp32 eager the reference."""
     cuda = dev.type == "cuda"
     torch.manual_seed(0)
-    model = ArcTransformer(preset(name).model).to(dev)
+    # both libraries (variant dyn, whatever the preset's default), so that every composition path is compared
+    model = ArcTransformer(dataclasses.replace(preset(name).model, variant="dyn")).to(dev)
     x = torch.randint(0, 17, (4, 1024 if cuda else 64), device=dev)
     with torch.no_grad():
         ref = model(x).logits.float()

@@ -23,6 +23,7 @@ DEV = torch.device("cuda")
 
 def _model(name="tiny", **kw):
     cfg = preset(name).model
+    cfg.variant = "dyn"  # both libraries: the CUDA paths of each are under test
     for k, v in kw.items():
         setattr(cfg, k, v)
     torch.manual_seed(0)

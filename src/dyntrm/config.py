@@ -183,21 +183,25 @@ def _debug() -> Config:
 
 
 def _tiny() -> Config:
-    """The CPU default, the recipe measured on the sanity ladder (BENCHMARKS.md, "sanity"; docs/DESIGN.md §7):
-    d_model 128, 4 heads, 16 attention experts, 16 FFN experts, N = 2; lr 3e-3 on 2048-token batches."""
-    return Config(model=ModelConfig(attn_experts=16, max_steps=2),
+    """The CPU default, the recipe measured on the sanity ladder (BENCHMARKS.md, "sanity", "rule selection";
+    docs/DESIGN.md §7): d_model 128, 4 heads, dense attention + DynMoE over 16 FFN experts (``model.variant=dynmoe``:
+    DynSIHA+ measured to slow the learning of the in-context rule choice; ``dyn`` restores it, with 16 attention
+    experts), N = 2; lr 3e-3 on 2048-token batches."""
+    return Config(model=ModelConfig(variant="dynmoe", attn_experts=16, max_steps=2),
                   data=DataConfig(max_len=2048, tokens_per_batch=2048),
                   train=TrainConfig(lr=3e-3, ema_decay=0.99))
 
 
 def _base() -> Config:
     """GPU, TRM-sized: d_model 512, 8 heads; trains on the evaluation tasks' demonstrations too (TRM protocol).
+    The recipe's variant (dense attention + DynMoE; ``model.variant=dyn`` for the specification's full DynTRM with
+    its 64-expert attention library).
 
     65536 tokens per optimizer step as 4 micro-batches of 16384: one micro-batch of 65536 would not fit an 80 GB
     H100 (the peak memory of a 32768-token one: BENCHMARKS.md, section gpu).
     """
     return Config(
-        model=ModelConfig(d_model=512, n_heads=8),
+        model=ModelConfig(variant="dynmoe", d_model=512, n_heads=8),
         data=DataConfig(max_len=8192, tokens_per_batch=16384, demo_splits=("eval",), eval_split="eval"),
         train=TrainConfig(accum=4),
     )
@@ -360,6 +364,7 @@ RANGES: dict[str, Range] = {
     "model.vocab_size": Range(47),
     "model.d_model": Range(1), "model.n_heads": Range(1), "model.max_steps": Range(1),
     "model.attn_experts": Range(1), "model.attn_hidden": Range(0), "model.attn_active": Range(0),
+    "model.attn_init_scale": Range(0),
     "model.ffn_experts": Range(1),
     "model.ffn_mult": Range(1), "model.ffn_active": Range(0, **OPEN_LO), "model.halt_threshold": Range(0, 1),
     "model.rope_base": Range(1, **OPEN_LO), "model.max_positions": Range(1),

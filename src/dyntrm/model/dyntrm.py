@@ -143,10 +143,12 @@ class ArcTransformer(nn.Module):
             else:
                 attn_std = math.sqrt(2.0 / n) * math.sqrt(2.0 / hid)
             self.attn_expert_library.init_weights(out_std=attn_std * cfg.attn_init_scale)
-        self.block.attn.init_weights(out_std)
+        # (the order of the draws is the one every earlier checkpoint and golden loss was made with)
         if self.ffn_expert_library is not None:
             self.ffn_expert_library.init_weights(out_std=out_std * math.sqrt(cfg.d_model / (cfg.ffn_mult * cfg.d_model))
                                                  / math.sqrt(max(cfg.ffn_active, 1.0)))
+        self.block.attn.init_weights(out_std)
+        if self.ffn_expert_library is not None:
             self.block.ffn.init_weights(out_std * math.sqrt(1.0 / cfg.ffn_mult))
         else:
             self.block.ffn.init_weights(out_std * math.sqrt(cfg.d_model / self.block.ffn.mlp.w1.out_features))

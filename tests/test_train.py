@@ -288,6 +288,20 @@ def test_accumulation_equals_one_big_batch(shaping):
         assert_close_by_norm(params(acc.model)[k] - start[k], v - start[k], 1e-3, f"update of {k}")
 
 
+@pytest.mark.parametrize("variant", ["dyn", "dynmoe", "dense"])
+def test_the_ffn_controller_acts_in_every_variant_with_dynmoe(variant):
+    """After a step the FFN's L1 coefficient is what the controller makes of the step's active count (in dynmoe
+    as in dyn: it once moved under dyn only, leaving dynmoe's penalty fixed at l1_init); without DynMoE it stays."""
+    cfg = debug_cfg(f"model.variant={variant}")
+    tr = Trainer(cfg, CPU)
+    coef = tr.state.l1_coef
+    m = tr.step([tr.data.epoch(0).batch(0, tr.data.items)])
+    want = SparsityController.for_config(cfg).next_coef(coef, m["active_experts"]) if variant != "dense" else coef
+    assert tr.state.l1_coef == want
+    if variant != "dense":
+        assert want != coef
+
+
 def test_attention_sparsity_controller_and_penalty():
     """model.attn_active: the loss gains the attention routers' L1 term, and their own controller moves its own
     coefficient toward the target (above it at initialisation, where 2 x the target are active)."""

@@ -263,10 +263,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update(self.model, st.step)
-        if cfg.model.variant == "dyn":  # move the L1 coefficient toward the sparsity target
+        if cfg.model.dyn_ffn:  # move the L1 coefficient toward the sparsity target (every variant with DynMoE)
             st.l1_coef = self.sparsity.next_coef(st.l1_coef, metrics["active_experts"])
-            if self.attn_sparsity is not None:
-                st.attn_l1_coef = self.attn_sparsity.next_coef(st.attn_l1_coef, metrics["attn_active_experts"])
+        if self.attn_sparsity is not None:
+            st.attn_l1_coef = self.attn_sparsity.next_coef(st.attn_l1_coef, metrics["attn_active_experts"])
         st.tokens += int(world_counts["tokens"])
         metrics.update(grad_norm=float(gnorm), lr=cfg.train.lr * lr_f, l1_coef=st.l1_coef, skipped=0.0,
                        tokens=world_counts["tokens"])

@@ -15,6 +15,7 @@ import os
 import platform
 import random
 import re
+import shlex
 import statistics
 import sys
 import time
@@ -110,4 +111,5 @@ def finish(section: str, text: str, figures: dict, *, write: bool, note: str = "
 
 
 def command_line() -> str:
-    return "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
+    """The command that ran, quoted so that it can be pasted back into a shell."""
+    return "python " + shlex.join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])

@@ -131,7 +131,8 @@ class TrainConfig:
     l1_init: float = opt(1e-2, "initial coefficient of the DynMoE L1 sparsity penalty (two-sided: also the "
                                "smallest magnitude it takes); the same for the attention routers' penalty under "
                                "model.attn_active")
-    l1_factor: float = opt(1.05, "per step, the L1 coefficient is multiplied or divided by this toward the target")
+    l1_factor: float = opt(1.05, "per step, the L1 coefficient is multiplied or divided by this toward the target "
+                                 "(1: a fixed coefficient l1_init, no controller)")
     l1_two_sided: bool = opt(True, "below the target the L1 coefficient may turn negative (magnitude >= l1_init), "
                                    "rewarding activity; false: ReMoE's rule, coefficient >= 0, which cannot "
                                    "raise activity that the main loss has pushed below the target. Off by itself "
@@ -186,16 +187,17 @@ def _tiny() -> Config:
     """The CPU default, the recipe measured on the sanity ladder (BENCHMARKS.md, "sanity", "rule selection";
     docs/DESIGN.md §7): d_model 128, 4 heads, dense attention + DynMoE over 16 FFN experts (``model.variant=dynmoe``:
     DynSIHA+ measured to slow the learning of the in-context rule choice; ``dyn`` restores it, with 16 attention
-    experts), N = 2; lr 3e-3 on 2048-token batches."""
+    experts), N = 2; DynMoE's L1 penalty fixed at ``train.l1_init`` (``l1_factor=1``: no controller, the routers
+    choose how many experts a token uses); lr 3e-3 on 2048-token batches."""
     return Config(model=ModelConfig(variant="dynmoe", attn_experts=16, max_steps=2),
                   data=DataConfig(max_len=2048, tokens_per_batch=2048),
-                  train=TrainConfig(lr=3e-3, ema_decay=0.99))
+                  train=TrainConfig(lr=3e-3, ema_decay=0.99, l1_factor=1.0))
 
 
 def _base() -> Config:
     """GPU, TRM-sized: d_model 512, 8 heads; trains on the evaluation tasks' demonstrations too (TRM protocol).
-    The recipe's variant (dense attention + DynMoE; ``model.variant=dyn`` for the specification's full DynTRM with
-    its 64-expert attention library).
+    The recipe's variant and L1 rule (dense attention + DynMoE under a fixed L1 penalty; ``model.variant=dyn`` for
+    the specification's full DynTRM with its 64-expert attention library), carried over from the CPU ladder.
 
     65536 tokens per optimizer step as 4 micro-batches of 16384: one micro-batch of 65536 would not fit an 80 GB
     H100 (the peak memory of a 32768-token one: BENCHMARKS.md, section gpu).
@@ -203,7 +205,7 @@ def _base() -> Config:
     return Config(
         model=ModelConfig(variant="dynmoe", d_model=512, n_heads=8),
         data=DataConfig(max_len=8192, tokens_per_batch=16384, demo_splits=("eval",), eval_split="eval"),
-        train=TrainConfig(accum=4),
+        train=TrainConfig(accum=4, l1_factor=1.0),
     )
 
 

@@ -111,13 +111,16 @@ def test_torchrun_two_processes_end_to_end(tmp_path):
 
 
 @pytest.mark.slow  # two demos, about 20 s on 2 cores
-def test_demo_end_to_end_on_the_debug_preset(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("variant", ["dyn", "dynmoe"])
+def test_demo_end_to_end_on_the_debug_preset(tmp_path, capsys, monkeypatch, variant):
     """`make demo`'s job with the `debug` model on the hand-made tasks: trains, evaluates with 1 and 2 views, and
-    writes a report holding the scores, the diagnostics and the copy-the-input reference."""
+    writes a report holding the scores, the diagnostics and the copy-the-input reference. Both libraries, and the
+    FFN library only (the recipe's variant: no attention routing to plot)."""
     import dyntrm.cli as cli
     from helpers import debug_cfg
 
-    monkeypatch.setattr(cli, "demo_config", lambda minutes: debug_cfg("train.steps=3", "train.log_every=1"))
+    monkeypatch.setattr(cli, "demo_config", lambda minutes: debug_cfg("train.steps=3", "train.log_every=1",
+                                                                      f"model.variant={variant}"))
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--views", "1", "2"]) == 0
     text = capsys.readouterr().out

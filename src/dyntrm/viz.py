@@ -207,15 +207,21 @@ def plot_halting(q_halt: np.ndarray, q_continue: np.ndarray, threshold: float, s
 
 
 def plot_usage(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[Path]:
-    """Expert usage over training: for q, k, v and the FFN, the fraction of tokens for which each expert is
-    active at each logged step (heatmaps), and the routing entropy. Does specialisation emerge?"""
-    train = [r for r in read_metrics(run_dir) if r.get("kind") == "train" and "usage_ffn" in r]
+    """Expert usage over training: for q, k, v and the FFN (those the model routes: a variant may route one
+    library only), the fraction of tokens for which each expert is active at each logged step (heatmaps), and the
+    routing entropy. Does specialisation emerge?"""
+    train = [r for r in read_metrics(run_dir) if r.get("kind") == "train"
+             and any(f"usage_{c}" in r for c in CHANNELS)]
     if not train:
         return []
     out_dir = Path(out_dir or Path(run_dir) / "plots")
     steps = [r["step"] for r in train]
     fig, axes = plt.subplots(2, 3, figsize=(16, 7))
     for ax, name in zip(axes.flat, CHANNELS):
+        if f"usage_{name}" not in train[0]:
+            ax.axis("off")
+            ax.set_title(f"{name}: not routed in this variant")
+            continue
         u = np.array([r[f"usage_{name}"] for r in train]).T  # (E, logs)
         im = ax.imshow(u, aspect="auto", cmap="magma", interpolation="nearest", vmin=0,
                        extent=(steps[0] - 0.5, steps[-1] + 0.5, u.shape[0] - 0.5, -0.5))

@@ -194,10 +194,11 @@ def step_trainer(cfg, tokens_per_batch: int, variant: str | None = None, overrid
 
 @torch.no_grad()
 def routers_at_target(tr, batch) -> float:
-    """Set DynMoE's gates so that the target number of experts (``model.ffn_active``) is active per real token on
-    ``batch`` on average over the recursion steps, as training holds it within a few hundred steps (at
-    initialisation the gates open twice the target: a step timed there runs twice the FFN experts). Returns the
-    mean active experts per token before the change (the initial state's)."""
+    """Set DynMoE's gates so that the nominal number of experts (``model.ffn_active``) is active per real token on
+    ``batch`` on average over the recursion steps: where the sparsity controller holds training (within a few
+    hundred steps), and above where the recipe's fixed L1 penalty lets it settle (0.4-0.9 on the ladder), so an
+    upper bound of the FFN's cost. At initialisation the gates open about twice the target. Returns the mean active
+    experts per token before the change (the initial state's)."""
     moe, cfg = tr.model.block.ffn, tr.cfg.model
     seen = []
     hook = moe.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))

@@ -110,8 +110,10 @@ class Trainer:
         self.data = data if data is not None else self._training_set()
         self.shaper = make_shaper(cfg, self.model, rt, self.optimizer)  # shaping.kind: sars, fars or none
         self.detach_steps = detach_steps(cfg)  # train.grad_steps: the first steps run without gradient
-        self.sparsity = SparsityController.for_config(cfg)
         self.saved: tuple[int | None, Path | None] = (None, None)  # the step whose state is on disk, and where
+        # the L1 controllers of the routers that exist: DynMoE's (variants dyn, dynmoe), the attention routers'
+        # under a sparse composition
+        self.sparsity = SparsityController.for_config(cfg) if cfg.model.dyn_ffn else None
         self.attn_sparsity = SparsityController.for_config(cfg, "attn") if cfg.model.attn_sparse else None
         if resume:
             self.restore(checkpoint.load(self.run_dir, warn=lambda m: rt.print0(f"warning: {m}", file=sys.stderr)))
@@ -263,7 +265,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update(self.model, st.step)
-        if cfg.model.dyn_ffn:  # move the L1 coefficient toward the sparsity target (every variant with DynMoE)
+        if self.sparsity is not None:  # move the L1 coefficients toward the sparsity targets
             st.l1_coef = self.sparsity.next_coef(st.l1_coef, metrics["active_experts"])
         if self.attn_sparsity is not None:
             st.attn_l1_coef = self.attn_sparsity.next_coef(st.attn_l1_coef, metrics["attn_active_experts"])

@@ -143,15 +143,14 @@ class ArcTransformer(nn.Module):
             else:
                 attn_std = math.sqrt(2.0 / n) * math.sqrt(2.0 / hid)
             self.attn_expert_library.init_weights(out_std=attn_std * cfg.attn_init_scale)
-        # (the order of the draws is the one every earlier checkpoint and golden loss was made with)
-        if self.ffn_expert_library is not None:
-            self.ffn_expert_library.init_weights(out_std=out_std * math.sqrt(cfg.d_model / (cfg.ffn_mult * cfg.d_model))
+        if self.ffn_expert_library is not None:  # (drawn before the block: the order every golden loss was made with)
+            self.ffn_expert_library.init_weights(out_std=out_std * math.sqrt(1.0 / cfg.ffn_mult)
                                                  / math.sqrt(max(cfg.ffn_active, 1.0)))
         self.block.attn.init_weights(out_std)
-        if self.ffn_expert_library is not None:
-            self.block.ffn.init_weights(out_std * math.sqrt(1.0 / cfg.ffn_mult))
-        else:
-            self.block.ffn.init_weights(out_std * math.sqrt(cfg.d_model / self.block.ffn.mlp.w1.out_features))
+        # DynMoE's shared expert / the dense FFN: the output scale of a hidden layer of ffn_mult·d, resp. its width
+        ffn_hidden = (cfg.ffn_mult * cfg.d_model if self.ffn_expert_library is not None
+                      else self.block.ffn.mlp.w1.out_features)
+        self.block.ffn.init_weights(out_std * math.sqrt(cfg.d_model / ffn_hidden))
         # The halt head starts undecided toward "continue": sigmoid(q_halt - q_continue) = sigmoid(-2).
         nn.init.zeros_(self.block.halt.weight)
         self.block.halt.bias.copy_(torch.tensor([-2.0, 0.0]))

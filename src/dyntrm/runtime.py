@@ -7,6 +7,7 @@ CUDA. The device is CUDA, then MPS, then CPU (override with ``DYNTRM_DEVICE``). 
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from dataclasses import dataclass
 
@@ -83,5 +84,6 @@ def setup(threads: int = 0) -> Runtime:
 
 def teardown() -> None:
     if dist.is_available() and dist.is_initialized():
+        gc.collect()  # a DDP reducer held only by a reference cycle must go before its process group (gloo aborts)
         dist.barrier()  # ranks leave together: gloo can abort a rank torn down while a peer still works
         dist.destroy_process_group()

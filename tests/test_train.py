@@ -332,6 +332,33 @@ def test_attention_sparsity_controller_and_penalty():
     assert tr.state.l1_coef != tr.state.attn_l1_coef or m["active_experts"] > cfg.model.ffn_active
 
 
+def test_structure_weight_scales_the_shape_tokens_only():
+    """train.structure_weight: the LM loss is (Σ cells CE + w · Σ shape-token CE) / targets, each step's sum from
+    the logits by a plain per-position loop; the shape tokens are the size header, ROW and END."""
+    from dyntrm.data.tokens import END, ROW, SIZE0
+    from dyntrm.loss import compute_loss, global_counts
+
+    cfg = debug_cfg("train.structure_weight=3", "train.act_weight=0")
+    tr = Trainer(cfg, CPU)
+    batch = tr.data.epoch(0).batch(0, tr.data.items)
+    counts = global_counts([batch], CPU)
+    with torch.no_grad():
+        out = tr.model(batch.tokens, batch.attention_mask, batch.prompt_end)
+        got, parts = compute_loss(out, batch, cfg, 0.0, counts)
+    want, n, kinds = 0.0, 0, set()
+    for s in range(out.logits.shape[0]):
+        for b, t in torch.nonzero(batch.target[:, 1:]).tolist():
+            tok = int(batch.tokens[b, t + 1])
+            ce = float(-torch.log_softmax(out.logits[s, b, t].double(), -1)[tok])
+            shape = tok == ROW or tok == END or tok >= SIZE0
+            kinds.add(shape)
+            want += ce * (3.0 if shape else 1.0) / out.logits.shape[0]
+            n += s == 0
+    assert kinds == {True, False} and n == int(counts.targets)
+    assert float(got) == pytest.approx(want / n, rel=1e-5)
+    assert float(parts["lm_last_sum"]) < float(got) * n  # the logged CE stays the plain one
+
+
 @pytest.mark.parametrize("over", [(), ("train.grad_steps=2", "model.input_injection=true")])
 def test_step_checkpointing_gives_the_same_step_and_captures_once(over):
     """train.checkpoint_steps: each trained step runs again in the backward (counted), and the step's loss,

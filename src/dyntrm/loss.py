@@ -1,6 +1,7 @@
 """The training loss (DESIGN §3.5-§3.6): deep supervision, ACT targets, the DynMoE L1 penalty, global counts.
 
-Loss = deep-supervised LM loss (mean over recursion steps of the token-mean cross-entropy on output grids)
+Loss = deep-supervised LM loss (mean over recursion steps of the token-mean cross-entropy on output grids, the
+       shape's tokens weighted by ``train.structure_weight``)
      + act_weight · (BCE(q_halt, halt_t) + BCE(q_continue, continue_t))
      + l1_coef · mean_tokens Σ_e w_e                              (DynMoE sparsity, coefficient adapted per step)
      + attn_l1_coef · mean_(token, head, channel) Σ_e w_e         (sparse attention composition only)
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import Config
+from .data.arc import N_COLOURS
 from .data.batching import Batch
 from .model import ModelOutput
 from .model.dyntrm import should_halt
@@ -71,8 +73,13 @@ def compute_loss(out: ModelOutput, batch: Batch, cfg: Config, l1_coef: float, co
     logits_SMV = out.logits[:, :, :-1][:, sel_BT].float()  # only the positions that enter the loss
     ce_SM = F.cross_entropy(logits_SMV.reshape(-1, V), tgt_M.repeat(S), reduction="none").view(S, -1)
     ce_S = ce_SM.sum(1)
+    # train.structure_weight: the tokens that fix the answer's shape (size header, ROW, END; every target token that
+    # is not a colour) weigh this much, the cells 1; the normaliser stays the count of targets
+    lm_S = ce_S
+    if t.structure_weight != 1.0:
+        lm_S = (ce_SM * torch.where(tgt_M >= N_COLOURS, t.structure_weight, 1.0)).sum(1)
     g = out.grad_from  # steps before g ran without gradient (train.grad_steps): only the later ones are trained
-    lm = (ce_S[g:].mean() if t.deep_supervision else ce_S[-1]) / counts.targets
+    lm = (lm_S[g:].mean() if t.deep_supervision else lm_S[-1]) / counts.targets
 
     with torch.no_grad():
         correct_SM = logits_SMV.argmax(-1) == tgt_M

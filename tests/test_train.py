@@ -48,6 +48,9 @@ def test_l1_controller_by_hand():
     assert SparsityController(2.0, 2.0, 0.01, cap=0.5).next_coef(0.3, 3.0) == 0.5
     assert SparsityController(2.0, 2.0, cap=0.5).next_coef(0.3, 3.0) == 0.5
     assert two_sided.next_coef(-0.3, 2.0) == -0.3
+    # factor 1 (the recipe's train.l1_factor=1): a fixed coefficient on either side of the target, a reward too
+    fixed = SparsityController(target=2.0, factor=1.0, floor=0.01)
+    assert [fixed.next_coef(c, a) for c in (0.01, -0.02) for a in (0.5, 3.0)] == [0.01, 0.01, -0.02, -0.02]
 
 
 def test_l1_controller_stays_one_sided_where_a_reward_cannot_act():
@@ -345,18 +348,20 @@ def test_structure_weight_scales_the_shape_tokens_only():
     with torch.no_grad():
         out = tr.model(batch.tokens, batch.attention_mask, batch.prompt_end)
         got, parts = compute_loss(out, batch, cfg, 0.0, counts)
-    want, n, kinds = 0.0, 0, set()
-    for s in range(out.logits.shape[0]):
+    S = out.logits.shape[0]
+    want, plain_last, n, kinds = 0.0, 0.0, 0, set()
+    for s in range(S):
         for b, t in torch.nonzero(batch.target[:, 1:]).tolist():
             tok = int(batch.tokens[b, t + 1])
             ce = float(-torch.log_softmax(out.logits[s, b, t].double(), -1)[tok])
             shape = tok == ROW or tok == END or tok >= SIZE0
             kinds.add(shape)
-            want += ce * (3.0 if shape else 1.0) / out.logits.shape[0]
+            want += ce * (3.0 if shape else 1.0) / S
+            plain_last += ce if s == S - 1 else 0.0
             n += s == 0
     assert kinds == {True, False} and n == int(counts.targets)
     assert float(got) == pytest.approx(want / n, rel=1e-5)
-    assert float(parts["lm_last_sum"]) < float(got) * n  # the logged CE stays the plain one
+    assert float(parts["lm_last_sum"]) == pytest.approx(plain_last, rel=1e-5)  # the logged CE stays unweighted
 
 
 @pytest.mark.parametrize("over", [(), ("train.grad_steps=2", "model.input_injection=true")])

@@ -115,8 +115,9 @@ class SparsityController:
         return cls(target, t.l1_factor, t.l1_init if two_sided else None, t.l1_max)
 
     def next_coef(self, coef: float, active: float) -> float:
-        """The coefficient after a step that saw ``active`` experts per token on average."""
-        if active == self.target:
+        """The coefficient after a step that saw ``active`` experts per token on average (``factor`` 1: a fixed
+        coefficient, whatever ``active``)."""
+        if active == self.target or self.factor == 1:
             return coef
         above = active > self.target
         if self.floor is None or coef > 0:

@@ -94,16 +94,44 @@ def test_grid_coords_match_a_naive_scan(a, b, c, header):
                      for r in range(h) for k in range(w)]
 
 
-@given(st.lists(st.integers(0, 46), min_size=2, max_size=40), st.data())
+@given(st.lists(st.integers(0, 46), min_size=2, max_size=40), st.data(), st.booleans())
 @settings(max_examples=80)
-def test_cursor_follows_grid_coords_one_token_at_a_time(tokens, data):
+def test_cursor_follows_grid_coords_one_token_at_a_time(tokens, data, with_next):
     toks = torch.tensor(tokens)[None]
-    want = grid_coords(toks)[0]
-    assert [tuple(x) for x in want.tolist()] == _naive_coords(tokens)  # random streams too (causal, no look-ahead)
+    want = grid_coords(toks, with_next=with_next)[0]
+    # random streams too (causal, no look-ahead); the next-token columns extend the four, never change them
+    assert [tuple(x[:4]) for x in want.tolist()] == _naive_coords(tokens)
     cut = data.draw(st.integers(1, len(tokens) - 1))
-    cur = GridCursor(toks[:, :cut], torch.tensor([cut]))
+    assert torch.equal(grid_coords(toks[:, :cut], with_next=with_next)[0], want[:cut])  # a prefix: the same
+    cur = GridCursor(toks[:, :cut], torch.tensor([cut]), with_next=with_next)
     for t in range(cut, len(tokens)):
         assert cur.step(toks[:, t])[0].tolist() == want[t].tolist()
+
+
+@given(grids(max_side=5), grids(max_side=5), grids(max_side=5))
+@settings(max_examples=40)
+def test_next_coords_name_the_token_that_follows(a, b, c):
+    """In a well-formed stream with headers, what a token is told about the next one is that token's own place:
+    the first cell after the width, the separator after a row's last cell, the next row after a separator, and
+    nothing (0) after a grid's last cell or outside grids."""
+    toks = torch.from_numpy(encode([Pair(a, b), Pair(c, a)], header=True).tokens)
+    got = grid_coords(toks, with_next=True)
+    torch.testing.assert_close(got[:-1, 4:], got[1:, :4], rtol=0, atol=0)
+    assert got[-1, 4:].tolist() == [0, 0, 0, 0]
+    # by hand: the input grid's width token points at its first cell, its last cell at nothing
+    w_at = toks.tolist().index(IN) + 2
+    h, w = a.shape
+    assert got[w_at, 4:].tolist() == [1, 1, h, w]
+    assert got[w_at + h * (w + 1) - 1, 4:].tolist() == [0, 0, 0, 0]  # the last cell: OUT follows
+
+
+def test_next_coords_by_hand_and_without_a_header():
+    n = size_token
+    toks = torch.tensor([IN, n(2), n(2), 1, 2, ROW, 3, 4, OUT, 5, ROW, 6, END])  # the output grid has no header
+    got = grid_coords(toks, with_next=True)[:, 4:].tolist()
+    assert got[:9] == [[0, 0, 0, 0], [0, 0, 0, 0], [1, 1, 2, 2], [1, 2, 2, 1], [1, 3, 2, 0], [2, 1, 1, 2],
+                       [2, 2, 1, 1], [0, 0, 0, 0], [0, 0, 0, 0]]
+    assert got[9:] == [[0, 0, 0, 0]] * 4  # no header, no size: what follows is not fixed
 
 
 def _model(seed=0, **kw):
@@ -114,8 +142,9 @@ def _model(seed=0, **kw):
     return ArcTransformer(cfg).eval()
 
 
-def test_kv_cache_with_grid_coords_equals_recompute():
-    m = _model(3, grid_coords="borders", size_header=True).double()
+@pytest.mark.parametrize("coords", ["borders", "next"])
+def test_kv_cache_with_grid_coords_equals_recompute(coords):
+    m = _model(3, grid_coords=coords, size_header=True).double()
     prompts = [encode_prompt([Pair(np.array([[1, 2], [3, 4]]), np.array([[5]]))], np.array([[6, 7]]),
                              header=True).tokens, np.array([BOS, IN, size_token(1), size_token(1), 2, OUT])]
     steps = torch.tensor([3, 2])
@@ -178,9 +207,11 @@ def test_kv_cache_with_pair_embed_equals_recompute():
         logits = m.decode(torch.tensor([t]), state)
 
 
-def test_grid_coords_change_the_model_only_where_switched_on():
+@pytest.mark.parametrize("kind", ["borders", "next"])
+def test_grid_coords_change_the_model_only_where_switched_on(kind):
     toks = torch.from_numpy(encode([Pair(np.array([[1, 2]]), np.array([[2, 1]]))], header=True).tokens)[None]
-    plain, coords = _model(5, size_header=True, grid_coords="off"), _model(5, size_header=True, grid_coords="borders")
+    plain, coords = _model(5, size_header=True, grid_coords="off"), _model(5, size_header=True, grid_coords=kind)
+    assert len(coords.coord_embed) == {"borders": 4, "next": 8}[kind]
     coords.load_state_dict(plain.state_dict(), strict=False)
     with torch.no_grad():
         a, b = plain(toks).final_logits, coords(toks).final_logits

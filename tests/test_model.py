@@ -440,13 +440,15 @@ def test_output_shapes(batch, length, seed):
 
 
 @pytest.mark.parametrize("name", ["debug", "tiny"])
-@pytest.mark.parametrize("variant", [*VARIANTS, "dyn+qk_norm"])
+@pytest.mark.parametrize("variant", [*VARIANTS, "dyn+qk_norm", "dynmoe+next"])
 def test_info_parameter_counts_match_the_model(name, variant):
     from dyntrm.model.info import model_info
 
     cfg = preset(name).model
-    cfg.variant, _, norm = variant.partition("+")
-    cfg.qk_norm = bool(norm)
+    cfg.variant, _, extra = variant.partition("+")
+    cfg.qk_norm = extra == "qk_norm"
+    if extra == "next":
+        cfg.size_header, cfg.grid_coords = True, "next"
     m = ArcTransformer(cfg)
     info = model_info(cfg)
     assert info["params_total"] == sum(p.numel() for p in m.parameters())

@@ -73,10 +73,11 @@ class ModelConfig:
     norm_eps: float = opt(1e-6, "RMSNorm epsilon")
     size_header: bool = opt(True, "every grid is preceded by its height and width as two tokens; decoding then "
                                    "writes exactly the shape the model chose first")
-    grid_coords: Literal["off", "origin", "borders"] = opt(
+    grid_coords: Literal["off", "origin", "borders", "next"] = opt(
         "borders", "learned embeddings of each cell's place in its grid, added to its token embedding (a 2-D signal "
                "beside the 1-D RoPE): origin = row and column from the top-left; borders = also from the bottom "
-               "and right borders (needs model.size_header, which tells the size before the cells)")
+               "and right borders (needs model.size_header, which tells the size before the cells); next = "
+               "borders, plus the same four of the cell the token predicts (the one the format puts next)")
     pair_embed: bool = opt(False, "a learned embedding of each token's pair, counted back from the query (0), and "
                                   "of its side (input or output grid), added to its token embedding (measured "
                                   "worse on the ladder: BENCHMARKS, rule selection)")
@@ -402,9 +403,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.d_model={m.d_model} must split into model.n_heads={m.n_heads} heads of even width")
     if m.ffn_active > m.ffn_experts:
         raise ConfigError(f"model.ffn_active={m.ffn_active} must be in (0, model.ffn_experts={m.ffn_experts}]")
-    if m.grid_coords == "borders" and not m.size_header:
-        raise ConfigError("model.grid_coords=borders needs model.size_header=true: the distance to the bottom and "
-                          "right borders is known before a grid's cells only from its size header")
+    if m.grid_coords in ("borders", "next") and not m.size_header:
+        raise ConfigError(f"model.grid_coords={m.grid_coords} needs model.size_header=true: the distance to the bottom "
+                          "and right borders is known before a grid's cells only from its size header")
     if m.attn_active > m.attn_experts:
         raise ConfigError(f"model.attn_active={m.attn_active} must be in [0, model.attn_experts={m.attn_experts}] "
                           f"(0: every expert, dense composition)")

@@ -33,7 +33,7 @@ from . import generate
 from .attention import DenseAttention, DynSIHA
 from .context import AttnMask, ModelOutput, StepContext, Tap
 from .experts import ExpertLibrary
-from .layers import MAX_PAIR, RMSNorm, Rope, grid_coords, pair_ids
+from .layers import MAX_PAIR, N_COORDS, RMSNorm, Rope, grid_coords, pair_ids
 from .moe import DenseFFN, DynMoE, MoEStats
 
 
@@ -97,10 +97,10 @@ class ArcTransformer(nn.Module):
         self.cfg = cfg
         d, dh = cfg.d_model, cfg.d_head
         self.embed = nn.Embedding(cfg.vocab_size, d)
-        # model.grid_coords: one table per coordinate (row, col; row_up, col_left under "borders"); index 0 is
-        # "outside any grid", rows 1..30, columns 1..31 (a row separator's is w + 1)
-        n_coords = {"off": 0, "origin": 2, "borders": 4}[cfg.grid_coords]
-        self.coord_embed = nn.ModuleList(nn.Embedding(MAX_SIDE + 2, d) for _ in range(n_coords))
+        # model.grid_coords: one table per coordinate (row, col; row_up, col_left under "borders"; the same four of
+        # the next token under "next"); index 0 is "outside any grid", rows 1..30, columns 1..31 (a row
+        # separator's is w + 1)
+        self.coord_embed = nn.ModuleList(nn.Embedding(MAX_SIDE + 2, d) for _ in range(N_COORDS[cfg.grid_coords]))
         # model.pair_embed: which pair (counted back from the query) and which side of it a token is on
         self.pair_embed = nn.Embedding(2 * MAX_PAIR + 3, d) if cfg.pair_embed else None
         self.attn_expert_library = (ExpertLibrary(cfg.attn_experts, dh, cfg.attn_expert_hidden, dh) if cfg.dyn_attn
@@ -188,7 +188,8 @@ class ArcTransformer(nn.Module):
         if self.pair_embed is not None:
             x_BTD = x_BTD + self.pair_embed(pair_ids(tokens_BT) if pairs_BT is None else pairs_BT)
         if len(self.coord_embed):
-            coords_BTK = grid_coords(tokens_BT) if coords_BTK is None else coords_BTK
+            if coords_BTK is None:
+                coords_BTK = grid_coords(tokens_BT, with_next=self.cfg.grid_coords == "next")
             # clamped: a token stream that is not a valid task (tests feed random ones) may count past 31
             coords_BTK = coords_BTK.clamp(max=MAX_SIDE + 1)
             for k, table in enumerate(self.coord_embed):

@@ -167,7 +167,8 @@ def prefill(model: nn.Module, tokens_BT: torch.Tensor, prompt_len_B: torch.Tenso
     out, rows, caches = recur_until_halted(model, tokens_BT, mask_BT, prompt_len_B - 1, steps_B=steps_B,
                                            cache_capacity=T + max_new)
     last_BV = out.final_logits[torch.arange(B, device=tokens_BT.device), prompt_len_B - 1]
-    cursor = GridCursor(tokens_BT, prompt_len_B) if model.cfg.grid_coords != "off" else None
+    cursor = (GridCursor(tokens_BT, prompt_len_B, with_next=model.cfg.grid_coords == "next")
+              if model.cfg.grid_coords != "off" else None)
     return last_BV, DecodeState(rows, caches, prompt_len_B.clone(), out.steps, out.q_halt, out.q_continue, cursor)
 
 

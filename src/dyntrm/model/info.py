@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ..config import ModelConfig
 from ..data.arc import MAX_SIDE
+from .layers import N_COORDS
 
 
 def model_info(cfg: ModelConfig, context: int = 1024) -> dict[str, float]:
@@ -20,7 +21,7 @@ def model_info(cfg: ModelConfig, context: int = 1024) -> dict[str, float]:
         "norms": 4 * d + (2 * dh if cfg.qk_norm else 0),  # norm1, norm2, halt norm, final norm (+ q, k norms)
         "halt_head": 2 * d + 2,
         "step_embedding": N * d if cfg.step_embedding else 0,
-        "grid_coords": {"off": 0, "origin": 2, "borders": 4}[cfg.grid_coords] * (MAX_SIDE + 2) * d,
+        "grid_coords": N_COORDS[cfg.grid_coords] * (MAX_SIDE + 2) * d,
     }
     flops = {
         "attention_scores": 2 * 2 * keys * d,  # q.k and p.v

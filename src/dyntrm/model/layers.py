@@ -70,8 +70,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
-def grid_coords(tokens: torch.Tensor) -> torch.Tensor:
-    """Each token's place in its grid: (..., T) tokens -> (..., T, 4) int64 ``(row, col, row_up, col_left)``.
+N_COORDS = {"off": 0, "origin": 2, "borders": 4, "next": 8}  # coordinates per token of each model.grid_coords
+
+
+def grid_coords(tokens: torch.Tensor, with_next: bool = False) -> torch.Tensor:
+    """Each token's place in its grid: (..., T) tokens -> (..., T, 4) int64 ``(row, col, row_up, col_left)``;
+    ``with_next`` (``model.grid_coords=next``): (..., T, 8), then the same four of the token the format puts next
+    (:func:`next_coords`).
 
     ``row`` and ``col`` count from the top-left cell, from 1; ``row_up`` and ``col_left`` count from the bottom and
     right borders (``h + 1 - row``, ``w + 1 - col``), known only where the grid opens with its size header
@@ -94,9 +99,37 @@ def grid_coords(tokens: torch.Tensor) -> torch.Tensor:
     h, w = (torch.where((start >= 0) & (pos >= start + k), _size_at(tokens, (start + k).clamp(0, T - 1)), zero)
             for k in (1, 2))
     inside = is_cell | is_row
-    return torch.stack([torch.where(inside, row + 1, zero), torch.where(inside, col + 1, zero),
+    here = torch.stack([torch.where(inside, row + 1, zero), torch.where(inside, col + 1, zero),
                         torch.where(inside & (h > 0), h - row, zero),
                         torch.where(is_cell & (w > 0), w - col, zero)], -1)
+    if not with_next:
+        return here
+    is_width = (start >= 0) & (pos == start + 2) & (w > 0)
+    return torch.cat([here, next_coords(here[..., 0], here[..., 1], h, w, is_cell, is_row, is_width)], -1)
+
+
+def next_coords(row: torch.Tensor, col: torch.Tensor, h: torch.Tensor, w: torch.Tensor, is_cell: torch.Tensor,
+                is_row: torch.Tensor, is_width: torch.Tensor) -> torch.Tensor:
+    """The coordinates ``(row, col, row_up, col_left)`` of the token that the grid format puts after each token,
+    where the size header fixes it: after the width token the first cell; after a cell the next cell, or the row
+    separator after a row's last cell; after a separator the next row's first cell; 0 everywhere else (after a
+    grid's last cell, outside grids, without a header, or in a stream that breaks the format). A token at t
+    predicts token t + 1: these say *which cell it is writing*, so a query can name the input cell it needs (the
+    mirror of the cell being written, say) without first working out where a row wraps.
+
+    ``row``, ``col``: the token's own 1-based coordinates (0 outside grids); ``h``, ``w``: its grid's size (0:
+    unknown); ``is_width``: the token is its grid's width token (of a complete header)."""
+    zero = torch.zeros_like(row)
+    known = (h > 0) & (w > 0)
+    in_row = known & is_cell & (col < w) & (row <= h)  # another cell of this row follows
+    row_end = known & is_cell & (col == w) & (row < h)  # a separator follows
+    row_next = known & is_row & (row < h)  # the next row's first cell follows
+    first = known & is_width  # the grid's first cell follows
+    n_row = torch.where(in_row | row_end, row, torch.where(row_next, row + 1, torch.where(first, 1, zero)))
+    n_col = torch.where(in_row, col + 1, torch.where(row_end, w + 1, torch.where(row_next | first, 1, zero)))
+    cell_next = in_row | row_next | first
+    return torch.stack([n_row, n_col, torch.where(n_row > 0, h + 1 - n_row, zero),
+                        torch.where(cell_next, w + 1 - n_col, zero)], -1)
 
 
 MAX_PAIR = 15  # pairs further back than this from the query share one embedding
@@ -131,8 +164,10 @@ class GridCursor:
     started, the cells since the last non-cell token, the tokens since the grid's marker (up to 2) and the size
     read from its header."""
 
-    def __init__(self, tokens_BT: torch.Tensor, length_B: torch.Tensor):
-        """State after each row's first ``length_B`` tokens (the prompt), read off a cell appended there."""
+    def __init__(self, tokens_BT: torch.Tensor, length_B: torch.Tensor, with_next: bool = False):
+        """State after each row's first ``length_B`` tokens (the prompt), read off a cell appended there;
+        ``with_next``: :meth:`step` also gives the next token's coordinates (``model.grid_coords=next``)."""
+        self.with_next = with_next
         B = tokens_BT.shape[0]
         probe = torch.cat([tokens_BT, torch.zeros_like(tokens_BT[:, :1])], 1)
         idx = torch.arange(B, device=tokens_BT.device)
@@ -150,7 +185,8 @@ class GridCursor:
         self.w = torch.where((start >= 0) & (self.since >= 2), self.w, torch.zeros_like(self.w))
 
     def step(self, token_B: torch.Tensor) -> torch.Tensor:
-        """Coordinates (B, 4) of ``token_B`` (B,) given everything before it; advances the state."""
+        """Coordinates (B, 4) of ``token_B`` (B,) given everything before it (B, 8 ``with_next``); advances the
+        state."""
         is_cell, is_row = token_B < N_COLOURS, token_B == ROW
         is_size = (token_B >= SIZE0) & (token_B < SIZE0 + MAX_SIDE)
         inside = is_cell | is_row
@@ -162,6 +198,9 @@ class GridCursor:
         out = torch.stack([torch.where(inside, self.rows + 1, zero), torch.where(inside, self.cols + 1, zero),
                            torch.where(inside & (self.h > 0), self.h - self.rows, zero),
                            torch.where(is_cell & (self.w > 0), self.w - self.cols, zero)], -1)
+        if self.with_next:
+            is_width = (self.since == 1) & is_size & (self.w > 0)
+            out = torch.cat([out, next_coords(out[:, 0], out[:, 1], self.h, self.w, is_cell, is_row, is_width)], -1)
         self.rows = torch.where(start, zero, self.rows + is_row.long())
         self.cols = torch.where(is_cell, self.cols + 1, zero)
         self.since = torch.where(start, zero, (self.since + 1).clamp(max=2))

@@ -1,8 +1,10 @@
 """Token-budget batching, padding masks, rank sharding, skip counting, and the no-leakage guarantee."""
 
+import math
+
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dyntrm.data.arc import Pair, Source, Task, load_source
@@ -75,6 +77,30 @@ def test_epoch_is_deterministic_reshuffled_and_counts_skips():
     assert ts.epoch(0).skipped == ts.epoch(0).total == 12 and ts.epoch(0).batches == []
     with pytest.raises(ValueError, match="exceed data.max_len=60"):
         next(ts.iterate())
+
+
+@given(st.integers(1, 4), st.integers(0, 2**16))
+@settings(max_examples=15, deadline=None)
+def test_curriculum_trains_the_shortest_first_then_everything(K, seed):
+    """data.curriculum_epochs: epoch e < K holds exactly the ceil((e+1)/(K+1) * n) shortest sequences of that epoch
+    (counted as deferred, not lost); from epoch K on the plan is the one without a curriculum."""
+    rng = np.random.default_rng(seed)
+
+    def grid():
+        return rng.integers(0, 10, tuple(rng.integers(1, 7, 2))).astype(np.uint8)
+
+    tasks = [Task(f"t{i}", tuple(Pair(grid(), grid()) for _ in range(2)), (Pair(grid(), grid()),)) for i in range(15)]
+    items = training_items(Source("varied", {"train": tasks}), train_splits=("train",))
+    plain = TrainingSet(items, max_len=1024, tokens_per_batch=2048, seed=seed)
+    cur = TrainingSet(items, max_len=1024, tokens_per_batch=2048, seed=seed, curriculum_epochs=K)
+    ids = lambda e: [[i for i, _ in b] for b in e.batches]  # noqa: E731
+    for e in range(K):
+        lengths = sorted(len(s) for _, s in cur.sequences(e))
+        n = math.ceil((e + 1) / (K + 1) * len(lengths))
+        ep = cur.epoch(e)
+        assert sorted(len(s) for b in ep.batches for _, s in b) == lengths[:n]
+        assert (ep.deferred, ep.skipped, ep.total) == (len(lengths) - n, 0, len(lengths))
+    assert ids(cur.epoch(K)) == ids(plain.epoch(K)) and cur.epoch(K).deferred == 0
 
 
 def test_ranks_split_an_epoch():

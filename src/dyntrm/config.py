@@ -37,6 +37,8 @@ class DataConfig:
     tokens_per_batch: int = opt(16384, "token budget of one (micro-)batch, padding included")
     augment: bool = opt(True, "random dihedral x colour x order view of every task, fresh each epoch")
     repeats: int = opt(1, "views of every training item per epoch")
+    curriculum_epochs: int = opt(0, "a curriculum from small grids: epoch e < K trains on the shortest (e + 1) / "
+                                    "(K + 1) of its sequences, the rest are left for later epochs (0: off)")
 
 
 @dataclass
@@ -375,7 +377,7 @@ RANGES: dict[str, Range] = {
     "model.rope_base": Range(1, **OPEN_LO), "model.max_positions": Range(1),
     "model.norm_eps": Range(0, 1, lo_open=True, hi_open=True),
     "data.max_side": Range(1, 30), "data.max_len": Range(8), "data.tokens_per_batch": Range(1),
-    "data.repeats": Range(1),
+    "data.repeats": Range(1), "data.curriculum_epochs": Range(0),
     "train.steps": Range(1), "train.time_budget_s": Range(0), "train.lr": Range(0, **OPEN_LO),
     "train.routing_lr_mult": Range(0), "train.weight_decay": Range(0), "train.beta1": Range(0, 1, **OPEN_HI),
     "train.beta2": Range(0, 1, **OPEN_HI), "train.warmup": Range(0), "train.min_lr_ratio": Range(0, 1),

@@ -125,7 +125,7 @@ class Trainer:
                                max_side=d.max_side)
         return TrainingSet(items, max_len=d.max_len, tokens_per_batch=d.tokens_per_batch, augment=d.augment,
                            repeats=d.repeats, seed=self.cfg.train.seed, rank=self.rt.rank, world=self.rt.world,
-                           header=self.cfg.model.size_header)
+                           header=self.cfg.model.size_header, curriculum_epochs=d.curriculum_epochs)
 
     # -------------------------------------------------------------------------------------- checkpoints
 
@@ -394,6 +394,7 @@ def loop(tr: Trainer, live: bool | None, on_eval) -> dict[str, float]:
                 if epoch > seen_epoch and rt.is_main:  # first batch of an epoch (or of a resumed run)
                     append_jsonl(metrics_path, {"kind": "epoch", "step": st.step, "epoch": epoch,
                                                 "sequences": plan.total, "skipped_over_max_len": plan.skipped,
+                                                "deferred_by_curriculum": plan.deferred,
                                                 "dropped_batches": plan.dropped, "batches": len(plan) * rt.world})
                     if plan.skipped:
                         rt.print0(f"epoch {epoch}: {plan.skipped} of {plan.total} sequences exceed "

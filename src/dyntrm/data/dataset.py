@@ -14,6 +14,8 @@ Everything is a pure function of ``(seed, epoch)``, so a run can resume at any b
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -103,6 +105,7 @@ class Epoch:
     skipped: int  # sequences over max_len (across all ranks)
     dropped: int  # trailing batches dropped to keep ranks even
     total: int  # sequences drawn (across all ranks)
+    deferred: int = 0  # the longest sequences, left to a later epoch by data.curriculum_epochs (across all ranks)
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -116,7 +119,8 @@ class TrainingSet:
     """The augmented, token-budget-batched training stream, deterministic in ``(seed, epoch)``."""
 
     def __init__(self, items: Sequence[TrainItem], *, max_len: int, tokens_per_batch: int, augment: bool = True,
-                 repeats: int = 1, seed: int = 0, rank: int = 0, world: int = 1, header: bool = False):
+                 repeats: int = 1, seed: int = 0, rank: int = 0, world: int = 1, header: bool = False,
+                 curriculum_epochs: int = 0):
         if tokens_per_batch < padded(max_len):
             raise ValueError(f"tokens_per_batch ({tokens_per_batch}) must hold one sequence of max_len ({max_len}) "
                              f"padded to a multiple of 8")
@@ -127,6 +131,7 @@ class TrainingSet:
         self.augment, self.repeats, self.seed = augment, repeats, seed
         self.rank, self.world = rank, world
         self.header = header  # grids with their size first (model.size_header)
+        self.curriculum_epochs = curriculum_epochs  # data.curriculum_epochs: short sequences first
 
     def sequences(self, epoch: int) -> list[tuple[int, Encoded]]:
         """Every (item, augmented sequence) of an epoch, before the length filter."""
@@ -141,13 +146,27 @@ class TrainingSet:
                 out.append((i, encode(pairs, header=self.header)))
         return out
 
+    def curriculum_share(self, epoch: int) -> float:
+        """The fraction of an epoch's sequences it trains on, the shortest first: ``(epoch + 1) / (K + 1)`` for
+        the first K = ``data.curriculum_epochs`` epochs, then 1 (every sequence)."""
+        K = self.curriculum_epochs
+        return (epoch + 1) / (K + 1) if epoch < K else 1.0
+
     def epoch(self, epoch: int) -> Epoch:
         seqs = self.sequences(epoch)
         kept = [s for s in seqs if len(s[1]) <= self.max_len]
+        deferred = 0
+        share = self.curriculum_share(epoch)
+        if share < 1.0 and kept:
+            n = max(1, math.ceil(share * len(kept)))
+            order = np.argsort([len(s) for _, s in kept], kind="stable")[:n]
+            deferred = len(kept) - n
+            kept = [kept[j] for j in sorted(order.tolist())]
         rng = np.random.default_rng([self.seed, epoch, 1])
         plan = plan_batches([len(s) for _, s in kept], self.tokens_per_batch, rng)
         mine, dropped = shard(plan, self.rank, self.world)
-        return Epoch([[kept[j] for j in b] for b in mine], len(seqs) - len(kept), dropped, len(seqs))
+        return Epoch([[kept[j] for j in b] for b in mine], len(seqs) - len(kept) - deferred, dropped, len(seqs),
+                     deferred)
 
     def iterate(self, start_epoch: int = 0, start_batch: int = 0) -> Iterator[tuple[int, int, Epoch, Batch]]:
         """Endless stream of (epoch, batch index, epoch plan, batch), from a resume position."""

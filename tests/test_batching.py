@@ -103,6 +103,15 @@ def test_curriculum_trains_the_shortest_first_then_everything(K, seed):
     assert ids(cur.epoch(K)) == ids(plain.epoch(K)) and cur.epoch(K).deferred == 0
 
 
+def test_curriculum_too_short_for_the_ranks_names_the_switch():
+    """An early curriculum epoch too small to give every rank a batch stops with a message naming the switch."""
+    items = training_items(_tiny_source(), train_splits=("train",))
+    ts = TrainingSet(items, max_len=512, tokens_per_batch=512, seed=0, rank=0, world=2, curriculum_epochs=11)
+    assert ts.epoch(0).deferred == 11 and ts.epoch(0).dropped == 1
+    with pytest.raises(ValueError, match="epoch 0 makes 1 batch.*data.curriculum_epochs"):
+        next(ts.iterate())
+
+
 def test_ranks_split_an_epoch():
     items = training_items(_tiny_source(40), train_splits=("train",))
     sets = [TrainingSet(items, max_len=512, tokens_per_batch=512, seed=3, rank=r, world=2) for r in range(2)]

@@ -155,18 +155,17 @@ class TrainingSet:
     def epoch(self, epoch: int) -> Epoch:
         seqs = self.sequences(epoch)
         kept = [s for s in seqs if len(s[1]) <= self.max_len]
-        deferred = 0
+        skipped, deferred = len(seqs) - len(kept), 0
         share = self.curriculum_share(epoch)
         if share < 1.0 and kept:
             n = max(1, math.ceil(share * len(kept)))
-            order = np.argsort([len(s) for _, s in kept], kind="stable")[:n]
+            shortest = np.argsort([len(s) for _, s in kept], kind="stable")[:n]
             deferred = len(kept) - n
-            kept = [kept[j] for j in sorted(order.tolist())]
+            kept = [kept[j] for j in sorted(shortest.tolist())]
         rng = np.random.default_rng([self.seed, epoch, 1])
         plan = plan_batches([len(s) for _, s in kept], self.tokens_per_batch, rng)
         mine, dropped = shard(plan, self.rank, self.world)
-        return Epoch([[kept[j] for j in b] for b in mine], len(seqs) - len(kept) - deferred, dropped, len(seqs),
-                     deferred)
+        return Epoch([[kept[j] for j in b] for b in mine], skipped, dropped, len(seqs), deferred)
 
     def iterate(self, start_epoch: int = 0, start_batch: int = 0) -> Iterator[tuple[int, int, Epoch, Batch]]:
         """Endless stream of (epoch, batch index, epoch plan, batch), from a resume position."""
@@ -175,8 +174,9 @@ class TrainingSet:
             plan = self.epoch(epoch)
             if not plan.batches:
                 if plan.dropped:
-                    raise ConfigError(f"an epoch makes {plan.dropped} batch(es) for {self.world} ranks, and every "
-                                      f"rank needs one: lower data.tokens_per_batch or raise data.repeats")
+                    fix = " or data.curriculum_epochs" if plan.deferred else ""
+                    raise ConfigError(f"epoch {epoch} makes {plan.dropped} batch(es) for {self.world} ranks, and "
+                                      f"every rank needs one: lower data.tokens_per_batch{fix} or raise data.repeats")
                 raise ConfigError(f"epoch {epoch} has no batch: {plan.skipped} of {plan.total} sequences exceed "
                                   f"data.max_len={self.max_len}")
             while b < len(plan):

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from dyntrm.data.arc import Pair, Source, Task, load_source
 from dyntrm.data.batching import collate, padded, plan_batches, shard
-from dyntrm.data.dataset import LeakageError, TrainingSet, training_items
+from dyntrm.data.dataset import CURRICULUM_START, CURRICULUM_STEP, LeakageError, TrainingSet, progress_share, training_items
 from dyntrm.data.tokens import PAD, encode, tokens_to_grid, OUT, END
 
 
@@ -110,6 +110,79 @@ def test_curriculum_too_short_for_the_ranks_names_the_switch():
     assert ts.epoch(0).deferred == 11 and ts.epoch(0).dropped == 1
     with pytest.raises(ValueError, match="epoch 0 makes 1 batch.*data.curriculum_epochs"):
         next(ts.iterate())
+
+
+def test_progress_share_by_hand():
+    """data.curriculum = f: the share rises linearly with progress from CURRICULUM_START to 1 at progress f."""
+    assert CURRICULUM_START == 0.05 and CURRICULUM_STEP == 1.25
+    assert [progress_share(p, 0.2) for p in (0.0, 0.005, 0.05, 0.1, 0.2, 0.7)] == [0.05, 0.05, 0.25, 0.5, 1.0, 1.0]
+
+
+def _varied_items(seed, n=15):
+    rng = np.random.default_rng(seed)
+
+    def grid():
+        return rng.integers(0, 10, tuple(rng.integers(1, 7, 2))).astype(np.uint8)
+
+    tasks = [Task(f"t{i}", tuple(Pair(grid(), grid()) for _ in range(2)), (Pair(grid(), grid()),)) for i in range(n)]
+    return training_items(Source("varied", {"train": tasks}), train_splits=("train",))
+
+
+@given(st.sampled_from([0.3, 0.5, 1.0]), st.integers(0, 2**16))
+@settings(max_examples=10, deadline=None)
+def test_progress_curriculum_stream_and_its_resume(f, seed):
+    """data.curriculum with progress = batches drawn / 60: each epoch is planned on the share progress asks for at
+    its start (the shortest sequences, by hand), it ends exactly when progress asks for CURRICULUM_STEP x that
+    share, the epochs after progress f are the plain ones, and a stream resumed anywhere (epoch, batch, the epoch's
+    share) goes on exactly as the unbroken one."""
+    items = _varied_items(seed, n=40)
+    ts = TrainingSet(items, max_len=256, tokens_per_batch=256, seed=seed)
+    plain = TrainingSet(items, max_len=256, tokens_per_batch=256, seed=seed)
+    ids = lambda b: [i for i, _ in b]  # noqa: E731
+
+    def run(start=(0, 0, 1.0), drawn=0, n=90):
+        count = {"n": drawn}
+        share_now = lambda: progress_share(count["n"] / 60, f)  # noqa: E731
+        out, stream = [], ts.iterate(*start, share_now=share_now)
+        for _ in range(n):
+            expect_share = share_now()
+            epoch, b, plan, batch = next(stream)
+            out.append((epoch, b, plan.share, ids(plan.batches[b]), expect_share))
+            count["n"] += 1
+        return out
+
+    full = run()
+    cuts = 0
+    for k, (epoch, b, share, batch_ids, asked) in enumerate(full):
+        first = k == 0 or full[k - 1][0] != epoch
+        if first:  # planned on what progress asked for at its start: the shortest share of its sequences
+            assert b == 0 and share == asked
+            lengths = sorted(len(s) for _, s in ts.sequences(epoch))
+            n = math.ceil(share * len(lengths)) if share < 1 else len(lengths)
+            ep = ts.epoch(epoch, share)
+            assert sorted(len(s) for bb in ep.batches for _, s in bb) == lengths[:n]
+            if k > 0:  # the epoch before ended because it ran out or because progress asked for more
+                pe, pb, pshare = full[k - 1][:3]
+                ran_out = pb == len(ts.epoch(pe, pshare)) - 1
+                assert ran_out or asked >= min(1.0, CURRICULUM_STEP * pshare)
+                cuts += not ran_out
+                assert epoch == pe + 1
+        else:  # within an epoch progress never asked for CURRICULUM_STEP x its share
+            assert share == 1.0 or asked < min(1.0, CURRICULUM_STEP * share)
+        if share == 1.0:
+            assert batch_ids == ids(plain.epoch(epoch).batches[b])
+    assert full[0][2] == CURRICULUM_START and full[-1][2] == 1.0 and cuts > 0  # some epochs did end early
+    # resume from any position: (epoch, next batch, that epoch's share), progress restored
+    for cut in (1, 7, 23, 41):
+        epoch, b, share = full[cut - 1][:3]
+        assert run((epoch, b + 1, share), drawn=cut, n=90 - cut) == full[cut:]
+
+
+def test_both_curricula_at_once_is_refused():
+    from dyntrm.config import ConfigError, apply_overrides, preset, validate
+
+    with pytest.raises(ConfigError, match="data.curriculum=0.2 and data.curriculum_epochs=3: choose one"):
+        validate(apply_overrides(preset("tiny"), ["data.curriculum=0.2", "data.curriculum_epochs=3"]))
 
 
 def test_ranks_split_an_epoch():

@@ -149,6 +149,25 @@ def test_exact_resume_after_interrupt_and_after_a_crash(tmp_path, monkeypatch):
         assert (other.state.epoch, other.state.batch) == (straight.state.epoch, straight.state.batch)
 
 
+def test_progress_curriculum_resumes_exactly(tmp_path, monkeypatch):
+    """data.curriculum: the epochs' shares are logged (small first, then 1), and a run interrupted mid-curriculum
+    resumes onto the same stream: the same weights and data position as the unbroken run."""
+    cfg = debug_cfg("train.steps=10", "train.save_every=3", "data.curriculum=0.6", "data.tokens_per_batch=512")
+    straight, _ = train(cfg, tmp_path / "a", rt=CPU, live=False)
+    records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    shares = [r["curriculum_share"] for r in records if r["kind"] == "epoch"]
+    assert shares[0] == 0.05 and shares[-1] == 1.0 and shares == sorted(shares) and len(shares) >= 3
+    real = _on_step(monkeypatch, 4, _boom)  # a crash during step 4: resume from step 3's checkpoint
+    with pytest.raises(Boom):
+        train(cfg, tmp_path / "b", rt=CPU, live=False)
+    monkeypatch.setattr(Trainer, "step", real)
+    resumed, _ = train(cfg, tmp_path / "b", rt=CPU, live=False, resume=True)
+    want, got = params(straight.model), params(resumed.model)
+    assert all(torch.equal(want[k], got[k]) for k in want), "parameters differ after resume"
+    s, r = straight.state, resumed.state
+    assert (s.step, s.epoch, s.batch, s.share) == (r.step, r.epoch, r.batch, r.share)
+
+
 def test_checkpoint_write_is_atomic_and_a_full_disk_names_the_file(tmp_path, monkeypatch):
     import errno
 

@@ -39,6 +39,10 @@ class DataConfig:
     repeats: int = opt(1, "views of every training item per epoch")
     curriculum_epochs: int = opt(0, "a curriculum from small grids: epoch e < K trains on the shortest (e + 1) / "
                                     "(K + 1) of its sequences, the rest are left for later epochs (0: off)")
+    curriculum: float = opt(0.0, "a curriculum from small grids over the first this fraction of the run (progress "
+                                 "as the lr schedule counts it: steps, or time under train.time_budget_s): an epoch "
+                                 "trains on the shortest max(progress / curriculum, 0.05) of its sequences and ends "
+                                 "early once progress asks for 1.25x that share (0: off)")
 
 
 @dataclass
@@ -378,6 +382,7 @@ RANGES: dict[str, Range] = {
     "model.norm_eps": Range(0, 1, lo_open=True, hi_open=True),
     "data.max_side": Range(1, 30), "data.max_len": Range(8), "data.tokens_per_batch": Range(1),
     "data.repeats": Range(1), "data.curriculum_epochs": Range(0),
+    "data.curriculum": Range(0, 1),
     "train.steps": Range(1), "train.time_budget_s": Range(0), "train.lr": Range(0, **OPEN_LO),
     "train.routing_lr_mult": Range(0), "train.weight_decay": Range(0), "train.beta1": Range(0, 1, **OPEN_HI),
     "train.beta2": Range(0, 1, **OPEN_HI), "train.warmup": Range(0), "train.min_lr_ratio": Range(0, 1),
@@ -424,6 +429,9 @@ def validate(cfg: Config) -> None:
     if t.l1_max < t.l1_init:
         raise ConfigError(f"train.l1_max={t.l1_max}: must be >= train.l1_init={t.l1_init}")
     d = cfg.data
+    if d.curriculum > 0 and d.curriculum_epochs > 0:
+        raise ConfigError(f"data.curriculum={d.curriculum} and data.curriculum_epochs={d.curriculum_epochs}: choose "
+                          f"one curriculum (a fraction of the run, or a number of epochs)")
     if d.tokens_per_batch < padded(d.max_len):
         raise ConfigError(f"data.tokens_per_batch={d.tokens_per_batch} must be >= data.max_len={d.max_len}")
     if d.eval_split in d.train_splits:

@@ -30,10 +30,16 @@ def param_groups(model: nn.Module, cfg: Config) -> list[dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
+def run_progress(cfg: Config, step: int, elapsed: float) -> float:
+    """How far the run is, in [0, 1]: by steps, or by time under ``train.time_budget_s``."""
+    t = cfg.train
+    progress = elapsed / t.time_budget_s if t.time_budget_s > 0 else step / t.steps
+    return min(max(progress, 0.0), 1.0)
+
+
 def lr_factor(cfg: Config, step: int, elapsed: float) -> float:
     """Linear warm-up times cosine decay to ``min_lr_ratio``; progress by steps, or by time under a budget."""
     t = cfg.train
-    progress = elapsed / t.time_budget_s if t.time_budget_s > 0 else step / t.steps
-    progress = min(max(progress, 0.0), 1.0)
+    progress = run_progress(cfg, step, elapsed)
     cosine = t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return min(1.0, (step + 1) / max(t.warmup, 1)) * cosine

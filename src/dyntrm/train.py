@@ -29,13 +29,13 @@ from . import checkpoint, rundir
 from .config import Config, ConfigError, to_dict
 from .data.arc import load_source
 from .data.batching import Batch
-from .data.dataset import Epoch, TrainingSet, split_items, training_items
+from .data.dataset import Epoch, TrainingSet, progress_share, split_items, training_items
 from .evaluate import evaluate_items, metrics_of, score_line
 from .io import append_jsonl, write_json
 from .loss import compute_loss, detach_steps, global_counts
 from .model import ArcTransformer
 from .model.moe import SparsityController
-from .optim import lr_factor, param_groups
+from .optim import lr_factor, param_groups, run_progress
 from .runtime import Runtime, setup
 from .shaping import make_shaper
 
@@ -57,6 +57,7 @@ class TrainState:
     bad_total: int = 0
     tokens: int = 0
     elapsed: float = 0.0
+    share: float = 1.0  # data.curriculum: the share of the shortest sequences the current epoch trains on
 
 
 # ------------------------------------------------------------------------------------------------ pieces
@@ -182,6 +183,11 @@ class Trainer:
         self.saved = (self.state.step, ckpt["dir"])
 
     # -------------------------------------------------------------------------------------- one step
+
+    def curriculum_share(self) -> float:
+        """``data.curriculum``: the share of the shortest sequences that the run's progress asks for now."""
+        st = self.state
+        return progress_share(run_progress(self.cfg, st.step, st.elapsed), self.cfg.data.curriculum)
 
     def micro_batches(self, stream: Iterator[tuple[int, int, Epoch, Batch]]
                       ) -> tuple[list[Batch], tuple[int, int], dict[int, Epoch]]:
@@ -373,7 +379,7 @@ def loop(tr: Trainer, live: bool | None, on_eval) -> dict[str, float]:
     cfg, rt, run_dir = tr.cfg, tr.rt, tr.run_dir
     st, t = tr.state, cfg.train
     metrics_path = run_dir / "metrics.jsonl"
-    stream = tr.data.iterate(st.epoch, st.batch)
+    stream = tr.data.iterate(st.epoch, st.batch, st.share, tr.curriculum_share if cfg.data.curriculum > 0 else None)
     reporter = Reporter(rt, t.steps, st.step, live)
     last: dict[str, float] = {}
     seen_epoch = -1
@@ -395,6 +401,7 @@ def loop(tr: Trainer, live: bool | None, on_eval) -> dict[str, float]:
                     append_jsonl(metrics_path, {"kind": "epoch", "step": st.step, "epoch": epoch,
                                                 "sequences": plan.total, "skipped_over_max_len": plan.skipped,
                                                 "deferred_by_curriculum": plan.deferred,
+                                                "curriculum_share": plan.share,
                                                 "dropped_batches": plan.dropped, "batches": len(plan) * rt.world})
                     if plan.skipped:
                         rt.print0(f"epoch {epoch}: {plan.skipped} of {plan.total} sequences exceed "
@@ -405,14 +412,18 @@ def loop(tr: Trainer, live: bool | None, on_eval) -> dict[str, float]:
             st.elapsed += dt
             st.step += 1
             st.epoch, st.batch = pos
+            st.share = plans[st.epoch].share
             window_tokens += m.get("tokens", 0.0)
             window_time += dt
             window_metrics.append(m)
             stop = t.time_budget_s > 0 and st.elapsed >= t.time_budget_s
-            if rt.distributed:  # rank 0's clock decides the budget; any rank's Ctrl-C stops all at this step
-                flags = torch.tensor([float(stop) if rt.is_main else 0.0, float(interrupted.set)], device=rt.device)
+            if rt.distributed:  # rank 0's clock decides the budget, the lr and the curriculum (every rank takes
+                # its elapsed time); any rank's Ctrl-C stops all at this step
+                main = rt.is_main
+                flags = torch.tensor([float(stop) if main else 0.0, float(interrupted.set), st.elapsed if main else 0.0],
+                                     dtype=torch.float64, device=rt.device)
                 rt.all_reduce_(flags, torch.distributed.ReduceOp.MAX)
-                stop, interrupted.set = bool(flags[0]), bool(flags[1])
+                stop, interrupted.set, st.elapsed = bool(flags[0]), bool(flags[1]), float(flags[2])
             if interrupted.set:
                 reporter.close()
                 rt.print0(f"interrupted after step {st.step}", file=sys.stderr)

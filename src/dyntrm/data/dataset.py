@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -105,7 +105,8 @@ class Epoch:
     skipped: int  # sequences over max_len (across all ranks)
     dropped: int  # trailing batches dropped to keep ranks even
     total: int  # sequences drawn (across all ranks)
-    deferred: int = 0  # the longest sequences, left to a later epoch by data.curriculum_epochs (across all ranks)
+    deferred: int = 0  # the longest sequences, left to a later epoch by the curriculum (across all ranks)
+    share: float = 1.0  # the share of the shortest sequences it trains on (< 1 under a curriculum)
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -113,6 +114,16 @@ class Epoch:
     def batch(self, i: int, items: Sequence[TrainItem]) -> Batch:
         seqs = self.batches[i]
         return collate([s for _, s in seqs], [items[j].task_id for j, _ in seqs])
+
+
+CURRICULUM_START = 0.05  # data.curriculum: the share of the shortest sequences a run starts on
+CURRICULUM_STEP = 1.25  # data.curriculum: an epoch ends once progress asks for this many times its share
+
+
+def progress_share(progress: float, fraction: float) -> float:
+    """``data.curriculum``: the share of an epoch's shortest sequences that a run at ``progress`` (in [0, 1])
+    trains on: rising linearly from ``CURRICULUM_START`` to every sequence at ``progress == fraction``."""
+    return min(1.0, max(progress / fraction, CURRICULUM_START))
 
 
 class TrainingSet:
@@ -152,11 +163,12 @@ class TrainingSet:
         K = self.curriculum_epochs
         return (epoch + 1) / (K + 1) if epoch < K else 1.0
 
-    def epoch(self, epoch: int) -> Epoch:
+    def epoch(self, epoch: int, share: float | None = None) -> Epoch:
+        """The plan of ``epoch`` on the shortest ``share`` of its sequences (default: ``curriculum_share``)."""
         seqs = self.sequences(epoch)
         kept = [s for s in seqs if len(s[1]) <= self.max_len]
         skipped, deferred = len(seqs) - len(kept), 0
-        share = self.curriculum_share(epoch)
+        share = self.curriculum_share(epoch) if share is None else share
         if share < 1.0 and kept:
             n = max(1, math.ceil(share * len(kept)))
             shortest = np.argsort([len(s) for _, s in kept], kind="stable")[:n]
@@ -165,21 +177,34 @@ class TrainingSet:
         rng = np.random.default_rng([self.seed, epoch, 1])
         plan = plan_batches([len(s) for _, s in kept], self.tokens_per_batch, rng)
         mine, dropped = shard(plan, self.rank, self.world)
-        return Epoch([[kept[j] for j in b] for b in mine], skipped, dropped, len(seqs), deferred)
+        return Epoch([[kept[j] for j in b] for b in mine], skipped, dropped, len(seqs), deferred, share)
 
-    def iterate(self, start_epoch: int = 0, start_batch: int = 0) -> Iterator[tuple[int, int, Epoch, Batch]]:
-        """Endless stream of (epoch, batch index, epoch plan, batch), from a resume position."""
+    def iterate(self, start_epoch: int = 0, start_batch: int = 0, start_share: float = 1.0,
+                share_now: Callable[[], float] | None = None) -> Iterator[tuple[int, int, Epoch, Batch]]:
+        """Endless stream of (epoch, batch index, epoch plan, batch), from a resume position.
+
+        ``share_now`` (``data.curriculum``) gives the share of the shortest sequences that the run's progress asks
+        for: each epoch is planned on it, and ends early once it asks for ``CURRICULUM_STEP`` times the epoch's
+        share, so that a long epoch does not hold a run at a small share. ``start_share`` is the share of the
+        resumed epoch when it had begun (``start_batch > 0``)."""
         epoch, b = start_epoch, start_batch
         while True:
-            plan = self.epoch(epoch)
+            share = None
+            if share_now is not None:
+                share = start_share if (epoch, b) == (start_epoch, start_batch) and b > 0 else share_now()
+            plan = self.epoch(epoch, share)
             if not plan.batches:
                 if plan.dropped:
-                    fix = " or data.curriculum_epochs" if plan.deferred else ""
+                    switch = "data.curriculum" if share_now is not None else "data.curriculum_epochs"
+                    fix = f" or {switch}" if plan.deferred else ""
                     raise ConfigError(f"epoch {epoch} makes {plan.dropped} batch(es) for {self.world} ranks, and "
                                       f"every rank needs one: lower data.tokens_per_batch{fix} or raise data.repeats")
                 raise ConfigError(f"epoch {epoch} has no batch: {plan.skipped} of {plan.total} sequences exceed "
                                   f"data.max_len={self.max_len}")
             while b < len(plan):
+                if share_now is not None and plan.share < 1.0 and \
+                        share_now() >= min(1.0, CURRICULUM_STEP * plan.share):
+                    break  # the rest of this epoch's short sequences come again, freshly augmented, in the next
                 yield epoch, b, plan, plan.batch(b, self.items)
                 b += 1
             epoch, b = epoch + 1, 0

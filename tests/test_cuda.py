@@ -110,7 +110,7 @@ def test_fused_composition_fp32_equals_reference_and_experts_path(shape):
     assert torch.backends.cuda.matmul.allow_tf32 is False  # torch's default: the kernels use IEEE dots
     g = torch.randn(N, C, d_out, device=DEV)
     ref, ref_grads = _reference(lib, x, w, g)
-    for path in ("fused", "experts", "gemm"):
+    for path in ("fused", "experts", "manual", "gemm"):
         out, grads = _run(lib, x, w, g, path)
         assert _rel(out, ref) < 1e-5, path
         for name, a, b in zip(("x", "w", "w1", "w2"), grads, ref_grads):

@@ -142,9 +142,9 @@ def _model(seed=0, **kw):
     return ArcTransformer(cfg).eval()
 
 
-@pytest.mark.parametrize("coords", ["borders", "next"])
-def test_kv_cache_with_grid_coords_equals_recompute(coords):
-    m = _model(3, grid_coords=coords, size_header=True).double()
+@pytest.mark.parametrize("coords,tables", [("borders", "separate"), ("next", "separate"), ("borders", "shared")])
+def test_kv_cache_with_grid_coords_equals_recompute(coords, tables):
+    m = _model(3, grid_coords=coords, size_header=True, coord_tables=tables).double()
     prompts = [encode_prompt([Pair(np.array([[1, 2], [3, 4]]), np.array([[5]]))], np.array([[6, 7]]),
                              header=True).tokens, np.array([BOS, IN, size_token(1), size_token(1), 2, OUT])]
     steps = torch.tensor([3, 2])
@@ -220,6 +220,26 @@ def test_grid_coords_change_the_model_only_where_switched_on(kind):
         c = coords(toks).final_logits
     assert not torch.allclose(a, b)
     torch.testing.assert_close(a, c)
+
+
+def test_shared_coord_tables_by_hand():
+    """model.coord_tables=shared: a token's coordinate embedding is Σ_k table[coord_k] @ maps[k] (by hand, on a
+    2x3 grid's cells), index k has one embedding whatever the coordinate, up to that coordinate's map; the maps start
+    orthogonal. (KV-cached decoding under it: test_kv_cache_with_grid_coords_equals_recompute.)"""
+    m = _model(5, size_header=True, grid_coords="borders", coord_tables="shared").double()
+    assert len(m.coord_embed) == 0 and m.coord_embed_maps.shape == (4, m.cfg.d_model, m.cfg.d_model)
+    eye = torch.eye(m.cfg.d_model, dtype=m.coord_embed_maps.dtype)
+    for M in m.coord_embed_maps:
+        torch.testing.assert_close(M.T @ M, eye, rtol=0, atol=1e-6)  # orthogonal in float32, then cast
+    toks = torch.from_numpy(encode([Pair(np.array([[1, 2, 3], [4, 5, 6]]), np.array([[0]]))], header=True).tokens)[None]
+    got = m.embed_tokens(toks) - m.embed(toks)
+    table, maps = m.coord_embed_shared.weight, m.coord_embed_maps
+    cells = [i for i, t in enumerate(toks[0].tolist()) if t < 10][:6]  # the input grid's cells, row by row
+    for j, i in enumerate(cells):
+        r, c = divmod(j, 3)
+        coords = (r + 1, c + 1, 2 - r, 3 - c)  # from the top and left, from the bottom and right, 1-based
+        want = sum(table[v] @ maps[k] for k, v in enumerate(coords))
+        torch.testing.assert_close(got[0, i], want, rtol=0, atol=1e-9)
 
 
 def test_header_state_machine_by_hand():

@@ -70,7 +70,8 @@ def _assert_grads_match_modules(got_grads, ref_grads, n_experts):
         torch.testing.assert_close(got_grads[3][e], ref_grads[3 + 2 * e].T)
 
 
-@pytest.mark.parametrize("path,chunk", [("experts", 4), ("experts", None), ("gemm", 4), ("gemm", None)])
+@pytest.mark.parametrize("path,chunk", [("experts", 4), ("experts", None), ("manual", 4), ("manual", None),
+                                        ("gemm", 4), ("gemm", None)])
 def test_compose_equals_per_expert_loop_with_gradients(path, chunk):
     """Every CPU composition path, in several row chunks and in one, values and gradients (float64)."""
     lib, mlps = _library(seed=1)
@@ -440,7 +441,7 @@ def test_output_shapes(batch, length, seed):
 
 
 @pytest.mark.parametrize("name", ["debug", "tiny"])
-@pytest.mark.parametrize("variant", [*VARIANTS, "dyn+qk_norm", "dynmoe+next"])
+@pytest.mark.parametrize("variant", [*VARIANTS, "dyn+qk_norm", "dynmoe+next", "dynmoe+shared"])
 def test_info_parameter_counts_match_the_model(name, variant):
     from dyntrm.model.info import model_info
 
@@ -449,6 +450,8 @@ def test_info_parameter_counts_match_the_model(name, variant):
     cfg.qk_norm = extra == "qk_norm"
     if extra == "next":
         cfg.size_header, cfg.grid_coords = True, "next"
+    if extra == "shared":
+        cfg.size_header, cfg.grid_coords, cfg.coord_tables = True, "borders", "shared"
     m = ArcTransformer(cfg)
     info = model_info(cfg)
     assert info["params_total"] == sum(p.numel() for p in m.parameters())

@@ -84,6 +84,10 @@ class ModelConfig:
                "beside the 1-D RoPE): origin = row and column from the top-left; borders = also from the bottom "
                "and right borders (needs model.size_header, which tells the size before the cells); next = "
                "borders, plus the same four of the cell the token predicts (the one the format puts next)")
+    coord_tables: Literal["separate", "shared"] = opt(
+        "separate", "model.grid_coords' embeddings: separate = one learned table per coordinate; shared = one table "
+                    "of index embeddings for all coordinates, each seen through its own learned d x d map, so that "
+                    "index k as a row, a column or a distance to a border differ by one linear map for every k")
     pair_embed: bool = opt(False, "a learned embedding of each token's pair, counted back from the query (0), and "
                                   "of its side (input or output grid), added to its token embedding (measured "
                                   "worse on the ladder: BENCHMARKS, rule selection)")

@@ -100,7 +100,12 @@ class ArcTransformer(nn.Module):
         # model.grid_coords: one table per coordinate (row, col; row_up, col_left under "borders"; the same four of
         # the next token under "next"); index 0 is "outside any grid", rows 1..30, columns 1..31 (a row
         # separator's is w + 1)
-        self.coord_embed = nn.ModuleList(nn.Embedding(MAX_SIDE + 2, d) for _ in range(N_COORDS[cfg.grid_coords]))
+        n_coords = N_COORDS[cfg.grid_coords]
+        shared = cfg.coord_tables == "shared" and n_coords > 0
+        self.coord_embed = nn.ModuleList(nn.Embedding(MAX_SIDE + 2, d) for _ in range(0 if shared else n_coords))
+        # model.coord_tables=shared: one table of index embeddings, and per coordinate a d x d map of it
+        self.coord_embed_shared = nn.Embedding(MAX_SIDE + 2, d) if shared else None
+        self.coord_embed_maps = nn.Parameter(torch.empty(n_coords, d, d)) if shared else None
         # model.pair_embed: which pair (counted back from the query) and which side of it a token is on
         self.pair_embed = nn.Embedding(2 * MAX_PAIR + 3, d) if cfg.pair_embed else None
         self.attn_expert_library = (ExpertLibrary(cfg.attn_experts, dh, cfg.attn_expert_hidden, dh) if cfg.dyn_attn
@@ -126,6 +131,10 @@ class ArcTransformer(nn.Module):
         nn.init.normal_(self.embed.weight, std=1.0)
         for table in self.coord_embed:  # smaller than the token's: what a cell is stays the larger signal
             nn.init.normal_(table.weight, std=0.5)
+        if self.coord_embed_shared is not None:  # the same scale; each coordinate a random rotation of the table
+            nn.init.normal_(self.coord_embed_shared.weight, std=0.5)
+            for m in self.coord_embed_maps:
+                nn.init.orthogonal_(m)
         if self.pair_embed is not None:
             nn.init.normal_(self.pair_embed.weight, std=0.5)
         nn.init.normal_(self.lm_head.weight, std=0.02)  # start near the uniform distribution
@@ -187,11 +196,15 @@ class ArcTransformer(nn.Module):
         x_BTD = self.embed(tokens_BT)
         if self.pair_embed is not None:
             x_BTD = x_BTD + self.pair_embed(pair_ids(tokens_BT) if pairs_BT is None else pairs_BT)
-        if len(self.coord_embed):
+        if self.cfg.grid_coords != "off":
             if coords_BTK is None:
                 coords_BTK = grid_coords(tokens_BT, with_next=self.cfg.grid_coords == "next")
             # clamped: a token stream that is not a valid task (tests feed random ones) may count past 31
             coords_BTK = coords_BTK.clamp(max=MAX_SIDE + 1)
+            if self.coord_embed_shared is not None:
+                tables_KVD = torch.matmul(self.coord_embed_shared.weight, self.coord_embed_maps)
+                for k, table_VD in enumerate(tables_KVD):
+                    x_BTD = x_BTD + nn.functional.embedding(coords_BTK[..., k], table_VD)
             for k, table in enumerate(self.coord_embed):
                 x_BTD = x_BTD + table(coords_BTK[..., k])
         return x_BTD

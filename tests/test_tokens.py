@@ -66,3 +66,17 @@ def test_decode_answer_stops_at_end():
     np.testing.assert_array_equal(decode_answer([1, 2, ROW, 3, 4, END, 9, 9]), [[1, 2], [3, 4]])
     with pytest.raises(GridDecodeError, match="no closing"):
         decode_answer([1, 2])
+
+
+def test_changed_cells_by_hand():
+    """encode marks the output cells unlike the input's cell at the same place, in same-shape pairs only; never a
+    header, ROW, END or input token."""
+    from dyntrm.data.tokens import changed_cells
+
+    a, b = np.array([[1, 2], [3, 4]]), np.array([[1, 5], [3, 0]])
+    assert changed_cells(a, b).tolist() == [False, True, False, False, True]  # 1 5 | 3 0
+    assert changed_cells(a, b, header=True).tolist() == [False, False, False, True, False, False, True]
+    assert not changed_cells(a, np.array([[1, 2, 3]])).any()  # another shape: nothing is "changed"
+    enc = encode([Pair(a, b), Pair(a, np.array([[9]]))], header=True)
+    where = np.flatnonzero(enc.changed).tolist()
+    assert [int(enc.tokens[i]) for i in where] == [5, 0] and enc.target[where].all()

@@ -354,13 +354,44 @@ def test_attention_sparsity_controller_and_penalty():
     assert tr.state.l1_coef != tr.state.attn_l1_coef or m["active_experts"] > cfg.model.ffn_active
 
 
-def test_structure_weight_scales_the_shape_tokens_only():
-    """train.structure_weight: the LM loss is (Σ cells CE + w · Σ shape-token CE) / targets, each step's sum from
-    the logits by a plain per-position loop; the shape tokens are the size header, ROW and END."""
+def _changed_by_hand(tokens: list[int]) -> set[int]:
+    """Positions of the output cells whose colour differs from the input's at the same (row, col), read back from
+    the token stream alone (pairs of one shape; the size header, if any, skipped)."""
+    from dyntrm.data.tokens import END, IN, OUT, ROW, SIZE0
+
+    def cells(a, b):  # positions of the cells between a and b, as (row, col) -> position
+        out, r, c = {}, 0, 0
+        for i in range(a, b):
+            if tokens[i] == ROW:
+                r, c = r + 1, 0
+            elif tokens[i] < SIZE0:
+                out[(r, c)] = i
+                c += 1
+        return out
+
+    found = set()
+    for i, t in enumerate(tokens):
+        if t == IN:
+            o = tokens.index(OUT, i)
+            if END not in tokens[o:]:
+                continue
+            e = tokens.index(END, o)
+            inp, out = cells(i + 1, o), cells(o + 1, e)
+            if set(inp) == set(out):
+                found |= {out[rc] for rc in out if tokens[out[rc]] != tokens[inp[rc]]}
+    return found
+
+
+@pytest.mark.parametrize("over,sw,cw", [(("train.structure_weight=3",), 3.0, 1.0),
+                                         (("train.structure_weight=3", "train.change_weight=2"), 3.0, 2.0)])
+def test_structure_and_change_weights_scale_their_tokens_only(over, sw, cw):
+    """train.structure_weight and train.change_weight: the LM loss is (Σ other cells' CE + ws · Σ shape-token CE +
+    wc · Σ changed cells' CE) / targets, each step's sum from the logits by a plain per-position loop; the shape
+    tokens are the size header, ROW and END; the changed cells are read back from the token stream by hand."""
     from dyntrm.data.tokens import END, ROW, SIZE0
     from dyntrm.loss import compute_loss, global_counts
 
-    cfg = debug_cfg("train.structure_weight=3", "train.act_weight=0")
+    cfg = debug_cfg(*over, "train.act_weight=0")
     tr = Trainer(cfg, CPU)
     batch = tr.data.epoch(0).batch(0, tr.data.items)
     counts = global_counts([batch], CPU)
@@ -368,17 +399,19 @@ def test_structure_weight_scales_the_shape_tokens_only():
         out = tr.model(batch.tokens, batch.attention_mask, batch.prompt_end)
         got, parts = compute_loss(out, batch, cfg, 0.0, counts)
     S = out.logits.shape[0]
+    changed = [_changed_by_hand(row.tolist()) for row in batch.tokens]
     want, plain_last, n, kinds = 0.0, 0.0, 0, set()
     for s in range(S):
         for b, t in torch.nonzero(batch.target[:, 1:]).tolist():
             tok = int(batch.tokens[b, t + 1])
             ce = float(-torch.log_softmax(out.logits[s, b, t].double(), -1)[tok])
             shape = tok == ROW or tok == END or tok >= SIZE0
-            kinds.add(shape)
-            want += ce * (3.0 if shape else 1.0) / S
+            kind = "shape" if shape else "changed" if t + 1 in changed[b] else "cell"
+            kinds.add(kind)
+            want += ce * {"shape": sw, "changed": cw, "cell": 1.0}[kind] / S
             plain_last += ce if s == S - 1 else 0.0
             n += s == 0
-    assert kinds == {True, False} and n == int(counts.targets)
+    assert kinds == {"shape", "changed", "cell"} and n == int(counts.targets)
     assert float(got) == pytest.approx(want / n, rel=1e-5)
     assert float(parts["lm_last_sum"]) == pytest.approx(plain_last, rel=1e-5)  # the logged CE stays unweighted
 

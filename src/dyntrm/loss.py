@@ -75,9 +75,15 @@ def compute_loss(out: ModelOutput, batch: Batch, cfg: Config, l1_coef: float, co
     ce_S = ce_SM.sum(1)
     # train.structure_weight: the tokens that fix the answer's shape (size header, ROW, END; every target token that
     # is not a colour) weigh this much, the cells 1; the normaliser stays the count of targets
+    # train.change_weight: the cells that copying the input would get wrong weigh this much (same normaliser)
     lm_S = ce_S
-    if t.structure_weight != 1.0:
-        lm_S = (ce_SM * torch.where(tgt_M >= N_COLOURS, t.structure_weight, 1.0)).sum(1)
+    if t.structure_weight != 1.0 or t.change_weight != 1.0:
+        w_M = torch.where(tgt_M >= N_COLOURS, t.structure_weight, 1.0)
+        if t.change_weight != 1.0:
+            if batch.changed is None:
+                raise ValueError("train.change_weight needs batches that mark the changed cells (data.collate)")
+            w_M = torch.where(batch.changed[:, 1:][sel_BT], t.change_weight, w_M)
+        lm_S = (ce_SM * w_M).sum(1)
     g = out.grad_from  # steps before g ran without gradient (train.grad_steps): only the later ones are trained
     lm = (lm_S[g:].mean() if t.deep_supervision else lm_S[-1]) / counts.targets
 

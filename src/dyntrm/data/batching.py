@@ -67,11 +67,12 @@ class Batch:
     answer: torch.Tensor  # (B, T) bool, the query's answer tokens (ACT target)
     prompt_end: torch.Tensor  # (B,) int64, index of the query's OUT token
     ids: list[str] = field(default_factory=list)  # provenance: task ids
+    changed: torch.Tensor | None = None  # (B, T) bool, output cells unlike the input's at that place (tokens.py)
 
     def to(self, device: torch.device | str) -> "Batch":
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
         return Batch(move(self.tokens), move(self.attention_mask), move(self.target), move(self.answer),
-                     move(self.prompt_end), self.ids)
+                     move(self.prompt_end), self.ids, None if self.changed is None else move(self.changed))
 
     @property
     def n_tokens(self) -> int:
@@ -83,13 +84,15 @@ def collate(seqs: Sequence[Encoded], ids: Sequence[str] = ()) -> Batch:
     T = padded(max(len(s) for s in seqs))
     B = len(seqs)
     tokens = np.full((B, T), PAD, np.int64)
-    mask, target, answer = (np.zeros((B, T), bool) for _ in range(3))
+    mask, target, answer, changed = (np.zeros((B, T), bool) for _ in range(4))
     for b, s in enumerate(seqs):
         n = len(s)
         tokens[b, :n] = s.tokens
         mask[b, :n] = True
         target[b, :n] = s.target
         answer[b, :n] = s.answer
+        if s.changed is not None:
+            changed[b, :n] = s.changed
     prompt_end = torch.tensor([s.prompt_end for s in seqs], dtype=torch.int64)
     return Batch(torch.from_numpy(tokens), torch.from_numpy(mask), torch.from_numpy(target),
-                 torch.from_numpy(answer), prompt_end, list(ids))
+                 torch.from_numpy(answer), prompt_end, list(ids), torch.from_numpy(changed))

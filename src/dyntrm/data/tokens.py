@@ -51,6 +51,18 @@ def grid_tokens(grid: np.ndarray, header: bool = False) -> np.ndarray:
     return np.concatenate([[size_token(h), size_token(w)], body]) if header else body
 
 
+def changed_cells(inp: np.ndarray, out: np.ndarray, header: bool = False) -> np.ndarray:
+    """Aligned with ``grid_tokens(out, header)``: the output's cells whose colour differs from the input's cell at
+    the same place, where the two grids have one shape (the cells that copying the input would get wrong); False
+    on the header and ROW tokens, and everywhere when the shapes differ."""
+    h, w = out.shape
+    mask = np.zeros((h, w + 1), bool)
+    if inp.shape == out.shape:
+        mask[:, :w] = out != inp
+    body = mask.reshape(-1)[:-1]
+    return np.concatenate([[False, False], body]) if header else body
+
+
 def grid_length(shape: tuple[int, int], header: bool = False) -> int:
     """Length of :func:`grid_tokens` for a grid of ``shape``."""
     h, w = shape
@@ -87,6 +99,7 @@ class Encoded:
     target: np.ndarray  # (T,) bool: token t is predicted (from position t-1) and enters the LM loss
     answer: np.ndarray  # (T,) bool: the query's answer tokens (its output grid and END): the ACT target
     prompt_end: int  # index of the query's OUT token: the last position the prompt alone determines
+    changed: np.ndarray | None = None  # (T,) bool: output cells unlike the input's cell at that place (changed_cells)
 
     def __len__(self) -> int:
         return int(self.tokens.size)
@@ -100,6 +113,7 @@ def encode(pairs: Seq[Pair], *, with_answer: bool = True, header: bool = False) 
     parts: list[np.ndarray] = [np.array([BOS])]
     target: list[np.ndarray] = [np.zeros(1, bool)]
     answer: list[np.ndarray] = [np.zeros(1, bool)]
+    changed: list[np.ndarray] = [np.zeros(1, bool)]
     prompt_end = 0
     for i, p in enumerate(pairs):
         last = i == len(pairs) - 1
@@ -107,6 +121,7 @@ def encode(pairs: Seq[Pair], *, with_answer: bool = True, header: bool = False) 
         parts.append(np.concatenate([[IN], inp, [OUT]]))
         target.append(np.zeros(inp.size + 2, bool))
         answer.append(np.zeros(inp.size + 2, bool))
+        changed.append(np.zeros(inp.size + 2, bool))
         prompt_end += inp.size + 2
         if last and not with_answer:
             break
@@ -116,13 +131,16 @@ def encode(pairs: Seq[Pair], *, with_answer: bool = True, header: bool = False) 
         parts.append(out)
         target.append(np.ones(out.size, bool))
         answer.append(np.full(out.size, last))
+        changed.append(np.append(changed_cells(p.input, p.output, header), False))
         if not last:
             prompt_end += out.size
     if with_answer:
         parts.append(np.array([EOS]))
         target.append(np.zeros(1, bool))
         answer.append(np.zeros(1, bool))
-    return Encoded(np.concatenate(parts).astype(np.int64), np.concatenate(target), np.concatenate(answer), prompt_end)
+        changed.append(np.zeros(1, bool))
+    return Encoded(np.concatenate(parts).astype(np.int64), np.concatenate(target), np.concatenate(answer), prompt_end,
+                   np.concatenate(changed))
 
 
 def encode_prompt(demos: Seq[Pair], query_input: np.ndarray, *, header: bool = False) -> Encoded:

@@ -80,6 +80,8 @@ def test_compose_equals_per_expert_loop_with_gradients(path, chunk):
     got = lib.compose(x, w, chunk=chunk, path=path)
     ref = _compose_reference(mlps, x, w)
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+    with torch.no_grad():  # inference: the same values (the manual path then keeps no activations)
+        torch.testing.assert_close(lib.compose(x, w, chunk=chunk, path=path), ref, rtol=0, atol=1e-12)
     g = torch.randn_like(got)
     grads = torch.autograd.grad(got, [x, w, lib.w1, lib.w2], g)
     params = [p for m in mlps for p in (m.w1.weight, m.w2.weight)]

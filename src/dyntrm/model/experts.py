@@ -111,7 +111,8 @@ class ExpertLibrary(nn.Module):
         if path == "fused":
             return fused.compose(x_ND, w_NCE, self.w1, self.w2)
         if path == "manual":
-            return ExpertsCompose.apply(x_ND, w_NCE, self.w1, self.w2, chunk or 512)
+            # under no_grad (inference) the activations are not kept for a backward
+            return ExpertsCompose.apply(x_ND, w_NCE, self.w1, self.w2, chunk or 512, torch.is_grad_enabled())
         if path == "gemm":
             if chunk is None:  # (rows, C, E*F) elements at a time: 2^21 on CPU (warm in cache), 2^28 on CUDA
                 budget = 2 ** 28 if x_ND.is_cuda else 2 ** 21
@@ -187,11 +188,12 @@ class ExpertsCompose(torch.autograd.Function):
     What autograd does for the ``experts`` path, less its layout costs (measured: the second layer's batched GEMM on
     the row-major (n, E*F) activations runs at a third of the rate of the same GEMM on expert-major ones, and
     autograd's split/cat copies every row once more): every GEMM here takes contiguous operands, the outputs are
-    written in place, the activations ``a_E``, ``s_E`` and ``o_E`` of each chunk are kept for the backward.
+    written in place, the activations ``a_E``, ``s_E`` and ``o_E`` of each chunk are kept for the backward
+    (only when grad mode is on at the call: ``keep``).
     Float64 gradients equal the per-expert reference (tests/test_model.py)."""
 
     @staticmethod
-    def forward(ctx, x_ND, w_NCE, w1, w2, chunk):
+    def forward(ctx, x_ND, w_NCE, w1, w2, chunk, keep):
         dt = compute_dtype(x_ND)
         with torch.autocast(x_ND.device.type, enabled=False):
             x, w, w1c, w2c = x_ND.to(dt), w_NCE.to(dt), w1.to(dt), w2.to(dt)
@@ -204,7 +206,8 @@ class ExpertsCompose(torch.autograd.Function):
                 s_E = F.silu(a_E)
                 o_E = torch.bmm(s_E, w2c)  # (E, n, d)
                 torch.bmm(w[i:j], o_E.transpose(0, 1), out=out[i:j])
-                saved.append((a_E, s_E, o_E))
+                if keep:
+                    saved.append((a_E, s_E, o_E))
         ctx.save_for_backward(x_ND, w_NCE, w1, w2)
         ctx.chunk, ctx.dt, ctx.acts = chunk, dt, saved
         return out
@@ -231,7 +234,7 @@ class ExpertsCompose(torch.autograd.Function):
                 torch.sum(torch.bmm(da_E, w1T), 0, out=dx[i:j])
                 dw1.baddbmm_(x[i:j].T.expand(E, -1, -1), da_E)
         ctx.acts = None
-        return dx.to(x_ND.dtype), dw.to(w_NCE.dtype), dw1.to(w1.dtype), dw2.to(w2.dtype), None
+        return dx.to(x_ND.dtype), dw.to(w_NCE.dtype), dw1.to(w1.dtype), dw2.to(w2.dtype), None, None
 
 
 class GemmCompose(torch.autograd.Function):

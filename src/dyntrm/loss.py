@@ -80,8 +80,6 @@ def compute_loss(out: ModelOutput, batch: Batch, cfg: Config, l1_coef: float, co
     if t.structure_weight != 1.0 or t.change_weight != 1.0:
         w_M = torch.where(tgt_M >= N_COLOURS, t.structure_weight, 1.0)
         if t.change_weight != 1.0:
-            if batch.changed is None:
-                raise ValueError("train.change_weight needs batches that mark the changed cells (data.collate)")
             w_M = torch.where(batch.changed[:, 1:][sel_BT], t.change_weight, w_M)
         lm_S = (ce_SM * w_M).sum(1)
     g = out.grad_from  # steps before g ran without gradient (train.grad_steps): only the later ones are trained

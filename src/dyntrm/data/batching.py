@@ -66,13 +66,13 @@ class Batch:
     target: torch.Tensor  # (B, T) bool, token t enters the LM loss (predicted from t-1)
     answer: torch.Tensor  # (B, T) bool, the query's answer tokens (ACT target)
     prompt_end: torch.Tensor  # (B,) int64, index of the query's OUT token
+    changed: torch.Tensor  # (B, T) bool, output cells unlike the input's at that place (tokens.changed_cells)
     ids: list[str] = field(default_factory=list)  # provenance: task ids
-    changed: torch.Tensor | None = None  # (B, T) bool, output cells unlike the input's at that place (tokens.py)
 
     def to(self, device: torch.device | str) -> "Batch":
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
         return Batch(move(self.tokens), move(self.attention_mask), move(self.target), move(self.answer),
-                     move(self.prompt_end), self.ids, None if self.changed is None else move(self.changed))
+                     move(self.prompt_end), move(self.changed), self.ids)
 
     @property
     def n_tokens(self) -> int:
@@ -91,8 +91,7 @@ def collate(seqs: Sequence[Encoded], ids: Sequence[str] = ()) -> Batch:
         mask[b, :n] = True
         target[b, :n] = s.target
         answer[b, :n] = s.answer
-        if s.changed is not None:
-            changed[b, :n] = s.changed
+        changed[b, :n] = s.changed
     prompt_end = torch.tensor([s.prompt_end for s in seqs], dtype=torch.int64)
     return Batch(torch.from_numpy(tokens), torch.from_numpy(mask), torch.from_numpy(target),
-                 torch.from_numpy(answer), prompt_end, list(ids), torch.from_numpy(changed))
+                 torch.from_numpy(answer), prompt_end, torch.from_numpy(changed), list(ids))

@@ -99,7 +99,7 @@ class Encoded:
     target: np.ndarray  # (T,) bool: token t is predicted (from position t-1) and enters the LM loss
     answer: np.ndarray  # (T,) bool: the query's answer tokens (its output grid and END): the ACT target
     prompt_end: int  # index of the query's OUT token: the last position the prompt alone determines
-    changed: np.ndarray | None = None  # (T,) bool: output cells unlike the input's cell at that place (changed_cells)
+    changed: np.ndarray  # (T,) bool: output cells unlike the input's cell at that place (changed_cells)
 
     def __len__(self) -> int:
         return int(self.tokens.size)

@@ -37,7 +37,8 @@ def default_compose_path(x: torch.Tensor, lib: "ExpertLibrary") -> str:
 
     - CPU: ``manual``, in chunks of 512 rows. The same per-expert GEMMs as ``experts``, but its activations are laid
       out expert-major and its backward is written out: at tiny's shapes (E = 16, F = d = 32, forward + backward)
-      1.30x faster than ``experts`` on 2 threads (46% of the fp32 matmul rate), 1.07x on 1. ``gemm`` does its
+      1.15x faster than ``experts`` in its 256-row chunks on 2 threads, 1.06x on 1 (bench_compose.py; 46% of the
+      fp32 matmul rate in bench_layers.py, 1.27x there). ``gemm`` does its
       contraction over experts x hidden as one GEMM per chunk but with the weighting folded into the hidden
       activations, which costs C times the second layer's FLOPs plus passes over (rows, C, E*F) tensors: 17%;
     - CUDA: ``fused`` where Triton is importable and the widths fit its registers, else ``experts``: the model's
@@ -185,7 +186,7 @@ class ExpertsCompose(torch.autograd.Function):
         dw = g @ oᵀ      do_E = Σ_c w[:, c, e] g[:, c]      ds_E = do_E @ w2[e]ᵀ      da_E = ds_E ⊙ silu'(a_E)
         dx = Σ_e da_E @ w1[e]ᵀ      dw1[e] = Σ_n xᵀ da_E      dw2[e] = Σ_n s_Eᵀ do_E
 
-    What autograd does for the ``experts`` path, less its layout costs (measured: the second layer's batched GEMM on
+    What autograd does for the ``experts`` path, less its layout costs (seen with torch.profiler: the second layer's batched GEMM on
     the row-major (n, E*F) activations runs at a third of the rate of the same GEMM on expert-major ones, and
     autograd's split/cat copies every row once more): every GEMM here takes contiguous operands, the outputs are
     written in place, the activations ``a_E``, ``s_E`` and ``o_E`` of each chunk are kept for the backward

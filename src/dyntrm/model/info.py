@@ -15,15 +15,16 @@ from .layers import N_COORDS
 def model_info(cfg: ModelConfig, context: int = 1024) -> dict[str, float]:
     d, H, dh, V, N = cfg.d_model, cfg.n_heads, cfg.d_head, cfg.vocab_size, cfg.max_steps
     keys = (context + 1) / 2
+    n_coords = N_COORDS[cfg.grid_coords]
     common = {
         "embedding": V * d,
         "lm_head": V * d,
         "norms": 4 * d + (2 * dh if cfg.qk_norm else 0),  # norm1, norm2, halt norm, final norm (+ q, k norms)
         "halt_head": 2 * d + 2,
         "step_embedding": N * d if cfg.step_embedding else 0,
-        "grid_coords": (N_COORDS[cfg.grid_coords] * (MAX_SIDE + 2) * d if cfg.coord_tables == "separate"
-                        else ((MAX_SIDE + 2) * d + N_COORDS[cfg.grid_coords] * d * d) if cfg.grid_coords != "off"
-                        else 0),
+        # separate: a table per coordinate; shared: one table and a d x d map per coordinate
+        "grid_coords": n_coords * (MAX_SIDE + 2) * d if cfg.coord_tables == "separate"
+        else ((MAX_SIDE + 2) * d + n_coords * d * d) * (n_coords > 0),
     }
     flops = {
         "attention_scores": 2 * 2 * keys * d,  # q.k and p.v

@@ -85,6 +85,7 @@ def run_mode(model, items, ttt: TTT | None, args, max_len: int, cap: bool) -> di
             ladder = len(fam) > 1 and all(f in FAMILIES for f in fam)  # ARC ids are not FAMILY-INDEX
             row["families"] = {f: float(np.mean(v)) for f, v in fam.items()} if ladder else {}
         if mode == "votes":
+            row.update({"shape@1": m["shape@1"], "cells@1": m["cells@1"]})  # attempt 1's partial credit
             tests = [t for task in m["tasks"].values() for t in task["tests"]]
             solved = [t["mean_steps"] for t in tests if t["solved@2"]]
             row.update({"pass@1 votes": m["pass@1"], "halt_all": m["mean_steps"],
@@ -112,7 +113,8 @@ def item_sets(args) -> dict[str, list]:
 
 
 def render(rows: list[dict], args, name: str, sizes: dict[str, str]) -> str:
-    head = ["items", "TTT", "pass@2 votes", "pass@2 likelihood", "pass@2 both", "TTT s / task",
+    head = ["items", "TTT", "pass@2 votes", "pass@2 likelihood", "pass@2 both", "right shape", "cells right",
+            "TTT s / task",
             "LOO loss first -> last",
             "halting step all / solved", "routing's share of the gain"]
     body = []
@@ -120,16 +122,19 @@ def render(rows: list[dict], args, name: str, sizes: dict[str, str]) -> str:
         loss = "-" if r["loss_first"] is None else f"{r['loss_first']:.3f} -> {r['loss_last']:.3f}"
         secs = "-" if r["ttt_seconds_per_task"] is None else f"{r['ttt_seconds_per_task']:.1f}"
         body.append([r["set"], r["mode"], f"{r['pass@2 votes']:.3f}", f"{r['pass@2 likelihood']:.3f}",
-                     f"{r['pass@2 both']:.3f}", secs, loss, f"{r['halt_all']:.2f} / {r['halt_solved']:.2f}",
+                     f"{r['pass@2 both']:.3f}", f"{r['shape@1']:.3f}", f"{r['cells@1']:.3f}", secs, loss, f"{r['halt_all']:.2f} / {r['halt_solved']:.2f}",
                      r.get("recovered", "")])
     sets = "; ".join(f"{s}: {n}" for s, n in sizes.items())
     return (f"Checkpoint `{name}`; {sets}; {args.views} views; TTT: {args.steps} steps of "
             f"{args.batch} leave-one-out sequences, lr {args.lr:g} (routing {args.lr_routing or args.lr:g}, "
             f"norms {args.lr_norms or args.lr:g}), constant, fresh AdamW per "
-            f"{'task' if args.mode == 'task' else 'task and view (--mode view: adapted in the view frame)'}. "
+            f"{'task' if args.mode == 'task' else 'task and view (--mode view: adapted in the view frame)'}"
+            f"{', colours 1-9 permuted afresh in every sequence (--colours)' if args.colours else ''}"
+            f"{', the shape tokens out of the TTT loss (--keep-shape)' if args.keep_shape else ''}. "
             f"pass@2 is ARC's metric, under three orders of the same candidates: votes; total log-likelihood over the "
             f"views; votes, then likelihood. Halting: mean ACT step of every answer / of the answers solved (pass@2, "
-            f"votes). Routing's share: (routing - none) / (all - none) of pass@2 (votes).\n\n" + table(head, body)
+            f"votes). Right shape, cells right: attempt 1 (votes) of the right size, and its share of right cells "
+            f"(0 where the size is wrong). Routing's share: (routing - none) / (all - none) of pass@2 (votes).\n\n" + table(head, body)
             + family_table(rows))
 
 
@@ -163,6 +168,10 @@ def main() -> None:
     ap.add_argument("--views", type=int, default=4)
     ap.add_argument("--mode", choices=MODES, default="view",
                     help="task: one adapted copy per task; view: one per decoding view, in its frame (--ttt-mode)")
+    ap.add_argument("--colours", action="store_true",
+                    help="view mode: colours 1-9 permuted afresh in every leave-one-out sequence (--ttt-colours)")
+    ap.add_argument("--keep-shape", action="store_true",
+                    help="the shape's tokens leave the TTT loss: the size stays the checkpoint's (--ttt-keep-shape)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/bench_ttt", help="where --quick writes its ladder and model")
     ap.add_argument("--section", default="ttt", help="BENCHMARKS.md section (one per checkpoint compared)")
@@ -184,7 +193,8 @@ def main() -> None:
         base = None
         for which in ("none", *args.params):
             ttt = None if which == "none" else TTT(args.steps, lrs[which], which, args.batch, args.seed, cfg.train,
-                                                         mode=args.mode)
+                                                         mode=args.mode, colours=args.colours,
+                                                         shape_loss=not args.keep_shape)
             row = {"set": set_name, "mode": which, **run_mode(model, items, ttt, args, cfg.data.max_len, cap)}
             base = row if which == "none" else base
             rows.append(row)

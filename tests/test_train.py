@@ -382,12 +382,25 @@ def _changed_by_hand(tokens: list[int]) -> set[int]:
     return found
 
 
-@pytest.mark.parametrize("over,sw,cw", [(("train.structure_weight=3",), 3.0, 1.0),
-                                         (("train.structure_weight=3", "train.change_weight=2"), 3.0, 2.0)])
-def test_structure_and_change_weights_scale_their_tokens_only(over, sw, cw):
-    """train.structure_weight and train.change_weight: the LM loss is (Σ other cells' CE + ws · Σ shape-token CE +
-    wc · Σ changed cells' CE) / targets, each step's sum from the logits by a plain per-position loop; the shape
-    tokens are the size header, ROW and END; the changed cells are read back from the token stream by hand."""
+def _first_output_by_hand(tokens: list[int]) -> set[int]:
+    """Positions of the first pair's output tokens (after its OUT, up to and with its END), if a later pair follows."""
+    from dyntrm.data.tokens import END, IN, OUT
+
+    o = tokens.index(OUT)
+    e = tokens.index(END, o)
+    return set(range(o + 1, e + 1)) if IN in tokens[e:] else set()
+
+
+@pytest.mark.parametrize("over,sw,cw,fw", [(("train.structure_weight=3",), 3.0, 1.0, 1.0),
+                                            (("train.structure_weight=3", "train.change_weight=2"), 3.0, 2.0, 1.0),
+                                            (("train.structure_weight=0",), 0.0, 1.0, 1.0),
+                                            (("train.first_output_weight=0",), 1.0, 1.0, 0.0),
+                                            (("train.change_weight=2", "train.first_output_weight=0.5"), 1.0, 2.0, 0.5)])
+def test_structure_and_change_weights_scale_their_tokens_only(over, sw, cw, fw):
+    """train.structure_weight, train.change_weight and train.first_output_weight: the LM loss is (Σ other cells' CE
+    + ws · Σ shape-token CE + wc · Σ changed cells' CE) / targets, every token of the first demonstration's output
+    further x wf, each step's sum from the logits by a plain per-position loop; the shape tokens are the size
+    header, ROW and END; the changed cells and the first output are read back from the token stream by hand."""
     from dyntrm.data.tokens import END, ROW, SIZE0
     from dyntrm.loss import compute_loss, global_counts
 
@@ -400,7 +413,8 @@ def test_structure_and_change_weights_scale_their_tokens_only(over, sw, cw):
         got, parts = compute_loss(out, batch, cfg, 0.0, counts)
     S = out.logits.shape[0]
     changed = [_changed_by_hand(row.tolist()) for row in batch.tokens]
-    want, plain_last, n, kinds = 0.0, 0.0, 0, set()
+    first = [_first_output_by_hand(row.tolist()) for row in batch.tokens]
+    want, plain_last, n, kinds, n_first = 0.0, 0.0, 0, set(), 0
     for s in range(S):
         for b, t in torch.nonzero(batch.target[:, 1:]).tolist():
             tok = int(batch.tokens[b, t + 1])
@@ -408,12 +422,39 @@ def test_structure_and_change_weights_scale_their_tokens_only(over, sw, cw):
             shape = tok == ROW or tok == END or tok >= SIZE0
             kind = "shape" if shape else "changed" if t + 1 in changed[b] else "cell"
             kinds.add(kind)
-            want += ce * {"shape": sw, "changed": cw, "cell": 1.0}[kind] / S
+            in_first = t + 1 in first[b]
+            n_first += s == 0 and in_first
+            want += ce * {"shape": sw, "changed": cw, "cell": 1.0}[kind] * (fw if in_first else 1.0) / S
             plain_last += ce if s == S - 1 else 0.0
             n += s == 0
-    assert kinds == {"shape", "changed", "cell"} and n == int(counts.targets)
+    assert kinds == {"shape", "changed", "cell"} and n == int(counts.targets) and 0 < n_first < n
     assert float(got) == pytest.approx(want / n, rel=1e-5)
     assert float(parts["lm_last_sum"]) == pytest.approx(plain_last, rel=1e-5)  # the logged CE stays unweighted
+
+
+def test_first_output_weight_never_touches_the_answer():
+    """A sequence whose query is its only pair has no first demonstration: train.first_output_weight=0 leaves its
+    loss as it is, while on a sequence with a demonstration it lowers it (the demonstration's CE is gone)."""
+    import numpy as np
+
+    from dyntrm.data.arc import Pair
+    from dyntrm.data.tokens import encode
+    from dyntrm.loss import compute_loss, global_counts
+
+    g = np.array([[1, 2], [3, 4]], np.uint8)
+    lone = collate([encode([Pair(g, g[::-1])], header=True)], ["t"])
+    two = collate([encode([Pair(g, g.T), Pair(g, g[::-1])], header=True)], ["t"])
+    losses = {}
+    for fw in ("1", "0"):
+        cfg = debug_cfg("train.act_weight=0", f"train.first_output_weight={fw}")
+        torch.manual_seed(0)
+        model = Trainer(cfg, CPU).model
+        with torch.no_grad():
+            for name, b in (("lone", lone), ("two", two)):
+                out = model(b.tokens, b.attention_mask, b.prompt_end)
+                losses[name, fw] = float(compute_loss(out, b, cfg, 0.0, global_counts([b], CPU))[0])
+    assert losses["lone", "0"] == pytest.approx(losses["lone", "1"], rel=1e-6)
+    assert losses["two", "0"] < losses["two", "1"] * 0.9
 
 
 @pytest.mark.parametrize("over", [(), ("train.grad_steps=2", "model.input_injection=true")])

@@ -118,6 +118,30 @@ def test_a_frame_kept_batch_holds_the_demonstrations_as_given():
     assert {(g.tobytes(), g.shape) for row in shuffled for g in _grids_of(row)} != given
 
 
+def test_a_frame_kept_batch_with_colours_permutes_each_sequence_alike():
+    """--ttt-colours: every sequence shows the demonstrations in their frame (shapes and cell layout as given) under
+    one permutation of colours 1-9 of its own (0 fixed), applied alike to all its grids; sequences differ."""
+    rng = np.random.default_rng(1)
+    demos = [Pair(rng.integers(0, 10, (2, 3)).astype(np.uint8), rng.integers(0, 10, (3, 2)).astype(np.uint8))
+             for _ in range(3)]
+    batch = loo_batch("t", demos, [0, 1, 2, 0, 1, 2], rng, header=True, geometry=False, colours=True).tokens.numpy()
+    perms = set()
+    for row in batch:
+        grids = _grids_of(row)
+        assert len(grids) == 6
+        sigma: dict[int, int] = {}
+        for inp, out in zip(grids[::2], grids[1::2]):
+            d = next(d for d in demos if d.input.shape == inp.shape
+                     and _canonical(np.concatenate([d.input.ravel(), d.output.ravel()])[None])
+                     == _canonical(np.concatenate([inp.ravel(), out.ravel()])[None]))
+            for a, b in zip(np.concatenate([d.input.ravel(), d.output.ravel()]).tolist(),
+                            np.concatenate([inp.ravel(), out.ravel()]).tolist()):
+                assert sigma.setdefault(a, b) == b  # one permutation for the whole sequence
+        assert sigma.get(0, 0) == 0 and len(set(sigma.values())) == len(sigma)
+        perms.add(tuple(sorted(sigma.items())))
+    assert len(perms) > 1
+
+
 def _canonical(g: np.ndarray) -> bytes:
     """A grid up to a permutation of colours 1-9 (0 fixed): colours renamed in order of first appearance."""
     names = {0: 0}
@@ -203,6 +227,24 @@ def test_ttt_lr_is_the_lr_of_what_is_trained(which, mult):
     steps = torch.cat([(after[n] - before[n]).abs().flatten() for n in before if n.endswith((".proto", ".gate"))])
     moved = steps[steps > 0]
     torch.testing.assert_close(moved.median(), torch.tensor(1e-2 * mult), rtol=0.05, atol=0)
+
+
+def test_keep_shape_takes_the_shape_tokens_out_of_the_ttt_loss(monkeypatch):
+    """--ttt-keep-shape: every TTT step's loss is the recipe's with structure_weight 0 (the shape's tokens weigh 0:
+    test_train's by-hand loss), the rest of the recipe unchanged; it adapts to other weights than the default."""
+    import dyntrm.ttt as T
+
+    seen = []
+    real = T.task_loss
+    monkeypatch.setattr(T, "task_loss", lambda m, b, cfg: seen.append(cfg.train) or real(m, b, cfg))
+    model, items = _model(), split_items(debug_cfg())[:1]
+    kept = _adapted(model, _ttt(shape_loss=False), items)
+    assert len(seen) == 2 and all(r == replace(debug_cfg().train, structure_weight=0.0) for r in seen)
+    seen.clear()
+    plain = _adapted(model, _ttt(), items)
+    assert all(r == debug_cfg().train for r in seen)
+    (k,), (p,) = kept.values(), plain.values()
+    assert any(not torch.equal(k[n], p[n]) for n in k)
 
 
 def test_ttt_lowers_the_tasks_leave_one_out_loss():
@@ -325,9 +367,10 @@ def test_eval_and_predict_with_ttt_write_its_fields(tmp_path, capsys):
                  "--set", "data.demo_splits=all", "--set", "data.eval_split=all", "--set", "train.steps=2",
                  "--out", str(run)]) == 0
     assert main(["eval", str(run), "--views", "1", "--ttt-steps", "2", "--ttt-params", "routing", "--rank", "both",
-                 "--out", str(tmp_path / "ev")]) == 0
+                 "--ttt-colours", "--out", str(tmp_path / "ev")]) == 0
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert m["ttt_steps"] == 2 and m["ttt_params"] == "routing" and m["ttt_tasks"] == 6 and m["rank"] == "both"
+    assert m["ttt_colours"] is True
     assert m["ttt_seconds_per_task"] > 0 and m["ttt_single_demo_tasks"] == 0 and m["ttt_trained_numbers"] > 0
     assert m["ttt_mode"] == "view" and "TTT 2 steps per view of routing" in capsys.readouterr().out
     answers = tmp_path / "answers.json"

@@ -162,6 +162,12 @@ def add_ttt_options(p: argparse.ArgumentParser, steps: int = 0) -> None:
     p.add_argument("--ttt-mode", choices=MODES, default="view",
                    help="view (default): one adapted copy per view a task is decoded under, trained in that view's "
                         "frame, answering that view only; task: one copy per task, trained under random views")
+    p.add_argument("--ttt-colours", action="store_true",
+                   help="--ttt-mode view: permute colours 1-9 afresh in every leave-one-out sequence (the view's "
+                        "frame stays), so a copy cannot fit the demonstrations by their colours alone")
+    p.add_argument("--ttt-keep-shape", action="store_true",
+                   help="leave the shape's tokens (size header, row separators, END) out of the test-time loss, so "
+                        "the answer's size stays the checkpoint's decision")
     p.add_argument("--rank", choices=RANKINGS, default="both",
                    help="order candidates by votes, by log-likelihood summed over the views, or by votes with ties "
                         "broken by likelihood (both; the default: never below votes in BENCHMARKS, section ttt)")
@@ -172,7 +178,8 @@ def ttt_of(args: argparse.Namespace):
     ``recipe`` is set from the checkpoint's config once that is read."""
     from .ttt import TTT
 
-    return TTT(args.ttt_steps, args.ttt_lr, args.ttt_params, args.ttt_batch, args.seed, mode=args.ttt_mode)
+    return TTT(args.ttt_steps, args.ttt_lr, args.ttt_params, args.ttt_batch, args.seed, mode=args.ttt_mode,
+               colours=args.ttt_colours, shape_loss=not args.ttt_keep_shape)
 
 
 def ttt_line(m: dict) -> str:

@@ -142,6 +142,8 @@ class TrainConfig:
     change_weight: float = opt(1.0, "LM-loss weight of the output cells whose colour differs from the input's cell "
                                     "at the same place (pairs of one shape: what copying the input gets wrong) "
                                     "against 1 for the other cells")
+    first_output_weight: float = opt(1.0, "LM-loss weight of the first demonstration's output (size header, cells, "
+                                          "END), which no earlier pair shows the rule of; 0: not trained on")
     act_weight: float = opt(0.5, "weight of the ACT losses (BCE on q_halt and q_continue)")
     act_gamma: float = opt(0.9, "continue target = gamma x max over later steps of halt targets")
     l1_init: float = opt(1e-2, "initial coefficient of the DynMoE L1 sparsity penalty (two-sided: also the "
@@ -396,7 +398,7 @@ RANGES: dict[str, Range] = {
     "train.grad_clip": Range(0), "train.ema_decay": Range(0, 1, **OPEN_HI), "train.accum": Range(1),
     "train.seed": Range(0, 2 ** 64, **OPEN_HI),  # torch.manual_seed's range; numpy wants it >= 0
     "train.grad_steps": Range(0), "train.act_weight": Range(0), "train.act_gamma": Range(0, 1),
-    "train.structure_weight": Range(0), "train.change_weight": Range(0),
+    "train.structure_weight": Range(0), "train.change_weight": Range(0), "train.first_output_weight": Range(0),
     "train.l1_init": Range(0, **OPEN_LO),  # the controller multiplies it: never 0
     "train.l1_factor": Range(1), "train.l1_max": Range(0, **OPEN_LO), "train.threads": Range(0),
     "train.log_every": Range(1), "train.save_every": Range(0), "train.keep": Range(0), "train.eval_every": Range(0),

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .config import Config
 from .data.arc import N_COLOURS
+from .data.tokens import END
 from .data.batching import Batch
 from .model import ModelOutput
 from .model.dyntrm import should_halt
@@ -76,11 +77,18 @@ def compute_loss(out: ModelOutput, batch: Batch, cfg: Config, l1_coef: float, co
     # train.structure_weight: the tokens that fix the answer's shape (size header, ROW, END; every target token that
     # is not a colour) weigh this much, the cells 1; the normaliser stays the count of targets
     # train.change_weight: the cells that copying the input would get wrong weigh this much (same normaliser)
+    # train.first_output_weight: the first demonstration's output (up to its END; never the query's answer) weighs
+    # this much times the weights above: no earlier pair shows the rule, so its loss can only teach a hedge between
+    # the rules the data holds (same normaliser)
     lm_S = ce_S
-    if t.structure_weight != 1.0 or t.change_weight != 1.0:
+    if t.structure_weight != 1.0 or t.change_weight != 1.0 or t.first_output_weight != 1.0:
         w_M = torch.where(tgt_M >= N_COLOURS, t.structure_weight, 1.0)
         if t.change_weight != 1.0:
             w_M = torch.where(batch.changed[:, 1:][sel_BT], t.change_weight, w_M)
+        if t.first_output_weight != 1.0:
+            is_end = batch.tokens == END
+            first_BT = ((is_end.cumsum(1) - is_end.long()) == 0) & ~batch.answer  # up to and with the first END
+            w_M = w_M * torch.where(first_BT[:, 1:][sel_BT], t.first_output_weight, 1.0)
         lm_S = (ce_SM * w_M).sum(1)
     g = out.grad_from  # steps before g ran without gradient (train.grad_steps): only the later ones are trained
     lm = (lm_S[g:].mean() if t.deep_supervision else lm_S[-1]) / counts.targets

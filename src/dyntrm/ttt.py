@@ -38,7 +38,7 @@ import copy
 import sys
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator, Literal, Sequence
 
 import numpy as np
@@ -72,14 +72,16 @@ def trainable(model: nn.Module, which: str) -> list[tuple[str, nn.Parameter]]:
 
 
 def loo_batch(task_id: str, demos: Sequence[Pair], queries: Sequence[int], rng: np.random.Generator, *,
-              header: bool, geometry: bool = True) -> Batch:
+              header: bool, geometry: bool = True, colours: bool | None = None) -> Batch:
     """Leave-one-out sequences of one task's demonstrations: for each index j in ``queries``, ``demos[j]`` is the
-    query and the others its context, under a fresh random view (``geometry=False``: the demonstrations as given,
-    only their order shuffled). Given demonstrations only, by design."""
+    query and the others its context, under a fresh random view (``geometry=False``: no dihedral transform, only the
+    order shuffled and, if ``colours`` (default: as ``geometry``), the colours 1-9 permuted). Given demonstrations
+    only, by design."""
     seqs = []
+    colours = geometry if colours is None else colours
     for j in queries:
         context = tuple(demos[:j]) + tuple(demos[j + 1:])
-        aug = random_augmentation(rng, len(context), dihedral_=geometry, colours=geometry)
+        aug = random_augmentation(rng, len(context), dihedral_=geometry, colours=colours)
         view = aug.task(Task(task_id, context, (demos[j],)))
         seqs.append(encode([*view.train, view.test[0]], header=header))
     return collate(seqs, [task_id] * len(seqs))
@@ -110,6 +112,9 @@ class TTT:
     seed: int = 0
     recipe: TrainConfig = field(default_factory=TrainConfig)
     mode: Literal["task", "view"] = "view"
+    colours: bool = False  # view mode: each leave-one-out sequence also under a fresh permutation of colours 1-9
+    shape_loss: bool = True  # False: the shape's tokens (size header, ROW, END) leave the loss: the size stays the
+    #                          checkpoint's decision instead of one fitted to a few demonstrations' sizes
 
     def __post_init__(self):
         if self.steps < 0:
@@ -126,9 +131,11 @@ class TTT:
     def adapt(self, model: nn.Module, task_id: str, demos: Sequence[Pair], *, geometry: bool = True
               ) -> tuple[nn.Module, dict]:
         """A copy of ``model`` fine-tuned on ``demos`` (n >= 2), in eval mode, and a record of the run.
-        ``geometry=False``: the leave-one-out sequences keep the demonstrations' frame and colours."""
+        ``geometry=False``: the leave-one-out sequences keep the demonstrations' frame, and their colours unless
+        ``self.colours``."""
         t0 = time.perf_counter()
-        cfg = Config(model=model.cfg, train=self.recipe)
+        recipe = self.recipe if self.shape_loss else replace(self.recipe, structure_weight=0.0)
+        cfg = Config(model=model.cfg, train=recipe)
         tuned = copy.deepcopy(model).train()
         chosen = {id(p) for _, p in trainable(tuned, self.params)}
         for p in tuned.parameters():  # no weight gradients where nothing is trained
@@ -143,7 +150,8 @@ class TTT:
         n, losses, skipped = len(demos), [], 0
         for k in range(self.steps):
             queries = [(k * self.batch + b) % n for b in range(self.batch)]
-            batch = loo_batch(task_id, demos, queries, rng, header=model.cfg.size_header, geometry=geometry)
+            batch = loo_batch(task_id, demos, queries, rng, header=model.cfg.size_header, geometry=geometry,
+                              colours=geometry or self.colours)
             loss = task_loss(tuned, batch, cfg)
             loss.backward()
             gnorm = nn.utils.clip_grad_norm_(params, self.recipe.grad_clip or float("inf"))  # 0: no clipping
@@ -206,7 +214,7 @@ class TTT:
             return float(np.mean(values)) if values else None
 
         return {"ttt_steps": self.steps, "ttt_lr": self.lr, "ttt_params": self.params, "ttt_batch": self.batch,
-                "ttt_mode": self.mode,
+                "ttt_mode": self.mode, "ttt_colours": self.colours, "ttt_shape_loss": self.shape_loss,
                 "ttt_tasks": len(done), "ttt_single_demo_tasks": sum(1 for r in records if r.get("single_demo")),
                 "ttt_seconds": float(sum(r["seconds"] for r in done)), "ttt_seconds_per_task": mean("seconds"),
                 "ttt_trained_numbers": done[0]["trained_numbers"] if done else 0,

@@ -19,6 +19,7 @@ Writes BENCHMARKS.md section "ttt" unless ``--no-write``.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from dataclasses import replace
@@ -39,7 +40,7 @@ from dyntrm.evaluate import evaluate_items, metrics_of  # noqa: E402
 from dyntrm.runtime import pick_device  # noqa: E402
 from dyntrm.scoring import attempts, rerank  # noqa: E402
 from dyntrm.train import train  # noqa: E402
-from dyntrm.ttt import MODES, PARAM_SETS, TTT  # noqa: E402
+from dyntrm.ttt import MODES, PARAM_SETS, SIZES, TTT  # noqa: E402
 
 QUICK_FAMILIES = ("identity", "mirror", "recolour", "transpose")
 
@@ -122,20 +123,24 @@ def render(rows: list[dict], args, name: str, sizes: dict[str, str]) -> str:
         loss = "-" if r["loss_first"] is None else f"{r['loss_first']:.3f} -> {r['loss_last']:.3f}"
         secs = "-" if r["ttt_seconds_per_task"] is None else f"{r['ttt_seconds_per_task']:.1f}"
         body.append([r["set"], r["mode"], f"{r['pass@2 votes']:.3f}", f"{r['pass@2 likelihood']:.3f}",
-                     f"{r['pass@2 both']:.3f}", f"{r['shape@1']:.3f}", f"{r['cells@1']:.3f}", secs, loss, f"{r['halt_all']:.2f} / {r['halt_solved']:.2f}",
+                     f"{r['pass@2 both']:.3f}", f"{r['shape@1']:.3f}", f"{r['cells@1']:.3f}", secs, loss,
+                     f"{r['halt_all']:.2f} / {r['halt_solved']:.2f}",
                      r.get("recovered", "")])
     sets = "; ".join(f"{s}: {n}" for s, n in sizes.items())
+    extras = "".join(text for on, text in (
+        (args.colours, ", colours 1-9 permuted afresh in every sequence (--colours)"),
+        (args.keep_shape, ", the shape tokens out of the TTT loss (--keep-shape)"),
+        (args.sizes == "checkpoint", ", sizes written by the checkpoint, cells by the copy (--sizes checkpoint)"),
+    ) if on)
     return (f"Checkpoint `{name}`; {sets}; {args.views} views; TTT: {args.steps} steps of "
             f"{args.batch} leave-one-out sequences, lr {args.lr:g} (routing {args.lr_routing or args.lr:g}, "
             f"norms {args.lr_norms or args.lr:g}), constant, fresh AdamW per "
-            f"{'task' if args.mode == 'task' else 'task and view (--mode view: adapted in the view frame)'}"
-            f"{', colours 1-9 permuted afresh in every sequence (--colours)' if args.colours else ''}"
-            f"{', the shape tokens out of the TTT loss (--keep-shape)' if args.keep_shape else ''}. "
+            f"{'task' if args.mode == 'task' else 'task and view (--mode view: adapted in the view frame)'}{extras}. "
             f"pass@2 is ARC's metric, under three orders of the same candidates: votes; total log-likelihood over the "
             f"views; votes, then likelihood. Halting: mean ACT step of every answer / of the answers solved (pass@2, "
             f"votes). Right shape, cells right: attempt 1 (votes) of the right size, and its share of right cells "
-            f"(0 where the size is wrong). Routing's share: (routing - none) / (all - none) of pass@2 (votes).\n\n" + table(head, body)
-            + family_table(rows))
+            f"(0 where the size is wrong). Routing's share: (routing - none) / (all - none) of pass@2 (votes).\n\n"
+            + table(head, body) + family_table(rows))
 
 
 def family_table(rows: list[dict]) -> str:
@@ -168,8 +173,11 @@ def main() -> None:
     ap.add_argument("--views", type=int, default=4)
     ap.add_argument("--mode", choices=MODES, default="view",
                     help="task: one adapted copy per task; view: one per decoding view, in its frame (--ttt-mode)")
-    ap.add_argument("--colours", action="store_true",
-                    help="view mode: colours 1-9 permuted afresh in every leave-one-out sequence (--ttt-colours)")
+    ap.add_argument("--colours", action=argparse.BooleanOptionalAction, default=True,
+                    help="view mode: colours 1-9 permuted afresh in every leave-one-out sequence (--ttt-colours; "
+                         "default on; sections before 2026-11-29 ran without: --no-colours --sizes copy)")
+    ap.add_argument("--sizes", choices=SIZES, default="checkpoint",
+                    help="who writes the answers' size headers under TTT: the copy or the checkpoint (--ttt-sizes)")
     ap.add_argument("--keep-shape", action="store_true",
                     help="the shape's tokens leave the TTT loss: the size stays the checkpoint's (--ttt-keep-shape)")
     ap.add_argument("--seed", type=int, default=0)
@@ -194,7 +202,7 @@ def main() -> None:
         for which in ("none", *args.params):
             ttt = None if which == "none" else TTT(args.steps, lrs[which], which, args.batch, args.seed, cfg.train,
                                                          mode=args.mode, colours=args.colours,
-                                                         shape_loss=not args.keep_shape)
+                                                         shape_loss=not args.keep_shape, sizes=args.sizes)
             row = {"set": set_name, "mode": which, **run_mode(model, items, ttt, args, cfg.data.max_len, cap)}
             base = row if which == "none" else base
             rows.append(row)

@@ -279,3 +279,28 @@ def test_decoding_under_the_header_writes_exactly_the_chosen_shape(seed, bias, c
         assert 1 <= h <= cap and 1 <= w <= cap
         assert g.grid is not None and g.grid.shape == (h, w) and g.tokens[-1] == END
         assert len(g.tokens) == 2 + h * w + h - 1 + 1
+
+
+@given(st.integers(0, 10_000), st.sampled_from([None, ROW, END, size_token(30), size_token(1)]),
+       st.tuples(st.integers(0, 30), st.integers(0, 30)), st.tuples(st.integers(1, 30), st.integers(1, 30)))
+@settings(max_examples=12, deadline=None)
+def test_fixed_sizes_write_that_header_and_nothing_else_changes(seed, bias, hw, other):
+    """``sizes``: the header is the one given (0: the model's own choice, as when decoding without sizes), the
+    answer a well-formed grid of that shape; a sample's fixed size does not touch its neighbour's decoding."""
+    m = _biased(seed, bias)
+    n = size_token
+    prompts = [np.array([BOS, IN, n(1), n(2), 1, 2, OUT]), np.array([BOS, IN, n(2), n(1), 5, ROW, 6, OUT])]
+    free = generate(m, prompts)
+    fixed = generate(m, prompts, sizes=[hw, other], max_sides=[30, 1])  # a fixed side goes past max_side
+    for g, f, (h, w) in zip(free, fixed, [hw, other]):
+        own = (g.tokens[0] - SIZE0 + 1, g.tokens[1] - SIZE0 + 1)
+        h = h or own[0]  # the height comes first: free, it is the model's own
+        w = w or f.tokens[1] - SIZE0 + 1  # free, the width is the model's given the height written
+        assert f.tokens[:2] == [n(h), n(w)] and f.grid is not None and f.grid.shape == (h, w)
+        if (h, w) == own:  # the model's own size: the same answer
+            assert f.tokens == g.tokens
+
+
+def test_fixed_sizes_need_the_header():
+    with pytest.raises(ValueError, match="size_header"):
+        GridConstraint(1, 32, torch.device("cpu"), header=False, sizes=torch.tensor([[2, 2]]))

@@ -95,6 +95,23 @@ def test_view_mode_adapts_one_copy_per_view_in_that_views_frame():
     assert stats["ttt_mode"] == "view" and len(results) == 2 and all(len(r.steps) == 3 for r in results)
 
 
+def test_checkpoint_sizes_keep_the_checkpoints_headers_and_the_copys_cells():
+    """--ttt-sizes checkpoint: every answer has the shape the checkpoint alone writes for that prompt, its cells are
+    the adapted copy's; with the default (the copy writes all) the shapes move (the control: the test can fail)."""
+    model, items = _model(), split_items(debug_cfg())[:3]
+
+    def shapes_and_cells(ttt):
+        res, stats = evaluate_items(model, items, n_views=2, ttt=ttt)
+        return [[None if g is None else g.shape for g, _ in r.candidates] for r in res], \
+            [[None if g is None else g.tobytes() for g, _ in r.candidates] for r in res], stats
+
+    base_shapes, base_cells, _ = shapes_and_cells(None)
+    shapes, cells, stats = shapes_and_cells(_ttt(steps=6, lr=3e-2, sizes="checkpoint"))
+    assert stats["ttt_sizes"] == "checkpoint" and shapes == base_shapes and cells != base_cells
+    moved, _, _ = shapes_and_cells(_ttt(steps=6, lr=3e-2, sizes="copy"))
+    assert moved != base_shapes
+
+
 def test_a_tasks_test_inputs_share_views_so_view_mode_adapts_once_per_view():
     model, items = _model(), split_items(debug_cfg())[:2]
     second = replace(items[0], index=1, input=items[0].input[::-1].copy())  # another test input of task 0
@@ -367,13 +384,28 @@ def test_eval_and_predict_with_ttt_write_its_fields(tmp_path, capsys):
                  "--set", "data.demo_splits=all", "--set", "data.eval_split=all", "--set", "train.steps=2",
                  "--out", str(run)]) == 0
     assert main(["eval", str(run), "--views", "1", "--ttt-steps", "2", "--ttt-params", "routing", "--rank", "both",
-                 "--ttt-colours", "--out", str(tmp_path / "ev")]) == 0
+                 "--no-ttt-colours", "--ttt-sizes", "copy", "--out", str(tmp_path / "ev")]) == 0
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert m["ttt_steps"] == 2 and m["ttt_params"] == "routing" and m["ttt_tasks"] == 6 and m["rank"] == "both"
-    assert m["ttt_colours"] is True
+    assert m["ttt_colours"] is False and m["ttt_sizes"] == "copy"  # the defaults are on / checkpoint
     assert m["ttt_seconds_per_task"] > 0 and m["ttt_single_demo_tasks"] == 0 and m["ttt_trained_numbers"] > 0
     assert m["ttt_mode"] == "view" and "TTT 2 steps per view of routing" in capsys.readouterr().out
     answers = tmp_path / "answers.json"
     assert main(["predict", str(run), str(TASKS / "flip_lr.json"), "--views", "1", "--ttt-steps", "1",
                  "--out", str(answers)]) == 0
     assert list(json.loads(answers.read_text())) == ["flip_lr"] and "TTT 1 steps per view" in capsys.readouterr().out
+
+
+def test_ttt_defaults_are_the_measured_best():
+    """Under --ttt-steps, colours are permuted and the checkpoint writes the sizes unless told otherwise
+    (BENCHMARKS ttt-sizes, ttt-demo4-sizes); the off forms parse."""
+    import argparse
+
+    from dyntrm.cli import add_ttt_options, ttt_of
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--seed", type=int, default=0)
+    add_ttt_options(p)
+    on, off = ttt_of(p.parse_args([])), ttt_of(p.parse_args(["--no-ttt-colours", "--ttt-sizes", "copy"]))
+    assert (on.colours, on.sizes, on.shape_loss) == (True, "checkpoint", True) == (TTT(1).colours, TTT(1).sizes, True)
+    assert (off.colours, off.sizes) == (False, "copy")

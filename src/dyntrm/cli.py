@@ -151,7 +151,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def add_ttt_options(p: argparse.ArgumentParser, steps: int = 0) -> None:
     """Test-time training and ranking (issue 12), shared by eval, predict and demo."""
     from .scoring import RANKINGS
-    from .ttt import MODES, PARAM_SETS
+    from .ttt import MODES, PARAM_SETS, SIZES
 
     p.add_argument("--ttt-steps", type=int, default=steps,
                    help="fine-tune a copy of the model on each task's demonstrations for this many steps (0: off)")
@@ -162,12 +162,15 @@ def add_ttt_options(p: argparse.ArgumentParser, steps: int = 0) -> None:
     p.add_argument("--ttt-mode", choices=MODES, default="view",
                    help="view (default): one adapted copy per view a task is decoded under, trained in that view's "
                         "frame, answering that view only; task: one copy per task, trained under random views")
-    p.add_argument("--ttt-colours", action="store_true",
+    p.add_argument("--ttt-colours", action=argparse.BooleanOptionalAction, default=True,
                    help="--ttt-mode view: permute colours 1-9 afresh in every leave-one-out sequence (the view's "
-                        "frame stays), so a copy cannot fit the demonstrations by their colours alone")
+                        "frame stays), so a copy cannot fit the demonstrations by their colours alone (default: on)")
+    p.add_argument("--ttt-sizes", choices=SIZES, default="checkpoint",
+                   help="who writes each answer's size header under TTT: the checkpoint before adaptation (default; "
+                        "the adapted copy then writes the cells) or the copy (all of the answer)")
     p.add_argument("--ttt-keep-shape", action="store_true",
-                   help="leave the shape's tokens (size header, row separators, END) out of the test-time loss, so "
-                        "the answer's size stays the checkpoint's decision")
+                   help="leave the shape's tokens (size header, row separators, END) out of the test-time loss "
+                        "(measured worse: the size drifts; BENCHMARKS ttt-colours-keep-shape)")
     p.add_argument("--rank", choices=RANKINGS, default="both",
                    help="order candidates by votes, by log-likelihood summed over the views, or by votes with ties "
                         "broken by likelihood (both; the default: never below votes in BENCHMARKS, section ttt)")
@@ -179,7 +182,7 @@ def ttt_of(args: argparse.Namespace):
     from .ttt import TTT
 
     return TTT(args.ttt_steps, args.ttt_lr, args.ttt_params, args.ttt_batch, args.seed, mode=args.ttt_mode,
-               colours=args.ttt_colours, shape_loss=not args.ttt_keep_shape)
+               colours=args.ttt_colours, shape_loss=not args.ttt_keep_shape, sizes=args.ttt_sizes)
 
 
 def ttt_line(m: dict) -> str:
@@ -319,9 +322,10 @@ def demo_config(minutes: float):
     ])
 
 
-# The demo's test-time training, scored beside the plain model's answers: 2 steps per task and view (1 s per task
-# with 4 views, --ttt-mode view) took a 4-minute demo's checkpoint from pass@2 0.083 to 0.131, where one copy per
-# task under random views reached 0.088 (BENCHMARKS.md, ttt-demo4-view / ttt-demo4-task)
+# The demo's test-time training, scored beside the plain model's answers: 2 steps per task and view (0.4-1 s per
+# task with 4 views, --ttt-mode view) took a 4-minute demo's checkpoint from pass@2 0.083 to 0.131, where one copy
+# per task under random views reached 0.088 (BENCHMARKS.md, ttt-demo4-view / ttt-demo4-task); a later demo checkpoint
+# from 0.095 to 0.129 with colours permuted and the checkpoint writing the sizes, to 0.095 without (ttt-demo4-sizes)
 DEMO_TTT_STEPS = 2
 
 

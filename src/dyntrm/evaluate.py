@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from .config import MAX_ANSWER_TOKENS
+from .data.arc import MAX_SIDE
 from .data.augment import Augmentation, views
 from .data.dataset import EvalItem
-from .data.tokens import Encoded
+from .data.tokens import SIZE0, Encoded
 from .io import write_json
 from .model.generate import Generation, generate_batched
 from .rescore import candidate_likelihoods
@@ -95,6 +96,11 @@ def fit_prompts(items: Sequence[EvalItem], n_views: int, seed: int, limit: int |
     return out
 
 
+def _side(tokens: list[int], i: int) -> int:
+    """The side that generated token ``i`` names, or 0 (none: the model decoding the cells chooses it)."""
+    return tokens[i] - SIZE0 + 1 if len(tokens) > i and SIZE0 <= tokens[i] < SIZE0 + MAX_SIDE else 0
+
+
 def evaluate_items(model, items: Sequence[EvalItem], *, n_views: int = 8, seed: int = 0,
                    tokens_per_batch: int = 131072, max_len: int | None = None, cap_to_prompt: bool = False,
                    ttt: TTT | None = None, rank: str = "votes", **gen_kw) -> tuple[list[ItemResult], dict]:
@@ -107,7 +113,8 @@ def evaluate_items(model, items: Sequence[EvalItem], *, n_views: int = 8, seed: 
     demonstrations, never the target; it bounds the cost of decoding from a barely trained model and can miss
     answers larger than every prompt grid).
     ``ttt`` (with steps > 0): every task is answered by a copy of the model fine-tuned on its demonstrations
-    (``ttt.py``). ``rank``: ``votes``, or ``likelihood`` / ``both`` to score every candidate under every view
+    (``ttt.py``); under ``ttt.sizes == "checkpoint"`` the model itself first writes each answer's size header and
+    the copy then decodes the cells of that shape. ``rank``: ``votes``, or ``likelihood`` / ``both`` to score every candidate under every view
     (``rescore.py``, ``scoring.rerank``).
     """
     limit = prompt_limit(model, max_len, gen_kw.get("max_new", MAX_ANSWER_TOKENS))
@@ -121,18 +128,27 @@ def evaluate_items(model, items: Sequence[EvalItem], *, n_views: int = 8, seed: 
             sides.append(prompt_max_side(f.item))
     # -- issue 12: one model for every prompt, or per task the model(s) its test-time training adapted, each with
     # the prompts it answers (one per task, or one per view of it under ``--ttt-mode view``)
-    adapted = ttt is not None and ttt.steps > 0
-    groups = (ttt.per_task(model, [f.shown for f in fitted], owners) if adapted  # each from what its prompts show
-              else [([(model, list(range(len(prompts))))], None)])
     gens: list[Generation | None] = [None] * len(prompts)
     results: dict[int, ItemResult] = {}
     seconds = rank_seconds = 0.0
+    adapted = ttt is not None and ttt.steps > 0
+    fixed: list[tuple[int, int]] | None = None
+    if adapted and header and ttt.sizes == "checkpoint":  # the checkpoint writes each answer's size header, the
+        t0 = time.perf_counter()  # adapted copy its cells (--ttt-sizes checkpoint)
+        kw = dict(gen_kw, max_sides=sides) if cap_to_prompt else gen_kw
+        heads = generate_batched(model, prompts, tokens_per_batch=tokens_per_batch, **{**kw, "max_new": 2})
+        fixed = [(_side(g.tokens, 0), _side(g.tokens, 1)) for g in heads]
+        seconds += time.perf_counter() - t0
+    groups = (ttt.per_task(model, [f.shown for f in fitted], owners) if adapted  # each from what its prompts show
+              else [([(model, list(range(len(prompts))))], None)])
     records = []
     for answerers, record in groups:
         records.append(record)
         t0 = time.perf_counter()
         for m, sel in answerers:
-            kw = dict(gen_kw, max_sides=[sides[k] for k in sel]) if cap_to_prompt else gen_kw
+            kw = dict(gen_kw, max_sides=[sides[k] for k in sel]) if cap_to_prompt else dict(gen_kw)
+            if fixed is not None:
+                kw["sizes"] = [fixed[k] for k in sel]
             for k, g in zip(sel, generate_batched(m, [prompts[k] for k in sel], tokens_per_batch=tokens_per_batch,
                                                   **kw)):
                 gens[k] = g

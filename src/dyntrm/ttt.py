@@ -12,11 +12,13 @@ task is decoded under (``--ttt-mode view``, the default)::
         θ_v ← AdamW step (the run's groups, betas and gradient clipping; constant learning rate)
     decode the task's test inputs under view v with θ_v; drop θ_v once the task is answered
 
-The copy learns the task's rule in the frame it answers in. ``--ttt-mode task`` adapts one copy per task under a
-fresh random view (dihedral x colours x order) per sequence and lets it answer every view: it must then keep
-inferring which transform of the rule each sequence shows, which the model does poorly (BENCHMARKS "rule
-selection"); per view measured better on the ladder and on the demo ("ttt-view", "ttt-demo4-*"), at K x views
-steps per task.
+``--ttt-colours`` also permutes colours 1-9 afresh in each of view mode's sequences; ``--ttt-keep-shape`` leaves the
+shape's tokens out of the loss. The copy is meant to learn the task's rule in the frame it answers in; measured, it
+fits the demonstrations instead: on held-out geometric tasks it learns their sizes and cells, not the map
+(BENCHMARKS ttt-geometry). ``--ttt-mode task`` adapts one copy per task under a fresh random view (dihedral x
+colours x order) per sequence and lets it answer every view: it must then keep inferring which transform of the
+rule each sequence shows, which the model does poorly (BENCHMARKS "rule selection"); per view measured better on
+the ladder and on the demo ("ttt-view", "ttt-demo4-*"), at K x views steps per task.
 
 θ is never written: every task starts from a fresh copy, so nothing of one task reaches another. A test output
 cannot enter: the batches are built from the demonstrations alone (:func:`loo_batch` never sees an ``EvalItem``,
@@ -58,6 +60,7 @@ from .runtime import Runtime
 
 PARAM_SETS = ("all", "routing", "norms")
 MODES = ("task", "view")
+SIZES = ("copy", "checkpoint")
 
 
 def trainable(model: nn.Module, which: str) -> list[tuple[str, nn.Parameter]]:
@@ -112,9 +115,11 @@ class TTT:
     seed: int = 0
     recipe: TrainConfig = field(default_factory=TrainConfig)
     mode: Literal["task", "view"] = "view"
-    colours: bool = False  # view mode: each leave-one-out sequence also under a fresh permutation of colours 1-9
-    shape_loss: bool = True  # False: the shape's tokens (size header, ROW, END) leave the loss: the size stays the
-    #                          checkpoint's decision instead of one fitted to a few demonstrations' sizes
+    colours: bool = True  # view mode: each leave-one-out sequence also under a fresh permutation of colours 1-9
+    sizes: Literal["copy", "checkpoint"] = "checkpoint"  # who writes each answer's size header: the checkpoint before
+    #                                                      adaptation (the copy then writes the cells), or the copy
+    shape_loss: bool = True  # False: the shape's tokens (size header, ROW, END) leave the loss (meant to keep the
+    #                          checkpoint's sizes; measured: they drift further, BENCHMARKS ttt-geometry keep-shape)
 
     def __post_init__(self):
         if self.steps < 0:
@@ -127,6 +132,8 @@ class TTT:
             raise ConfigError(f"--ttt-params {self.params!r}: expected one of {', '.join(PARAM_SETS)}")
         if self.mode not in MODES:
             raise ConfigError(f"--ttt-mode {self.mode!r}: expected one of {', '.join(MODES)}")
+        if self.sizes not in SIZES:
+            raise ConfigError(f"--ttt-sizes {self.sizes!r}: expected one of {', '.join(SIZES)}")
 
     def adapt(self, model: nn.Module, task_id: str, demos: Sequence[Pair], *, geometry: bool = True
               ) -> tuple[nn.Module, dict]:
@@ -215,6 +222,7 @@ class TTT:
 
         return {"ttt_steps": self.steps, "ttt_lr": self.lr, "ttt_params": self.params, "ttt_batch": self.batch,
                 "ttt_mode": self.mode, "ttt_colours": self.colours, "ttt_shape_loss": self.shape_loss,
+                "ttt_sizes": self.sizes,
                 "ttt_tasks": len(done), "ttt_single_demo_tasks": sum(1 for r in records if r.get("single_demo")),
                 "ttt_seconds": float(sum(r["seconds"] for r in done)), "ttt_seconds_per_task": mean("seconds"),
                 "ttt_trained_numbers": done[0]["trained_numbers"] if done else 0,

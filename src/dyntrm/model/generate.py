@@ -263,11 +263,16 @@ class GridConstraint:
 
     With ``header`` (``model.size_header``) an answer is ``#h #w`` then exactly h rows of w cells: the model
     chooses the two size tokens (at most ``max_side`` each); every row separator and the closing ``END`` are then
-    the only tokens allowed where they fall, so no answer of another shape can be written."""
+    the only tokens allowed where they fall, so no answer of another shape can be written. ``sizes`` (B, 2) fixes
+    a sample's header to (h, w) where given (0: the model chooses)."""
 
     def __init__(self, batch: int, vocab: int, device: torch.device, max_side: torch.Tensor | None = None,
-                 header: bool = False):
+                 header: bool = False, sizes: torch.Tensor | None = None):
         self.vocab, self.header = vocab, header
+        if sizes is not None and not header:
+            raise ValueError("sizes fix the size header: they need model.size_header")
+        self.sizes = torch.zeros(batch, 2, dtype=torch.long, device=device) if sizes is None \
+            else sizes.to(device=device, dtype=torch.long).clamp(0, MAX_SIDE)
         # per-sample limit on rows and columns (default 30)
         self.max_side = torch.full((batch,), MAX_SIDE, dtype=torch.long, device=device) if max_side is None \
             else max_side.to(device).clamp(1, MAX_SIDE)
@@ -278,7 +283,7 @@ class GridConstraint:
         self.n_header = torch.zeros(batch, dtype=torch.long, device=device)  # header tokens written (0..2)
         self.done = torch.zeros(batch, dtype=torch.bool, device=device)
 
-    STATE = ("row_w", "first_w", "rows", "height", "n_header", "done", "max_side")
+    STATE = ("row_w", "first_w", "rows", "height", "n_header", "done", "max_side", "sizes")
 
     def keep(self, idx: torch.Tensor) -> None:
         """Only the samples ``idx`` go on (finished ones leave the decoding batch)."""
@@ -298,7 +303,10 @@ class GridConstraint:
         mask[:, :N_COLOURS] = colour[:, None]
         if self.header:
             sides = torch.arange(1, MAX_SIDE + 1, device=self.done.device)
-            mask[:, SIZE0:SIZE0 + MAX_SIDE] = in_header[:, None] & (sides[None, :] <= self.max_side[:, None])
+            fixed = self.sizes.gather(1, self.n_header.clamp(max=1)[:, None])[:, 0]  # this header token's, or 0
+            pinned = (in_header & (fixed > 0))[:, None]  # a fixed side is written even past max_side
+            capped = in_header[:, None] & (sides[None, :] <= self.max_side[:, None])
+            mask[:, SIZE0:SIZE0 + MAX_SIDE] = torch.where(pinned, sides[None, :] == fixed[:, None], capped)
             mask[:, ROW] = close_row & (self.rows < self.height)
             mask[:, END] = close_row & (self.rows == self.height)
         else:
@@ -340,13 +348,16 @@ class Generation:
 def generate(model: nn.Module, prompts: Sequence[np.ndarray], *, max_new: int = MAX_ANSWER_TOKENS,
              constrain: bool = True, temperature: float = 0.0, top_k: int = 0, steps: torch.Tensor | None = None,
              generator: torch.Generator | None = None, compact: float = 0.5,
-             max_sides: Sequence[int] | None = None, cuda_graphs: bool | None = None) -> list[Generation]:
+             max_sides: Sequence[int] | None = None, cuda_graphs: bool | None = None,
+             sizes: Sequence[tuple[int, int]] | None = None) -> list[Generation]:
     """Decode one answer per prompt (token arrays ending with the query's OUT), as one batch.
 
     Greedy by default; ``temperature > 0`` samples (optionally from the ``top_k`` most likely tokens). Samples that
     finish leave the batch once the finished fraction exceeds ``compact``. ``max_sides`` optionally limits each
-    answer's rows and columns (default 30). ``cuda_graphs`` (default: on CUDA) replays each token's decoding step
-    as a CUDA graph (:class:`DecodeGraph`), captured again whenever finished samples leave the batch.
+    answer's rows and columns (default 30); ``sizes`` fixes each answer's (height, width) under the size header
+    (0: the model chooses), the rest of the answer decoded as usual. ``cuda_graphs`` (default: on CUDA) replays each
+    token's decoding step as a CUDA graph (:class:`DecodeGraph`), captured again whenever finished samples leave the
+    batch.
     """
     device = next(model.parameters()).device
     if cuda_graphs is None:
@@ -364,7 +375,8 @@ def generate(model: nn.Module, prompts: Sequence[np.ndarray], *, max_new: int = 
     logits, state = prefill(model, tokens, lengths, max_new, steps_B=steps)
     header = bool(model.cfg.size_header)
     con = GridConstraint(B, logits.shape[-1], device,
-                         None if max_sides is None else torch.tensor(list(max_sides), dtype=torch.long), header)
+                         None if max_sides is None else torch.tensor(list(max_sides), dtype=torch.long), header,
+                         None if sizes is None else torch.tensor([list(hw) for hw in sizes], dtype=torch.long))
     alive = torch.arange(B, device=device)  # original index of each row still in the batch
     out_tok = torch.full((B, max_new), PAD, dtype=torch.long, device=device)
     n_out = torch.zeros(B, dtype=torch.long, device=device)
@@ -426,6 +438,7 @@ def generate_batched(model: nn.Module, prompts: Sequence[np.ndarray], *, tokens_
     max_new = kw.get("max_new", MAX_ANSWER_TOKENS)
     sides = kw.pop("max_sides", None)  # per-prompt options follow their prompts into the batches
     steps = kw.pop("steps", None)
+    sizes = kw.pop("sizes", None)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[Generation | None] = [None] * len(prompts)
     i = 0
@@ -436,7 +449,9 @@ def generate_batched(model: nn.Module, prompts: Sequence[np.ndarray], *, tokens_
         idx = order[i:j]
         part = None if sides is None else [sides[k] for k in idx]
         part_steps = None if steps is None else torch.as_tensor(steps)[idx]
-        for k, g in zip(idx, generate(model, [prompts[k] for k in idx], max_sides=part, steps=part_steps, **kw)):
+        part_sizes = None if sizes is None else [sizes[k] for k in idx]
+        for k, g in zip(idx, generate(model, [prompts[k] for k in idx], max_sides=part, steps=part_steps,
+                                      sizes=part_sizes, **kw)):
             results[k] = g
         i = j
     return results  # type: ignore[return-value]

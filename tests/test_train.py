@@ -395,7 +395,8 @@ def _first_output_by_hand(tokens: list[int]) -> set[int]:
                                             (("train.structure_weight=3", "train.change_weight=2"), 3.0, 2.0, 1.0),
                                             (("train.structure_weight=0",), 0.0, 1.0, 1.0),
                                             (("train.first_output_weight=0",), 1.0, 1.0, 0.0),
-                                            (("train.change_weight=2", "train.first_output_weight=0.5"), 1.0, 2.0, 0.5)])
+                                            (("train.change_weight=2", "train.first_output_weight=0.5"),
+                                             1.0, 2.0, 0.5)])
 def test_structure_and_change_weights_scale_their_tokens_only(over, sw, cw, fw):
     """train.structure_weight, train.change_weight and train.first_output_weight: the LM loss is (Σ other cells' CE
     + ws · Σ shape-token CE + wc · Σ changed cells' CE) / targets, every token of the first demonstration's output

@@ -114,8 +114,8 @@ def evaluate_items(model, items: Sequence[EvalItem], *, n_views: int = 8, seed: 
     answers larger than every prompt grid).
     ``ttt`` (with steps > 0): every task is answered by a copy of the model fine-tuned on its demonstrations
     (``ttt.py``); under ``ttt.sizes == "checkpoint"`` the model itself first writes each answer's size header and
-    the copy then decodes the cells of that shape. ``rank``: ``votes``, or ``likelihood`` / ``both`` to score every candidate under every view
-    (``rescore.py``, ``scoring.rerank``).
+    the copy then decodes the cells of that shape. ``rank``: ``votes``, or ``likelihood`` / ``both`` to score
+    every candidate under every view (``rescore.py``, ``scoring.rerank``).
     """
     limit = prompt_limit(model, max_len, gen_kw.get("max_new", MAX_ANSWER_TOKENS))
     header = bool(getattr(getattr(model, "cfg", None), "size_header", False))

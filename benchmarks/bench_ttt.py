@@ -179,7 +179,8 @@ def main() -> None:
     ap.add_argument("--sizes", choices=SIZES, default="checkpoint",
                     help="who writes the answers' size headers under TTT: the copy or the checkpoint (--ttt-sizes)")
     ap.add_argument("--keep-shape", action="store_true",
-                    help="the shape's tokens leave the TTT loss: the size stays the checkpoint's (--ttt-keep-shape)")
+                    help="the shape's tokens (size header, ROW, END) leave the TTT loss (--ttt-keep-shape; "
+                         "measured: the size drifts)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/bench_ttt", help="where --quick writes its ladder and model")
     ap.add_argument("--section", default="ttt", help="BENCHMARKS.md section (one per checkpoint compared)")

@@ -114,8 +114,10 @@ def evaluate_items(model, items: Sequence[EvalItem], *, n_views: int = 8, seed: 
     answers larger than every prompt grid).
     ``ttt`` (with steps > 0): every task is answered by a copy of the model fine-tuned on its demonstrations
     (``ttt.py``); under ``ttt.sizes == "checkpoint"`` the model itself first writes each answer's size header and
-    the copy then decodes the cells of that shape. ``rank``: ``votes``, or ``likelihood`` / ``both`` to score
-    every candidate under every view (``rescore.py``, ``scoring.rerank``).
+    the copy then decodes the cells of that shape (constrained decoding only; the pinned tokens then score 0 in a
+    candidate's mean log-probability, votes' tie-break; ``likelihood`` and ``both`` rescore them). ``rank``:
+    ``votes``, or ``likelihood`` / ``both`` to score every candidate under every view (``rescore.py``,
+    ``scoring.rerank``).
     """
     limit = prompt_limit(model, max_len, gen_kw.get("max_new", MAX_ANSWER_TOKENS))
     header = bool(getattr(getattr(model, "cfg", None), "size_header", False))
@@ -133,8 +135,10 @@ def evaluate_items(model, items: Sequence[EvalItem], *, n_views: int = 8, seed: 
     seconds = rank_seconds = 0.0
     adapted = ttt is not None and ttt.steps > 0
     fixed: list[tuple[int, int]] | None = None
-    if adapted and header and ttt.sizes == "checkpoint":  # the checkpoint writes each answer's size header, the
-        t0 = time.perf_counter()  # adapted copy its cells (--ttt-sizes checkpoint)
+    # --ttt-sizes checkpoint: the checkpoint writes each answer's size header, the adapted copy its cells (the pins
+    # act through the grid constraint: unconstrained decoding keeps the copy's sizes, and the stats say so)
+    if adapted and header and ttt.sizes == "checkpoint" and gen_kw.get("constrain", True):
+        t0 = time.perf_counter()
         kw = dict(gen_kw, max_sides=sides) if cap_to_prompt else gen_kw
         heads = generate_batched(model, prompts, tokens_per_batch=tokens_per_batch, **{**kw, "max_new": 2})
         fixed = [(_side(g.tokens, 0), _side(g.tokens, 1)) for g in heads]
@@ -193,7 +197,7 @@ def evaluate_items(model, items: Sequence[EvalItem], *, n_views: int = 8, seed: 
     if rank != "votes":
         stats["rank_seconds"] = rank_seconds
     if adapted:
-        stats.update(ttt.summary(records))
+        stats.update(ttt.summary(records), ttt_sizes=ttt.sizes if fixed is not None else "copy")  # as applied
     return results_list, stats
 
 

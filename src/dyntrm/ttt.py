@@ -6,7 +6,8 @@ task is decoded under (``--ttt-mode view``, the default)::
     θ_v = a copy of θ; opt = a fresh AdamW over the parameters of θ_v that --ttt-params selects
     for k in 0..K-1:
         batch: B sequences; sequence b takes v(d_j) as its query, j = (k·B + b) mod n (every demonstration in
-               turn), the other n - 1 as its context in a random order, as view v shows them (no other transform)
+               turn), the other n - 1 as its context in a random order, as view v shows them (under
+               --ttt-colours, the default, with colours 1-9 permuted afresh in each sequence)
         loss = the training loss (loss.compute_loss: deep-supervised LM on output grids + ACT targets, so the
                halting rule learns the task too; train.grad_steps respected)
         θ_v ← AdamW step (the run's groups, betas and gradient clipping; constant learning rate)
@@ -141,7 +142,10 @@ class TTT:
         ``geometry=False``: the leave-one-out sequences keep the demonstrations' frame, and their colours unless
         ``self.colours``."""
         t0 = time.perf_counter()
-        recipe = self.recipe if self.shape_loss else replace(self.recipe, structure_weight=0.0)
+        # every demonstration output is trained on (a checkpoint's first_output_weight would drop the only context
+        # output of a two-demonstration task); --ttt-keep-shape: the shape's tokens weigh 0
+        recipe = replace(self.recipe, first_output_weight=1.0,
+                         **({} if self.shape_loss else {"structure_weight": 0.0}))
         cfg = Config(model=model.cfg, train=recipe)
         tuned = copy.deepcopy(model).train()
         chosen = {id(p) for _, p in trainable(tuned, self.params)}
@@ -179,7 +183,8 @@ class TTT:
         """For each task among ``owners`` (the (item index, view) of every prompt to decode): the models that answer
         it, each with the indices of the prompts it answers, and a record. ``mode="task"``: one copy adapted under
         random views answers every prompt of the task; ``mode="view"``: one copy per view, adapted on the
-        demonstrations as that view shows them (their order shuffled, nothing else), answers that view's prompts.
+        demonstrations as that view shows them (their order shuffled and, under ``colours``, their colours 1-9
+        permuted), answers that view's prompts.
         A task with a single demonstration is answered by ``model`` itself. The copies are dropped once the caller
         asks for the next task."""
         prompts_of: dict[str, list[int]] = {}

@@ -301,6 +301,13 @@ def test_fixed_sizes_write_that_header_and_nothing_else_changes(seed, bias, hw, 
         assert f.tokens[:2] == [n(h), n(w)] and f.grid is not None and f.grid.shape == (h, w)
 
 
+def test_side_of_inverts_size_token_and_names_nothing_else():
+    from dyntrm.data.tokens import N_TOKENS, side_of
+
+    assert [side_of(size_token(n)) for n in range(1, 31)] == list(range(1, 31))
+    assert {side_of(t) for t in range(N_TOKENS + 8) if not SIZE0 <= t < SIZE0 + 30} == {0}
+
+
 def test_fixed_sizes_need_the_header():
     with pytest.raises(ValueError, match="size_header"):
         GridConstraint(1, 32, torch.device("cpu"), header=False, sizes=torch.tensor([[2, 2]]))

@@ -409,4 +409,4 @@ def test_ttt_defaults_are_the_measured_best():
     on, off = ttt_of(p.parse_args([])), ttt_of(p.parse_args(["--no-ttt-colours", "--ttt-sizes", "copy"]))
     assert (on.colours, on.sizes, on.shape_loss) == (True, "checkpoint", True) == (TTT(1).colours, TTT(1).sizes,
                                                                                    TTT(1).shape_loss)
-    assert (off.colours, off.sizes) == (False, "copy")
+    assert (off.colours, off.sizes) == (False, "copy") and on.steps == 2  # eval and predict adapt by default

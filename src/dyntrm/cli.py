@@ -148,13 +148,21 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 # ------------------------------------------------------------------------------------------------ evaluation
 
-def add_ttt_options(p: argparse.ArgumentParser, steps: int = 0) -> None:
+# Test-time training by default (eval, predict, demo): 2 steps per task and view at lr 1e-3 (0.3-1.2 s per task with
+# 4 views), colours permuted, the checkpoint writing the sizes: the demo's checkpoint 0.095 -> 0.129 on its tasks,
+# the 45-minute ladder checkpoint 0.525 -> 0.525, ARC-AGI-1 eval <= 10x10 0 -> 0 (BENCHMARKS.md, ttt-demo4-sizes,
+# ttt-2steps ladder, ttt-2steps arc): never below no TTT on the three sets measured
+DEFAULT_TTT_STEPS = 2
+
+
+def add_ttt_options(p: argparse.ArgumentParser, steps: int = DEFAULT_TTT_STEPS) -> None:
     """Test-time training and ranking (issue 12), shared by eval, predict and demo."""
     from .scoring import RANKINGS
     from .ttt import MODES, PARAM_SETS, SIZES
 
     p.add_argument("--ttt-steps", type=int, default=steps,
-                   help="fine-tune a copy of the model on each task's demonstrations for this many steps (0: off)")
+                   help="fine-tune a copy of the model on each task's demonstrations for this many steps (0: off; "
+                        f"default {steps})")
     p.add_argument("--ttt-lr", type=float, default=1e-3, help="test-time training learning rate (constant)")
     p.add_argument("--ttt-params", choices=PARAM_SETS, default="all",
                    help="what test-time training adapts: all, routing (router prototypes and gates), norms")
@@ -322,11 +330,6 @@ def demo_config(minutes: float):
     ])
 
 
-# The demo's test-time training, scored beside the plain model's answers: 2 steps per task and view (0.4-1 s per
-# task with 4 views, --ttt-mode view) took a 4-minute demo's checkpoint from pass@2 0.083 to 0.131, where one copy
-# per task under random views reached 0.088 (BENCHMARKS.md, ttt-demo4-view / ttt-demo4-task); a later demo checkpoint
-# from 0.095 to 0.129 with colours permuted and the checkpoint writing the sizes, to 0.095 without (ttt-demo4-sizes)
-DEMO_TTT_STEPS = 2
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -521,7 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "views ranked by votes, then likelihood: pass@2 0.164 against 0.098 with 1 on the "
                            "30-minute demo's model)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the views and of test-time training")
-    add_ttt_options(demo, steps=DEMO_TTT_STEPS)
+    add_ttt_options(demo)
     demo.set_defaults(func=cmd_demo)
     return p
 

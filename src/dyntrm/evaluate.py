@@ -16,10 +16,9 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from .config import MAX_ANSWER_TOKENS
-from .data.arc import MAX_SIDE
 from .data.augment import Augmentation, views
 from .data.dataset import EvalItem
-from .data.tokens import SIZE0, Encoded
+from .data.tokens import Encoded, side_of
 from .io import write_json
 from .model.generate import Generation, generate_batched
 from .rescore import candidate_likelihoods
@@ -96,11 +95,6 @@ def fit_prompts(items: Sequence[EvalItem], n_views: int, seed: int, limit: int |
     return out
 
 
-def _side(tokens: list[int], i: int) -> int:
-    """The side that generated token ``i`` names, or 0 (none: the model decoding the cells chooses it)."""
-    return tokens[i] - SIZE0 + 1 if len(tokens) > i and SIZE0 <= tokens[i] < SIZE0 + MAX_SIDE else 0
-
-
 def evaluate_items(model, items: Sequence[EvalItem], *, n_views: int = 8, seed: int = 0,
                    tokens_per_batch: int = 131072, max_len: int | None = None, cap_to_prompt: bool = False,
                    ttt: TTT | None = None, rank: str = "votes", **gen_kw) -> tuple[list[ItemResult], dict]:
@@ -141,7 +135,7 @@ def evaluate_items(model, items: Sequence[EvalItem], *, n_views: int = 8, seed: 
         t0 = time.perf_counter()
         kw = dict(gen_kw, max_sides=sides) if cap_to_prompt else gen_kw
         heads = generate_batched(model, prompts, tokens_per_batch=tokens_per_batch, **{**kw, "max_new": 2})
-        fixed = [(_side(g.tokens, 0), _side(g.tokens, 1)) for g in heads]
+        fixed = [(side_of(g.tokens[0]), side_of(g.tokens[1])) for g in heads]  # constrained: two size tokens
         seconds += time.perf_counter() - t0
     groups = (ttt.per_task(model, [f.shown for f in fitted], owners) if adapted  # each from what its prompts show
               else [([(model, list(range(len(prompts))))], None)])

@@ -227,7 +227,6 @@ class TTT:
 
         return {"ttt_steps": self.steps, "ttt_lr": self.lr, "ttt_params": self.params, "ttt_batch": self.batch,
                 "ttt_mode": self.mode, "ttt_colours": self.colours, "ttt_shape_loss": self.shape_loss,
-                "ttt_sizes": self.sizes,
                 "ttt_tasks": len(done), "ttt_single_demo_tasks": sum(1 for r in records if r.get("single_demo")),
                 "ttt_seconds": float(sum(r["seconds"] for r in done)), "ttt_seconds_per_task": mean("seconds"),
                 "ttt_trained_numbers": done[0]["trained_numbers"] if done else 0,

@@ -38,6 +38,11 @@ def size_token(n: int) -> int:
     return SIZE0 + n - 1
 
 
+def side_of(token: int) -> int:
+    """The grid side a number token names (the inverse of :func:`size_token`); 0 for any other token."""
+    return token - SIZE0 + 1 if SIZE0 <= token < N_TOKENS else 0
+
+
 class GridDecodeError(ValueError):
     """A token sequence that is not a well-formed grid (ragged rows, a special inside, too large, empty)."""
 

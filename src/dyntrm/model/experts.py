@@ -186,11 +186,11 @@ class ExpertsCompose(torch.autograd.Function):
         dw = g @ oᵀ      do_E = Σ_c w[:, c, e] g[:, c]      ds_E = do_E @ w2[e]ᵀ      da_E = ds_E ⊙ silu'(a_E)
         dx = Σ_e da_E @ w1[e]ᵀ      dw1[e] = Σ_n xᵀ da_E      dw2[e] = Σ_n s_Eᵀ do_E
 
-    What autograd does for the ``experts`` path, less its layout costs (seen with torch.profiler: the second layer's batched GEMM on
-    the row-major (n, E*F) activations runs at a third of the rate of the same GEMM on expert-major ones, and
-    autograd's split/cat copies every row once more): every GEMM here takes contiguous operands, the outputs are
-    written in place, the activations ``a_E``, ``s_E`` and ``o_E`` of each chunk are kept for the backward
-    (only when grad mode is on at the call: ``keep``).
+    What autograd does for the ``experts`` path, less its layout costs (seen with torch.profiler, a diagnosis, not a
+    benchmark: the second layer's batched GEMM on the row-major (n, E*F) activations ran at a third of the rate of
+    the same GEMM on expert-major ones, and autograd's split/cat copies every row once more): every GEMM here takes
+    contiguous operands, the outputs are written in place, the activations ``a_E``, ``s_E`` and ``o_E`` of each chunk
+    are kept for the backward (only when grad mode is on at the call: ``keep``).
     Float64 gradients equal the per-expert reference (tests/test_model.py)."""
 
     @staticmethod

@@ -271,8 +271,7 @@ class GridConstraint:
         self.vocab, self.header = vocab, header
         if sizes is not None and not header:
             raise ValueError("sizes fix the size header: they need model.size_header")
-        self.sizes = torch.zeros(batch, 2, dtype=torch.long, device=device) if sizes is None \
-            else sizes.to(device=device, dtype=torch.long).clamp(0, MAX_SIDE)
+        self.sizes = None if sizes is None else sizes.to(device=device, dtype=torch.long).clamp(0, MAX_SIDE)
         # per-sample limit on rows and columns (default 30)
         self.max_side = torch.full((batch,), MAX_SIDE, dtype=torch.long, device=device) if max_side is None \
             else max_side.to(device).clamp(1, MAX_SIDE)
@@ -288,7 +287,8 @@ class GridConstraint:
     def keep(self, idx: torch.Tensor) -> None:
         """Only the samples ``idx`` go on (finished ones leave the decoding batch)."""
         for name in self.STATE:
-            setattr(self, name, getattr(self, name)[idx])
+            if getattr(self, name) is not None:  # sizes: None unless given
+                setattr(self, name, getattr(self, name)[idx])
 
     def allowed(self) -> torch.Tensor:
         """(B, V) bool: what each sample may emit next."""
@@ -303,10 +303,12 @@ class GridConstraint:
         mask[:, :N_COLOURS] = colour[:, None]
         if self.header:
             sides = torch.arange(1, MAX_SIDE + 1, device=self.done.device)
-            fixed = self.sizes.gather(1, self.n_header.clamp(max=1)[:, None])[:, 0]  # this header token's, or 0
-            pinned = (in_header & (fixed > 0))[:, None]  # a fixed side is written even past max_side
-            capped = in_header[:, None] & (sides[None, :] <= self.max_side[:, None])
-            mask[:, SIZE0:SIZE0 + MAX_SIDE] = torch.where(pinned, sides[None, :] == fixed[:, None], capped)
+            mask[:, SIZE0:SIZE0 + MAX_SIDE] = in_header[:, None] & (sides[None, :] <= self.max_side[:, None])
+            if self.sizes is not None:  # a pinned side is the only one allowed, even past max_side
+                fixed = self.sizes.gather(1, self.n_header.clamp(max=1)[:, None])[:, 0]  # this header token's, or 0
+                pinned = (in_header & (fixed > 0))[:, None]
+                mask[:, SIZE0:SIZE0 + MAX_SIDE] = torch.where(pinned, sides[None, :] == fixed[:, None],
+                                                              mask[:, SIZE0:SIZE0 + MAX_SIDE])
             mask[:, ROW] = close_row & (self.rows < self.height)
             mask[:, END] = close_row & (self.rows == self.height)
         else:

@@ -250,7 +250,7 @@ def short_model(tmp_path):
     cfg = apply_overrides(preset("debug"), [f"data.source={tasks}", "data.eval_split=all", "data.max_side=2",
                                             "data.max_len=24", "data.tokens_per_batch=64",
                                             "model.max_positions=956", "model.size_header=false",
-                                            "model.grid_coords=off"])  # token counts of the plain serialisation
+                                            "model.grid_coords=off", "model.dihedral_cells=false"])  # token counts of the plain serialisation
     run = tmp_path / "run"
     model = ArcTransformer(cfg.model)
     checkpoint.save(run, 1, model_state=model.state_dict(), ema_state=None, state={},

@@ -443,7 +443,7 @@ def test_output_shapes(batch, length, seed):
 
 
 @pytest.mark.parametrize("name", ["debug", "tiny"])
-@pytest.mark.parametrize("variant", [*VARIANTS, "dyn+qk_norm", "dynmoe+next", "dynmoe+shared"])
+@pytest.mark.parametrize("variant", [*VARIANTS, "dyn+qk_norm", "dynmoe+next", "dynmoe+shared", "dynmoe+nodihedral"])
 def test_info_parameter_counts_match_the_model(name, variant):
     from dyntrm.model.info import model_info
 
@@ -454,6 +454,8 @@ def test_info_parameter_counts_match_the_model(name, variant):
         cfg.size_header, cfg.grid_coords = True, "next"
     if extra == "shared":
         cfg.size_header, cfg.grid_coords, cfg.coord_tables = True, "borders", "shared"
+    if extra == "nodihedral":
+        cfg.dihedral_cells = False
     m = ArcTransformer(cfg)
     info = model_info(cfg)
     assert info["params_total"] == sum(p.numel() for p in m.parameters())

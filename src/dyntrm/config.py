@@ -88,6 +88,11 @@ class ModelConfig:
         "separate", "model.grid_coords' embeddings: separate = one learned table per coordinate; shared = one table "
                     "of index embeddings for all coordinates, each seen through its own learned d x d map, so that "
                     "index k as a row, a column or a distance to a border differ by one linear map for every k")
+    dihedral_cells: bool = opt(True, "every cell of an output grid, and the cell it predicts, is told the colour "
+                                      "its pair's input has at the place each of the 8 symmetries of the square "
+                                      "maps there (where the output has the shape that symmetry gives), and "
+                                      "whether the cell agrees with it: learned embeddings added to its token's "
+                                      "(needs model.size_header)")
     pair_embed: bool = opt(False, "a learned embedding of each token's pair, counted back from the query (0), and "
                                   "of its side (input or output grid), added to its token embedding (measured "
                                   "worse on the ladder: BENCHMARKS, rule selection)")
@@ -325,9 +330,20 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+# Keys added after configs were first written, each with the value that means "as before": a config (a run's
+# config.json, a checkpoint's) that does not mention one is read with that value, so an older run resumes and
+# evaluates as the model it trained; the field's default is what a new run gets.
+BEFORE_KEY: dict[str, Any] = {"model.dihedral_cells": False}
+
+
 def from_dict(d: dict[str, Any]) -> Config:
-    """Strictly rebuild a config from :func:`to_dict` output (unknown keys are errors)."""
+    """Strictly rebuild a config from :func:`to_dict` output (unknown keys are errors; a key of
+    :data:`BEFORE_KEY` that ``d`` does not mention takes its value from there)."""
     cfg = Config()
+    for key, value in BEFORE_KEY.items():
+        section, _, name = key.partition(".")
+        if isinstance(d, dict) and isinstance(d.get(section), dict) and name not in d[section]:
+            setattr(getattr(cfg, section), name, value)
     valid = fields(cfg)
     if not isinstance(d, dict):
         raise ConfigError(f"expected a JSON object of config sections, got {type(d).__name__}")
@@ -422,6 +438,9 @@ def validate(cfg: Config) -> None:
     if m.grid_coords in ("borders", "next") and not m.size_header:
         raise ConfigError(f"model.grid_coords={m.grid_coords} needs model.size_header=true: the distance to the bottom "
                           "and right borders is known before a grid's cells only from its size header")
+    if m.dihedral_cells and not m.size_header:
+        raise ConfigError("model.dihedral_cells=true needs model.size_header=true: which symmetries fit an output "
+                          "grid is known before its cells only from its size header")
     if m.attn_active > m.attn_experts:
         raise ConfigError(f"model.attn_active={m.attn_active} must be in [0, model.attn_experts={m.attn_experts}] "
                           f"(0: every expert, dense composition)")

@@ -33,7 +33,8 @@ from . import generate
 from .attention import DenseAttention, DynSIHA
 from .context import AttnMask, ModelOutput, StepContext, Tap
 from .experts import ExpertLibrary
-from .layers import MAX_PAIR, N_COORDS, RMSNorm, Rope, grid_coords, pair_ids
+from .layers import (DIHEDRAL, MAX_PAIR, N_COORDS, N_SOURCES, RMSNorm, Rope, dihedral_sources, grid_coords,
+                     pair_ids)
 from .moe import DenseFFN, DynMoE, MoEStats
 
 
@@ -91,6 +92,26 @@ class DynTRMBlock(nn.Module):
         return q_B2[:, 0], q_B2[:, 1]
 
 
+N_SOURCE_VALUES = 11  # a source: none (0) or colour + 1
+DIHEDRAL_ROWS = N_SOURCES * N_SOURCE_VALUES + 3 * len(DIHEDRAL)
+
+
+def dihedral_rows(tokens_BT: torch.Tensor, sources_BTK: torch.Tensor) -> torch.Tensor:
+    """The rows of ``model.dihedral_cells``' table that each token sums (B, T, 24): for each symmetry its own
+    cell's source, its next cell's source, and whether the own cell agrees with its source (0 none, 1 no, 2 yes)."""
+    own = sources_BTK[..., :len(DIHEDRAL)]
+    agree = torch.where(own > 0, 1 + (own - 1 == tokens_BT[..., None]).long(), 0)
+    offsets = torch.arange(N_SOURCES, device=tokens_BT.device) * N_SOURCE_VALUES
+    agree_offsets = N_SOURCES * N_SOURCE_VALUES + 3 * torch.arange(len(DIHEDRAL), device=tokens_BT.device)
+    return torch.cat([sources_BTK + offsets, agree + agree_offsets], -1)
+
+
+def _dihedral_none_rows() -> list[int]:
+    """The rows of ``model.dihedral_cells``' table that mean "no source" (each table's 0)."""
+    return ([k * N_SOURCE_VALUES for k in range(N_SOURCES)]
+            + [N_SOURCES * N_SOURCE_VALUES + 3 * g for g in range(len(DIHEDRAL))])
+
+
 class ArcTransformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -108,6 +129,9 @@ class ArcTransformer(nn.Module):
         self.coord_embed_maps = nn.Parameter(torch.empty(n_coords, d, d)) if shared else None
         # model.pair_embed: which pair (counted back from the query) and which side of it a token is on
         self.pair_embed = nn.Embedding(2 * MAX_PAIR + 3, d) if cfg.pair_embed else None
+        # model.dihedral_cells: per symmetry a table of the own cell's source colour (none, 0..9), one of the next
+        # cell's, and one of whether the own cell agrees with its source (none, no, yes): DIHEDRAL_ROWS in all
+        self.dihedral_embed = nn.Embedding(DIHEDRAL_ROWS, d) if cfg.dihedral_cells else None
         self.attn_expert_library = (ExpertLibrary(cfg.attn_experts, dh, cfg.attn_expert_hidden, dh) if cfg.dyn_attn
                                     else None)
         self.ffn_expert_library = ExpertLibrary(cfg.ffn_experts, d, cfg.ffn_mult * d, d) if cfg.dyn_ffn else None
@@ -137,6 +161,9 @@ class ArcTransformer(nn.Module):
                 nn.init.orthogonal_(m)
         if self.pair_embed is not None:
             nn.init.normal_(self.pair_embed.weight, std=0.5)
+        if self.dihedral_embed is not None:  # each group of 8 tables sums to the scale of one coordinate's (0.5);
+            nn.init.normal_(self.dihedral_embed.weight, std=0.5 / math.sqrt(len(DIHEDRAL)))
+            self.dihedral_embed.weight[_dihedral_none_rows()] = 0  # "none" adds nothing at first
         nn.init.normal_(self.lm_head.weight, std=0.02)  # start near the uniform distribution
         for norm in (self.block.norm1, self.block.norm2, self.block.halt_norm, self.norm):
             nn.init.ones_(norm.weight)
@@ -189,11 +216,18 @@ class ArcTransformer(nn.Module):
         return StepContext(0, cos, sin, attn, valid_BT, observer=tap), prompt_end, n_real
 
     def embed_tokens(self, tokens_BT: torch.Tensor, coords_BTK: torch.Tensor | None = None,
-                     pairs_BT: torch.Tensor | None = None) -> torch.Tensor:
+                     pairs_BT: torch.Tensor | None = None, sources_BTK: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings (B, T, D), plus the embeddings of each cell's place in its grid under
-        ``model.grid_coords`` and of its pair under ``model.pair_embed`` (``coords_BTK``, ``pairs_BT``: given
-        while decoding, else read from the tokens)."""
+        ``model.grid_coords``, of its pair under ``model.pair_embed`` and of its symmetric sources under
+        ``model.dihedral_cells`` (``coords_BTK``, ``pairs_BT``, ``sources_BTK``: given while decoding, else read
+        from the tokens)."""
         x_BTD = self.embed(tokens_BT)
+        if self.dihedral_embed is not None:
+            if sources_BTK is None:
+                sources_BTK = dihedral_sources(tokens_BT)
+            idx_BTK = dihedral_rows(tokens_BT, sources_BTK)
+            x_BTD = x_BTD + nn.functional.embedding_bag(idx_BTK.flatten(0, 1), self.dihedral_embed.weight,
+                                                        mode="sum").view_as(x_BTD)
         if self.pair_embed is not None:
             x_BTD = x_BTD + self.pair_embed(pair_ids(tokens_BT) if pairs_BT is None else pairs_BT)
         if self.cfg.grid_coords != "off":

@@ -65,7 +65,7 @@ class DecodeState:
     steps: torch.Tensor  # (B,) steps per sample, fixed at prefill
     q_halt: torch.Tensor  # (S, B) halting logits seen at prefill
     q_continue: torch.Tensor
-    cursor: GridCursor | None = None  # each sample's place in its grid (model.grid_coords)
+    cursor: GridCursor | None = None  # each sample's place in its grid (model.grid_coords, model.dihedral_cells)
 
     def counter_slots(self) -> list[tuple[object, str]]:
         """Where the tensors live that every decoded token replaces (positions, the grid cursor's state), as
@@ -167,8 +167,9 @@ def prefill(model: nn.Module, tokens_BT: torch.Tensor, prompt_len_B: torch.Tenso
     out, rows, caches = recur_until_halted(model, tokens_BT, mask_BT, prompt_len_B - 1, steps_B=steps_B,
                                            cache_capacity=T + max_new)
     last_BV = out.final_logits[torch.arange(B, device=tokens_BT.device), prompt_len_B - 1]
-    cursor = (GridCursor(tokens_BT, prompt_len_B, with_next=model.cfg.grid_coords == "next")
-              if model.cfg.grid_coords != "off" else None)
+    cfg = model.cfg
+    cursor = (GridCursor(tokens_BT, prompt_len_B, with_next=cfg.grid_coords == "next", sources=cfg.dihedral_cells)
+              if cfg.grid_coords != "off" or cfg.dihedral_cells else None)
     return last_BV, DecodeState(rows, caches, prompt_len_B.clone(), out.steps, out.q_halt, out.q_continue, cursor)
 
 
@@ -181,10 +182,13 @@ def decode(model: nn.Module, token_B: torch.Tensor, state: DecodeState, tap: Tap
     ``static``: no host sync and no shape that depends on values (attention reads the whole cache under its mask,
     the experts run densely with the inactive ones weighing 0): what :class:`DecodeGraph` captures. Same values.
     """
-    coords_B1K = None if state.cursor is None else state.cursor.step(token_B)[:, None]
+    coords_B1K = sources_B1K = None
+    if state.cursor is not None:
+        coords_BK, sources_BK = state.cursor.step_sources(token_B)
+        coords_B1K, sources_B1K = coords_BK[:, None], None if sources_BK is None else sources_BK[:, None]
     # model.pair_embed: every written token is in the query's output grid
     pairs_B1 = None if model.pair_embed is None else torch.full_like(token_B[:, None], PAIR_ANSWER)
-    x0_B1D = model.embed_tokens(token_B[:, None], coords_B1K, pairs_B1)
+    x0_B1D = model.embed_tokens(token_B[:, None], coords_B1K, pairs_B1, sources_B1K)
     x_B1D = x0_B1D
     pos_B = state.pos
     if static:  # DecodeGraph checks the capacity once, ahead of all its replays

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.arc import MAX_SIDE
-from ..data.tokens import IN, N_COLOURS, OUT, ROW, SIZE0
+from ..data.tokens import IN, N_COLOURS, OUT, PAD, ROW, SIZE0
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -153,6 +153,58 @@ def pair_ids(tokens: torch.Tensor) -> torch.Tensor:
     return torch.where(seen > 0, 1 + 2 * back + (last_out > last_in).long(), torch.zeros_like(pos))
 
 
+# The symmetries of the square (model.dihedral_cells), each as the input cell it reads for output cell (r, c) of
+# an input of h x w; the first four keep the input's shape, the last four swap its sides.
+DIHEDRAL = ("identity", "flip_lr", "flip_ud", "rot180", "transpose", "rot90cw", "rot90ccw", "antitranspose")
+N_SOURCES = 2 * len(DIHEDRAL)  # per token: its own cell's source under each symmetry, then the next cell's
+
+
+def dihedral_source(r: torch.Tensor, c: torch.Tensor, h_in: torch.Tensor, w_in: torch.Tensor, h_out: torch.Tensor,
+                    w_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For output cells ``(r, c)`` (0-based) of an ``h_out x w_out`` grid whose pair's input is ``h_in x w_in``:
+    the input cell ``(sr, sc)`` that each symmetry of :data:`DIHEDRAL` maps onto it, and whether that symmetry
+    applies there (both sizes known, the output of the shape the symmetry gives the input, ``(r, c)`` inside it).
+    All inputs broadcast; outputs (..., 8)."""
+    r, c, h, w = r[..., None], c[..., None], h_in[..., None], w_in[..., None]
+    sr = torch.cat([r, r, h - 1 - r, h - 1 - r, c, h - 1 - c, c, h - 1 - c], -1)
+    sc = torch.cat([c, w - 1 - c, c, w - 1 - c, r, r, w - 1 - r, w - 1 - r], -1)
+    same = (h_out == h_in) & (w_out == w_in)
+    swap = (h_out == w_in) & (w_out == h_in)
+    inside = (h_in > 0) & (w_in > 0) & (r[..., 0] >= 0) & (c[..., 0] >= 0) & (r[..., 0] < h_out) & (c[..., 0] < w_out)
+    ok = torch.cat([(same & inside)[..., None].expand(*same.shape, 4),
+                    (swap & inside)[..., None].expand(*swap.shape, 4)], -1)
+    return sr, sc, ok
+
+
+def dihedral_sources(tokens: torch.Tensor) -> torch.Tensor:
+    """What each token of an output grid can read off its pair's input (``model.dihedral_cells``): (..., T) ->
+    (..., T, 16) int64, for each symmetry of :data:`DIHEDRAL` the colour (+ 1) of the input cell it maps onto the
+    token's own cell, then onto the cell the token predicts (the next one, :func:`next_coords`); 0 where there is
+    none (outside an output grid, an output of a shape the symmetry cannot give, a separator). The pair's input is
+    the grid after the last ``IN``; sizes come from the size headers (``model.size_header``). With these, "the
+    output is the input mirrored" is a question of which source a cell agrees with, asked of every cell of every
+    demonstration, and writing the answer is reading the chosen source. Causal: a token only reads earlier ones."""
+    T = tokens.shape[-1]
+    pos = torch.arange(T, device=tokens.device).expand_as(tokens)
+    coords = grid_coords(tokens, with_next=True)
+    none = torch.zeros_like(pos) - 1
+    last_in = torch.where(tokens == IN, pos, none).cummax(-1).values
+    last_out = torch.where(tokens == OUT, pos, none).cummax(-1).values
+    in_output = (last_in >= 0) & (last_out > last_in)
+    h_in, w_in = (torch.where(last_in >= 0, _size_at(tokens, (last_in + k).clamp(0, T - 1)), 0) for k in (1, 2))
+    h_out, w_out = (torch.where(in_output & (pos >= last_out + k), _size_at(tokens, (last_out + k).clamp(0, T - 1)), 0)
+                    for k in (1, 2))
+    out = []
+    for row, col, cell in ((coords[..., 0], coords[..., 1], tokens < N_COLOURS),
+                           (coords[..., 4], coords[..., 5], coords[..., 4] > 0)):
+        sr, sc, ok = dihedral_source(row - 1, col - 1, h_in, w_in, h_out, w_out)
+        idx = last_in[..., None] + 3 + sr * (w_in[..., None] + 1) + sc
+        colour = tokens.gather(-1, idx.clamp(0, T - 1).flatten(-2)).view(idx.shape)
+        good = ok & (in_output & cell)[..., None] & (idx < pos[..., None]) & (colour < N_COLOURS)
+        out.append(torch.where(good, colour + 1, 0))
+    return torch.cat(out, -1)
+
+
 def _size_at(tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """The side that the size token at ``idx`` names (1..30), or 0 where ``idx`` holds no size token."""
     t = tokens.gather(-1, idx)
@@ -162,12 +214,16 @@ def _size_at(tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 class GridCursor:
     """:func:`grid_coords` one token at a time, for KV-cached decoding. Per sample: the ROW tokens since the grid
     started, the cells since the last non-cell token, the tokens since the grid's marker (up to 2) and the size
-    read from its header."""
+    read from its header; with ``sources`` (``model.dihedral_cells``), also the prompt's last input grid, which
+    every decoded cell is read against (:func:`dihedral_sources`, equal to it while decoding writes the prompt's
+    last output grid, as generation does)."""
 
-    def __init__(self, tokens_BT: torch.Tensor, length_B: torch.Tensor, with_next: bool = False):
+    def __init__(self, tokens_BT: torch.Tensor, length_B: torch.Tensor, with_next: bool = False,
+                 sources: bool = False):
         """State after each row's first ``length_B`` tokens (the prompt), read off a cell appended there;
-        ``with_next``: :meth:`step` also gives the next token's coordinates (``model.grid_coords=next``)."""
-        self.with_next = with_next
+        ``with_next``: :meth:`step` also gives the next token's coordinates (``model.grid_coords=next``);
+        ``sources``: :meth:`step_sources` gives :func:`dihedral_sources` too."""
+        self.with_next, self.sources = with_next, sources
         B = tokens_BT.shape[0]
         probe = torch.cat([tokens_BT, torch.zeros_like(tokens_BT[:, :1])], 1)
         idx = torch.arange(B, device=tokens_BT.device)
@@ -175,7 +231,8 @@ class GridCursor:
         c = grid_coords(probe)[idx, length_B]
         self.rows, self.cols = c[:, 0] - 1, c[:, 1] - 1
         pos = torch.arange(probe.shape[1], device=probe.device).expand_as(probe)
-        marker = torch.where((probe == IN) | (probe == OUT), pos, torch.zeros_like(pos) - 1).cummax(-1).values
+        none = torch.zeros_like(pos) - 1
+        marker = torch.where((probe == IN) | (probe == OUT), pos, none).cummax(-1).values
         start = marker[idx, length_B]
         # tokens of this grid so far (its header's are the first two); 2 also when no grid has started
         self.since = torch.where(start >= 0, length_B - start - 1, torch.full_like(start, 2)).clamp(max=2)
@@ -183,10 +240,26 @@ class GridCursor:
         self.w = _size_at(probe, (start + 2).clamp(0, probe.shape[1] - 1)[:, None])[:, 0]
         self.h = torch.where((start >= 0) & (self.since >= 1), self.h, torch.zeros_like(self.h))
         self.w = torch.where((start >= 0) & (self.since >= 2), self.w, torch.zeros_like(self.w))
+        if sources:
+            # the last input grid before each prompt's end, as (B, 30 x 30) colours (PAD outside it)
+            last_in = torch.where(probe == IN, pos, none).cummax(-1).values[idx, length_B]
+            sizes = [_size_at(probe, (last_in + k).clamp(min=0)[:, None])[:, 0] for k in (1, 2)]
+            self.h_in, self.w_in = (torch.where(last_in >= 0, n, 0) for n in sizes)
+            r = torch.arange(MAX_SIDE, device=probe.device)
+            at = (last_in[:, None, None] + 3 + r[None, :, None] * (self.w_in[:, None, None] + 1) + r[None, None, :])
+            inside = (r[None, :, None] < self.h_in[:, None, None]) & (r[None, None, :] < self.w_in[:, None, None])
+            inside &= at < length_B[:, None, None]
+            cells = probe.gather(1, at.clamp(0, probe.shape[1] - 1).flatten(1)).view_as(at)
+            self.grid = torch.where(inside, cells, PAD).flatten(1)
+            self.in_output = (start >= 0) & (last_in >= 0) & (probe[idx, start.clamp(min=0)] == OUT)
 
     def step(self, token_B: torch.Tensor) -> torch.Tensor:
         """Coordinates (B, 4) of ``token_B`` (B,) given everything before it (B, 8 ``with_next``); advances the
         state."""
+        return self.step_sources(token_B)[0]
+
+    def step_sources(self, token_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`step`, and the token's :func:`dihedral_sources` (B, 16) where the cursor has ``sources``."""
         is_cell, is_row = token_B < N_COLOURS, token_B == ROW
         is_size = (token_B >= SIZE0) & (token_B < SIZE0 + MAX_SIDE)
         inside = is_cell | is_row
@@ -198,16 +271,32 @@ class GridCursor:
         out = torch.stack([torch.where(inside, self.rows + 1, zero), torch.where(inside, self.cols + 1, zero),
                            torch.where(inside & (self.h > 0), self.h - self.rows, zero),
                            torch.where(is_cell & (self.w > 0), self.w - self.cols, zero)], -1)
-        if self.with_next:
+        nxt = None
+        if self.with_next or self.sources:
             is_width = (self.since == 1) & is_size & (self.w > 0)
-            out = torch.cat([out, next_coords(out[:, 0], out[:, 1], self.h, self.w, is_cell, is_row, is_width)], -1)
+            nxt = next_coords(out[:, 0], out[:, 1], self.h, self.w, is_cell, is_row, is_width)
+        sources = None
+        if self.sources:
+            parts = []
+            for row, col, cell in ((out[:, 0], out[:, 1], is_cell), (nxt[:, 0], nxt[:, 1], nxt[:, 0] > 0)):
+                sr, sc, ok = dihedral_source(row - 1, col - 1, self.h_in, self.w_in, self.h, self.w)
+                colour = self.grid.gather(1, (sr.clamp(0, MAX_SIDE - 1) * MAX_SIDE + sc.clamp(0, MAX_SIDE - 1)))
+                good = ok & (self.in_output & cell)[:, None] & (colour < N_COLOURS)
+                parts.append(torch.where(good, colour + 1, 0))
+            sources = torch.cat(parts, -1)
+            # a new input grid (never written by generation) is not the stored one: no sources after it
+            self.h_in = torch.where(token_B == IN, 0, self.h_in)
+            self.in_output = torch.where(start, (token_B == OUT) & (self.h_in > 0), self.in_output)
+        if self.with_next:
+            out = torch.cat([out, nxt], -1)
         self.rows = torch.where(start, zero, self.rows + is_row.long())
         self.cols = torch.where(is_cell, self.cols + 1, zero)
         self.since = torch.where(start, zero, (self.since + 1).clamp(max=2))
         self.h = torch.where(start, zero, self.h)
         self.w = torch.where(start, zero, self.w)
-        return out
+        return out, sources
 
     def keep(self, idx: torch.Tensor) -> None:
-        for name in ("rows", "cols", "since", "h", "w"):
-            setattr(self, name, getattr(self, name)[idx])
+        for name, value in list(vars(self).items()):
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value[idx])

@@ -12,8 +12,8 @@ from dyntrm.config import ConfigError, from_dict, preset, to_dict, validate
 from dyntrm.data.arc import Pair
 from dyntrm.data.tokens import END, IN, OUT, ROW, encode, encode_prompt, size_token
 from dyntrm.model import ArcTransformer
-from dyntrm.model.dyntrm import DIHEDRAL_ROWS, dihedral_rows
-from dyntrm.model.layers import DIHEDRAL, GridCursor, dihedral_sources
+from dyntrm.model.dyntrm import dihedral_rows
+from dyntrm.model.layers import DIHEDRAL, DIHEDRAL_ROWS, GridCursor, dihedral_sources
 
 # numpy's version of each symmetry, in DIHEDRAL's order: output = MAPS[g](input)
 MAPS = {"identity": lambda g: g, "flip_lr": np.fliplr, "flip_ud": np.flipud, "rot180": lambda g: np.rot90(g, 2),

@@ -211,7 +211,9 @@ def _tiny() -> Config:
     docs/DESIGN.md §7): d_model 128, 4 heads, dense attention + DynMoE over 16 FFN experts (``model.variant=dynmoe``:
     DynSIHA+ measured to slow the learning of the in-context rule choice; ``dyn`` restores it, with 16 attention
     experts), N = 2; DynMoE's L1 penalty fixed at ``train.l1_init`` (``l1_factor=1``: no controller, the routers
-    choose how many experts a token uses); lr 3e-3 on 2048-token batches."""
+    choose how many experts a token uses); lr 3e-3 on 2048-token batches. Like every preset it takes the
+    ModelConfig defaults of the serialisation and its features: size header, border coordinates, symmetric
+    sources (``model.dihedral_cells``: core four 0.400 -> 0.988 on the ladder)."""
     return Config(model=ModelConfig(variant="dynmoe", attn_experts=16, max_steps=2),
                   data=DataConfig(max_len=2048, tokens_per_batch=2048),
                   train=TrainConfig(lr=3e-3, ema_decay=0.99, l1_factor=1.0))

@@ -33,8 +33,8 @@ from . import generate
 from .attention import DenseAttention, DynSIHA
 from .context import AttnMask, ModelOutput, StepContext, Tap
 from .experts import ExpertLibrary
-from .layers import (DIHEDRAL, MAX_PAIR, N_COORDS, N_SOURCES, RMSNorm, Rope, dihedral_sources, grid_coords,
-                     pair_ids)
+from .layers import (DIHEDRAL, DIHEDRAL_ROWS, MAX_PAIR, N_COORDS, N_SOURCE_VALUES, N_SOURCES, RMSNorm, Rope,
+                     dihedral_sources, grid_coords, pair_ids)
 from .moe import DenseFFN, DynMoE, MoEStats
 
 
@@ -90,10 +90,6 @@ class DynTRMBlock(nn.Module):
         """(q_halt, q_continue), each (B,), from the hidden state at one position per sample."""
         q_B2 = self.halt(self.halt_norm(x_BD)).float()
         return q_B2[:, 0], q_B2[:, 1]
-
-
-N_SOURCE_VALUES = 11  # a source: none (0) or colour + 1
-DIHEDRAL_ROWS = N_SOURCES * N_SOURCE_VALUES + 3 * len(DIHEDRAL)
 
 
 def dihedral_rows(tokens_BT: torch.Tensor, sources_BTK: torch.Tensor) -> torch.Tensor:

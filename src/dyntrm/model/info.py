@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..config import ModelConfig
 from ..data.arc import MAX_SIDE
-from .layers import N_COORDS
+from .layers import DIHEDRAL_ROWS, N_COORDS
 
 
 def model_info(cfg: ModelConfig, context: int = 1024) -> dict[str, float]:
@@ -25,7 +25,7 @@ def model_info(cfg: ModelConfig, context: int = 1024) -> dict[str, float]:
         # separate: a table per coordinate; shared: one table and a d x d map per coordinate
         "grid_coords": n_coords * (MAX_SIDE + 2) * d if cfg.coord_tables == "separate"
         else ((MAX_SIDE + 2) * d + n_coords * d * d) * (n_coords > 0),
-        "dihedral_cells": (16 * 11 + 8 * 3) * d if cfg.dihedral_cells else 0,  # per symmetry 11 + 11 + 3 rows
+        "dihedral_cells": DIHEDRAL_ROWS * d if cfg.dihedral_cells else 0,  # per symmetry 11 + 11 + 3 rows
     }
     flops = {
         "attention_scores": 2 * 2 * keys * d,  # q.k and p.v

@@ -157,6 +157,8 @@ def pair_ids(tokens: torch.Tensor) -> torch.Tensor:
 # an input of h x w; the first four keep the input's shape, the last four swap its sides.
 DIHEDRAL = ("identity", "flip_lr", "flip_ud", "rot180", "transpose", "rot90cw", "rot90ccw", "antitranspose")
 N_SOURCES = 2 * len(DIHEDRAL)  # per token: its own cell's source under each symmetry, then the next cell's
+N_SOURCE_VALUES = 11  # a source: none (0) or colour + 1
+DIHEDRAL_ROWS = N_SOURCES * N_SOURCE_VALUES + 3 * len(DIHEDRAL)  # the embedding rows: sources, agreement
 
 
 def dihedral_source(r: torch.Tensor, c: torch.Tensor, h_in: torch.Tensor, w_in: torch.Tensor, h_out: torch.Tensor,

@@ -95,9 +95,40 @@ def test_cursor_follows_the_stream_through_the_answer(pairs, data):
     for t in range(cut, toks.shape[1]):
         coords, got = cur.step_sources(toks[:, t])
         assert got[0].tolist() == want[t].tolist()
-    # a grid that generation never writes (a new input) is not read against the stored one
-    _, after = cur.step_sources(torch.tensor([IN]))
-    assert after.eq(0).all()
+    # a grid that generation never writes (a new input, then its output) is not read against the stored one, where
+    # the stream reads the new pair
+    tail = [IN, size_token(1), size_token(1), 5, OUT, size_token(1), size_token(1), 5]
+    stream = dihedral_sources(torch.cat([toks, torch.tensor([tail])], 1))[0, -1]
+    assert stream[0] == 6  # the new pair's identity source: colour 5
+    for t in tail:
+        _, after = cur.step_sources(torch.tensor([t]))
+        assert after.eq(0).all()
+
+
+def test_cursor_batched_prompts_of_different_lengths_and_odd_ends():
+    """Right-padded prompts of different lengths, one ending right after IN (no input grid yet: no sources, no
+    crash): each row follows its own stream."""
+    a, b = np.array([[1, 2, 3]]), np.array([[4], [5]])
+    prompts = [encode_prompt([Pair(a, np.fliplr(a))], b, header=True).tokens,
+               encode_prompt([Pair(b, b.T)], a, header=True).tokens, np.array([0, IN])]
+    lengths = torch.tensor([len(p) for p in prompts])
+    tokens = torch.full((3, int(lengths.max())), 0)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = torch.from_numpy(p)
+    cur = GridCursor(tokens, lengths, sources=True)
+    answers = [[size_token(2), size_token(1), 5, ROW, 4, END], [size_token(1), size_token(3), 1, 2, 3, END],
+               [size_token(1), size_token(2), 7, 7, END, END]]  # the third writes an input grid: no sources
+    seqs, seen = [list(p) for p in prompts], torch.zeros(3, dtype=torch.long)
+    for t in range(6):
+        _, got = cur.step_sources(torch.tensor([ans[t] for ans in answers]))
+        for i in range(3):
+            seqs[i].append(answers[i][t])
+            assert got[i].tolist() == dihedral_sources(torch.tensor(seqs[i]))[-1].tolist(), (i, t)
+        seen += got.ne(0).sum(1)
+    assert seen[0] > 0 and seen[1] > 0 and seen[2] == 0
+    # the longest prompt ending right after IN (its header would lie past the stream)
+    _, got = GridCursor(torch.tensor([[0, IN]]), torch.tensor([2]), sources=True).step_sources(torch.tensor([3]))
+    assert got.eq(0).all()
 
 
 def test_kv_cache_with_dihedral_cells_equals_recompute():

@@ -245,7 +245,7 @@ class GridCursor:
         if sources:
             # the last input grid before each prompt's end, as (B, 30 x 30) colours (PAD outside it)
             last_in = torch.where(probe == IN, pos, none).cummax(-1).values[idx, length_B]
-            sizes = [_size_at(probe, (last_in + k).clamp(min=0)[:, None])[:, 0] for k in (1, 2)]
+            sizes = [_size_at(probe, (last_in + k).clamp(0, probe.shape[1] - 1)[:, None])[:, 0] for k in (1, 2)]
             self.h_in, self.w_in = (torch.where(last_in >= 0, n, 0) for n in sizes)
             r = torch.arange(MAX_SIDE, device=probe.device)
             at = (last_in[:, None, None] + 3 + r[None, :, None] * (self.w_in[:, None, None] + 1) + r[None, None, :])

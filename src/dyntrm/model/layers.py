@@ -167,14 +167,14 @@ def dihedral_source(r: torch.Tensor, c: torch.Tensor, h_in: torch.Tensor, w_in: 
     the input cell ``(sr, sc)`` that each symmetry of :data:`DIHEDRAL` maps onto it, and whether that symmetry
     applies there (both sizes known, the output of the shape the symmetry gives the input, ``(r, c)`` inside it).
     All inputs broadcast; outputs (..., 8)."""
-    r, c, h, w = r[..., None], c[..., None], h_in[..., None], w_in[..., None]
+    r, c, h, w = torch.broadcast_tensors(r[..., None], c[..., None], h_in[..., None], w_in[..., None])
     sr = torch.cat([r, r, h - 1 - r, h - 1 - r, c, h - 1 - c, c, h - 1 - c], -1)
     sc = torch.cat([c, w - 1 - c, c, w - 1 - c, r, r, w - 1 - r, w - 1 - r], -1)
     same = (h_out == h_in) & (w_out == w_in)
     swap = (h_out == w_in) & (w_out == h_in)
     inside = (h_in > 0) & (w_in > 0) & (r[..., 0] >= 0) & (c[..., 0] >= 0) & (r[..., 0] < h_out) & (c[..., 0] < w_out)
-    ok = torch.cat([(same & inside)[..., None].expand(*same.shape, 4),
-                    (swap & inside)[..., None].expand(*swap.shape, 4)], -1)
+    same, swap = same & inside, swap & inside
+    ok = torch.cat([same[..., None].expand(*same.shape, 4), swap[..., None].expand(*swap.shape, 4)], -1)
     return sr, sc, ok
 
 
@@ -252,7 +252,17 @@ class GridCursor:
             inside = (r[None, :, None] < self.h_in[:, None, None]) & (r[None, None, :] < self.w_in[:, None, None])
             inside &= at < length_B[:, None, None]
             cells = probe.gather(1, at.clamp(0, probe.shape[1] - 1).flatten(1)).view_as(at)
-            self.grid = torch.where(inside, cells, PAD).flatten(1)
+            grid = torch.where(inside, cells, PAD).flatten(1)
+            # each symmetry's image of it, in an output of that image's shape: (B, 8, 30 x 30) sources (0: none)
+            rows, cols = r.repeat_interleave(MAX_SIDE)[None], r.repeat(MAX_SIDE)[None]
+            images = []
+            for h_out, w_out, maps in ((self.h_in, self.w_in, slice(0, 4)), (self.w_in, self.h_in, slice(4, 8))):
+                sr, sc, ok = dihedral_source(rows, cols, self.h_in[:, None], self.w_in[:, None], h_out[:, None],
+                                             w_out[:, None])
+                colour = grid.gather(1, (sr.clamp(0, MAX_SIDE - 1) * MAX_SIDE + sc.clamp(0, MAX_SIDE - 1)).flatten(1))
+                colour = colour.view_as(sr)
+                images.append(torch.where(ok & (colour < N_COLOURS), colour + 1, 0)[..., maps])
+            self.images = torch.cat(images, -1).transpose(1, 2).contiguous()
             self.in_output = (start >= 0) & (last_in >= 0) & (probe[idx, start.clamp(min=0)] == OUT)
 
     def step(self, token_B: torch.Tensor) -> torch.Tensor:
@@ -279,13 +289,18 @@ class GridCursor:
             nxt = next_coords(out[:, 0], out[:, 1], self.h, self.w, is_cell, is_row, is_width)
         sources = None
         if self.sources:
-            parts = []
-            for row, col, cell in ((out[:, 0], out[:, 1], is_cell), (nxt[:, 0], nxt[:, 1], nxt[:, 0] > 0)):
-                sr, sc, ok = dihedral_source(row - 1, col - 1, self.h_in, self.w_in, self.h, self.w)
-                colour = self.grid.gather(1, (sr.clamp(0, MAX_SIDE - 1) * MAX_SIDE + sc.clamp(0, MAX_SIDE - 1)))
-                good = ok & (self.in_output & cell)[:, None] & (colour < N_COLOURS)
-                parts.append(torch.where(good, colour + 1, 0))
-            sources = torch.cat(parts, -1)
+            # the own cell and the next one read off the images: valid inside the output, where the output has
+            # the shape of the symmetry's image
+            row, col = torch.stack([out[:, 0], nxt[:, 0]], 1), torch.stack([out[:, 1], nxt[:, 1]], 1)  # (B, 2)
+            here = torch.stack([is_cell, nxt[:, 0] > 0], 1) & self.in_output[:, None]
+            here &= (row >= 1) & (col >= 1) & (row <= self.h[:, None]) & (col <= self.w[:, None])
+            at = ((row - 1).clamp(0, MAX_SIDE - 1) * MAX_SIDE + (col - 1).clamp(0, MAX_SIDE - 1))
+            found = self.images.gather(2, at[:, None, :].expand(-1, len(DIHEDRAL), -1))  # (B, 8, 2)
+            fits = self.h_in > 0
+            same = fits & (self.h == self.h_in) & (self.w == self.w_in)
+            swap = fits & (self.h == self.w_in) & (self.w == self.h_in)
+            shape_ok = torch.stack([same] * 4 + [swap] * 4, 1)  # (B, 8)
+            sources = torch.where(here[:, None, :] & shape_ok[:, :, None], found, 0).transpose(1, 2).flatten(1)
             # a new input grid (never written by generation) is not the stored one: no sources after it
             self.h_in = torch.where(token_B == IN, 0, self.h_in)
             self.in_output = torch.where(start, (token_B == OUT) & (self.h_in > 0), self.in_output)

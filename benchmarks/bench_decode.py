@@ -1,5 +1,6 @@
 """Decoding speed of the `tiny` model: batched KV-cached decoding vs recomputing the whole sequence for every
-token, and ACT early exit (every sample halting after n steps) vs always N steps.
+token, ACT early exit (every sample halting after n steps) vs always N steps, and the cost of the symmetry features
+(the same model without ``model.dihedral_cells``).
 
     python benchmarks/bench_decode.py [--quick]
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -65,16 +67,21 @@ def main() -> None:
     t_cached = sorted(cached(model, prompts, L, full) for _ in range(reps))[reps // 2]
     sampled = 5 if q else 9  # a full forward's cost is smooth in the length: integrate from sampled lengths
     t_uncached = uncached(model, prompts, L, full, sampled=sampled)
+    plain = ArcTransformer(replace(cfg, dihedral_cells=False)).eval()
+    t_plain = sorted(cached(plain, prompts, L, full) for _ in range(reps))[reps // 2]
     exits = {}
-    for n in (1, N // 4, N // 2):
+    for n in sorted({1, max(1, N // 4), max(1, N // 2)}):  # tiny has N = 2: only 1 of 2
         exits[n] = sorted(cached(model, prompts, L, torch.full((B,), n)) for _ in range(reps))[reps // 2]
     tok = B * L
     fig = {"cached_tok_per_s": tok / t_cached, "uncached_tok_per_s": tok / t_uncached,
-           "cached_speedup": t_uncached / t_cached, "batch": B, "prompt": P, "new_tokens": L, "quick": q}
+           "cached_speedup": t_uncached / t_cached, "dihedral_cells_cost": t_cached / t_plain, "batch": B,
+           "prompt": P, "new_tokens": L, "quick": q}
     rows = [[f"cached, batch {B}, prompt {P}, {L} new tokens, N = {N}", f"{t_cached:.2f} s", f"{tok / t_cached:.0f}",
              "1.00"],
             [f"uncached (full recompute per token) [integrated from {sampled} lengths]",
-             f"{t_uncached:.1f} s", f"{tok / t_uncached:.0f}", f"{t_cached / t_uncached:.3f}"]]
+             f"{t_uncached:.1f} s", f"{tok / t_uncached:.0f}", f"{t_cached / t_uncached:.3f}"],
+            ["cached, without the symmetry features (model.dihedral_cells=false)", f"{t_plain:.2f} s",
+             f"{tok / t_plain:.0f}", f"{t_cached / t_plain:.2f}"]]
     for n, t in exits.items():
         fig[f"early_exit_{n}_of_{N}_speedup"] = t_cached / t
         rows.append([f"cached, every sample halting after {n} of {N} steps", f"{t:.2f} s", f"{tok / t:.0f}",

@@ -342,13 +342,13 @@ def from_dict(d: dict[str, Any]) -> Config:
     """Strictly rebuild a config from :func:`to_dict` output (unknown keys are errors; a key of
     :data:`BEFORE_KEY` that ``d`` does not mention takes its value from there)."""
     cfg = Config()
-    for key, value in BEFORE_KEY.items():
-        section, _, name = key.partition(".")
-        if isinstance(d, dict) and isinstance(d.get(section), dict) and name not in d[section]:
-            setattr(getattr(cfg, section), name, value)
     valid = fields(cfg)
     if not isinstance(d, dict):
         raise ConfigError(f"expected a JSON object of config sections, got {type(d).__name__}")
+    for key, value in BEFORE_KEY.items():
+        section, _, name = key.partition(".")
+        if isinstance(d.get(section), dict) and name not in d[section]:
+            setattr(getattr(cfg, section), name, value)
     sections = {k.partition(".")[0] for k in valid}
     for section, values in d.items():
         if section not in sections:

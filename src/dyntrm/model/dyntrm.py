@@ -218,17 +218,21 @@ class ArcTransformer(nn.Module):
         ``model.dihedral_cells`` (``coords_BTK``, ``pairs_BT``, ``sources_BTK``: given while decoding, else read
         from the tokens)."""
         x_BTD = self.embed(tokens_BT)
+        need_coords = self.cfg.grid_coords != "off" and coords_BTK is None
+        need_sources = self.dihedral_embed is not None and sources_BTK is None
+        if need_coords or need_sources:  # one pass over the stream serves both
+            found_BTK = grid_coords(tokens_BT, with_next=need_sources or self.cfg.grid_coords == "next")
+            if need_sources:
+                sources_BTK = dihedral_sources(tokens_BT, found_BTK)
+            if need_coords:
+                coords_BTK = found_BTK if self.cfg.grid_coords == "next" else found_BTK[..., :4]
         if self.dihedral_embed is not None:
-            if sources_BTK is None:
-                sources_BTK = dihedral_sources(tokens_BT)
             idx_BTK = dihedral_rows(tokens_BT, sources_BTK)
             x_BTD = x_BTD + nn.functional.embedding_bag(idx_BTK.flatten(0, 1), self.dihedral_embed.weight,
                                                         mode="sum").view_as(x_BTD)
         if self.pair_embed is not None:
             x_BTD = x_BTD + self.pair_embed(pair_ids(tokens_BT) if pairs_BT is None else pairs_BT)
         if self.cfg.grid_coords != "off":
-            if coords_BTK is None:
-                coords_BTK = grid_coords(tokens_BT, with_next=self.cfg.grid_coords == "next")
             # clamped: a token stream that is not a valid task (tests feed random ones) may count past 31
             coords_BTK = coords_BTK.clamp(max=MAX_SIDE + 1)
             if self.coord_embed_shared is not None:

@@ -178,17 +178,25 @@ def dihedral_source(r: torch.Tensor, c: torch.Tensor, h_in: torch.Tensor, w_in: 
     return sr, sc, ok
 
 
-def dihedral_sources(tokens: torch.Tensor) -> torch.Tensor:
+def _cell_at(marker: torch.Tensor, w: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """The stream position of cell ``(r, c)`` (0-based) of the ``w``-wide grid whose ``IN``/``OUT`` marker is at
+    ``marker``: after the marker and the 2 header tokens, rows of ``w`` cells and a separator."""
+    return marker + 3 + r * (w + 1) + c
+
+
+def dihedral_sources(tokens: torch.Tensor, coords: torch.Tensor | None = None) -> torch.Tensor:
     """What each token of an output grid can read off its pair's input (``model.dihedral_cells``): (..., T) ->
     (..., T, 16) int64, for each symmetry of :data:`DIHEDRAL` the colour (+ 1) of the input cell it maps onto the
     token's own cell, then onto the cell the token predicts (the next one, :func:`next_coords`); 0 where there is
     none (outside an output grid, an output of a shape the symmetry cannot give, a separator). The pair's input is
     the grid after the last ``IN``; sizes come from the size headers (``model.size_header``). With these, "the
     output is the input mirrored" is a question of which source a cell agrees with, asked of every cell of every
-    demonstration, and writing the answer is reading the chosen source. Causal: a token only reads earlier ones."""
+    demonstration, and writing the answer is reading the chosen source. Causal: a token only reads earlier ones.
+    ``coords``: the tokens' ``grid_coords(tokens, with_next=True)`` where the caller has them already."""
     T = tokens.shape[-1]
     pos = torch.arange(T, device=tokens.device).expand_as(tokens)
-    coords = grid_coords(tokens, with_next=True)
+    if coords is None:
+        coords = grid_coords(tokens, with_next=True)
     none = torch.zeros_like(pos) - 1
     last_in = torch.where(tokens == IN, pos, none).cummax(-1).values
     last_out = torch.where(tokens == OUT, pos, none).cummax(-1).values
@@ -200,7 +208,7 @@ def dihedral_sources(tokens: torch.Tensor) -> torch.Tensor:
     for row, col, cell in ((coords[..., 0], coords[..., 1], tokens < N_COLOURS),
                            (coords[..., 4], coords[..., 5], coords[..., 4] > 0)):
         sr, sc, ok = dihedral_source(row - 1, col - 1, h_in, w_in, h_out, w_out)
-        idx = last_in[..., None] + 3 + sr * (w_in[..., None] + 1) + sc
+        idx = _cell_at(last_in[..., None], w_in[..., None], sr, sc)
         colour = tokens.gather(-1, idx.clamp(0, T - 1).flatten(-2)).view(idx.shape)
         good = ok & (in_output & cell)[..., None] & (idx < pos[..., None]) & (colour < N_COLOURS)
         out.append(torch.where(good, colour + 1, 0))
@@ -248,7 +256,7 @@ class GridCursor:
             sizes = [_size_at(probe, (last_in + k).clamp(0, probe.shape[1] - 1)[:, None])[:, 0] for k in (1, 2)]
             self.h_in, self.w_in = (torch.where(last_in >= 0, n, 0) for n in sizes)
             r = torch.arange(MAX_SIDE, device=probe.device)
-            at = (last_in[:, None, None] + 3 + r[None, :, None] * (self.w_in[:, None, None] + 1) + r[None, None, :])
+            at = _cell_at(last_in[:, None, None], self.w_in[:, None, None], r[None, :, None], r[None, None, :])
             inside = (r[None, :, None] < self.h_in[:, None, None]) & (r[None, None, :] < self.w_in[:, None, None])
             inside &= at < length_B[:, None, None]
             cells = probe.gather(1, at.clamp(0, probe.shape[1] - 1).flatten(1)).view_as(at)

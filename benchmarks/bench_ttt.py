@@ -118,14 +118,18 @@ def render(rows: list[dict], args, name: str, sizes: dict[str, str]) -> str:
             "TTT s / task",
             "LOO loss first -> last",
             "halting step all / solved", "routing's share of the gain"]
+    several = len(args.copies) > 1
+    if several:
+        head[2:2] = ["copies"]
+        head.append(f"TTT speed vs {args.copies[0]} copies")
     body = []
     for r in rows:
         loss = "-" if r["loss_first"] is None else f"{r['loss_first']:.3f} -> {r['loss_last']:.3f}"
         secs = "-" if r["ttt_seconds_per_task"] is None else f"{r['ttt_seconds_per_task']:.1f}"
-        body.append([r["set"], r["mode"], f"{r['pass@2 votes']:.3f}", f"{r['pass@2 likelihood']:.3f}",
-                     f"{r['pass@2 both']:.3f}", f"{r['shape@1']:.3f}", f"{r['cells@1']:.3f}", secs, loss,
-                     f"{r['halt_all']:.2f} / {r['halt_solved']:.2f}",
-                     r.get("recovered", "")])
+        body.append([r["set"], r["mode"], *([str(r["copies"])] if several else []), f"{r['pass@2 votes']:.3f}",
+                     f"{r['pass@2 likelihood']:.3f}", f"{r['pass@2 both']:.3f}", f"{r['shape@1']:.3f}",
+                     f"{r['cells@1']:.3f}", secs, loss, f"{r['halt_all']:.2f} / {r['halt_solved']:.2f}",
+                     r.get("recovered", ""), *([r.get("speedup", "")] if several else [])])
     sets = "; ".join(f"{s}: {n}" for s, n in sizes.items())
     extras = "".join(text for on, text in (
         (args.colours, ", colours 1-9 permuted afresh in every sequence (--colours)"),
@@ -181,6 +185,9 @@ def main() -> None:
     ap.add_argument("--keep-shape", action="store_true",
                     help="the shape's tokens (size header, ROW, END) leave the TTT loss (--ttt-keep-shape; "
                          "measured: the size drifts)")
+    ap.add_argument("--copies", type=int, nargs="+", default=[1],
+                    help="copies adapted side by side (--ttt-copies); several values: each TTT setting once per "
+                         "value, with its TTT speed against the first")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/bench_ttt", help="where --quick writes its ladder and model")
     ap.add_argument("--section", default="ttt", help="BENCHMARKS.md section (one per checkpoint compared)")
@@ -200,11 +207,16 @@ def main() -> None:
     rows = []
     for set_name, items in sets.items():
         base = None
-        for which in ("none", *args.params):
+        for which, copies in [("none", args.copies[0]), *((w, c) for w in args.params for c in args.copies)]:
             ttt = None if which == "none" else TTT(args.steps, lrs[which], which, args.batch, args.seed, cfg.train,
                                                          mode=args.mode, colours=args.colours,
-                                                         shape_loss=not args.keep_shape, sizes=args.sizes)
-            row = {"set": set_name, "mode": which, **run_mode(model, items, ttt, args, cfg.data.max_len, cap)}
+                                                         shape_loss=not args.keep_shape, sizes=args.sizes,
+                                                         copies=copies)
+            row = {"set": set_name, "mode": which, "copies": copies,
+                   **run_mode(model, items, ttt, args, cfg.data.max_len, cap)}
+            first = next((r for r in rows if r["set"] == set_name and r["mode"] == which), None)
+            if which != "none" and first is not None:  # the same setting, fewer copies at a time: the speed-up
+                row["speedup"] = f"{first['ttt_seconds_per_task'] / row['ttt_seconds_per_task']:.2f}x"
             base = row if which == "none" else base
             rows.append(row)
             sizes[set_name] = (f"{len(items)} test inputs of {len({i.task_id for i in items})} tasks, "
@@ -212,17 +224,19 @@ def main() -> None:
                                f"for max_len "
                                f"{cfg.data.max_len}, "
                                f"{row['single_demo_tasks']} with a single demonstration (no TTT)")
-            print(f"[{set_name} | {which}] pass@2 votes {row['pass@2 votes']:.3f} likelihood "
+            print(f"[{set_name} | {which} | {copies} copies] pass@2 votes {row['pass@2 votes']:.3f} likelihood "
                   f"{row['pass@2 likelihood']:.3f} both {row['pass@2 both']:.3f}; {row['seconds']:.0f} s", flush=True)
         full = next((r for r in rows if r["set"] == set_name and r["mode"] == "all"), None)
-        routing = next((r for r in rows if r["set"] == set_name and r["mode"] == "routing"), None)
+        routing = next((r for r in rows if r["set"] == set_name and r["mode"] == "routing"
+                        and r["copies"] == args.copies[0]), None)
         if full is not None and routing is not None:
             gain = full["pass@2 votes"] - base["pass@2 votes"]
             routing["recovered"] = (f"{(routing['pass@2 votes'] - base['pass@2 votes']) / gain:.0%}" if gain > 0
                                     else "no full-TTT gain to recover")
     text = render(rows, args, str(ckpt), sizes)
-    figures = {f"{r['set']} | {r['mode']}": {k: r[k] for k in ("pass@2 votes", "pass@2 likelihood", "pass@2 both",
-                                                                 "ttt_seconds_per_task", "halt_all", "halt_solved")}
+    keys = ("pass@2 votes", "pass@2 likelihood", "pass@2 both", "ttt_seconds_per_task", "halt_all", "halt_solved")
+    figures = {f"{r['set']} | {r['mode']}" + (f" | {r['copies']} copies" if r["copies"] != args.copies[0] else ""):
+               {k: r[k] for k in keys}
                for r in rows}
     finish(args.section, text, figures, write=not args.no_write,
            note="The machine's cores may be shared: seconds are indicative." if args.quick else "")

@@ -530,3 +530,60 @@ def test_dense_variant_has_the_same_active_ffn_width():
     one_expert = dyn.ffn_expert_library.w1[0].numel() + dyn.ffn_expert_library.w2[0].numel()
     assert sum(p.numel() for p in dense.block.ffn.parameters()) == cfg.ffn_active * one_expert
     assert dense.attn_expert_library is None and dense.ffn_expert_library is None
+
+
+@given(T=st.integers(1, 6), extra=st.integers(0, 3), causal=st.booleans(), masked=st.booleans(),
+       seed=st.integers(0, 2 ** 16))
+@settings(max_examples=25, deadline=None)
+def test_math_attention_is_sdpa(T, extra, causal, masked, seed):
+    """The matmul attention used under torch.func.vmap computes what SDPA does, with a causal mask (SDPA's: query i
+    sees keys 0..i, also where there are more keys than queries), an explicit mask, or both, in float64."""
+    from dyntrm.model.attention import math_attention
+
+    g = torch.Generator().manual_seed(seed)
+    S = T + extra
+    q, k, v = (torch.randn(2, 3, n, 4, generator=g, dtype=torch.float64) for n in (T, S, S))
+    mask = torch.rand(2, 1, T, S, generator=g) < 0.7 if masked else None
+    if mask is not None:
+        mask[..., 0] = True  # no empty row (SDPA and softmax would both give NaN there)
+    attn = AttnMask(causal, mask)
+    if causal and mask is not None:  # SDPA takes one or the other: the reference gets the conjunction
+        ref_mask = mask & torch.ones(T, S, dtype=torch.bool).tril()
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=ref_mask)
+    else:
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    torch.testing.assert_close(math_attention(q, k, v, attn), want, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("variant", ["dyn", "dynmoe"])
+def test_vmapped_forward_over_stacked_copies_is_each_copys_forward(variant):
+    """ArcTransformer.forward(vmapped=True) under torch.func.vmap over K different copies of the weights, each
+    with its own right-padded batch, gives what each copy's plain forward gives on its batch."""
+    from torch.func import functional_call, stack_module_state, vmap
+
+    cfg = preset("debug").model
+    copies = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        copies.append(ArcTransformer(replace(cfg, variant=variant)).train())
+    stacked, buffers = stack_module_state(copies)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 10, (3, 2, 24), generator=g)
+    mask = torch.ones(3, 2, 24, dtype=torch.bool)
+    mask[0, 1, 17:] = mask[2, 0, 9:] = False  # right padding, a different amount per copy
+    end = torch.tensor([[23, 16], [23, 23], [8, 23]])
+    fields = ("logits", "q_halt", "q_continue", "moe_l1", "moe_active")
+
+    def run(p, b, t, m, e):
+        out = functional_call(copies[0], {**p, **b}, (t, m, e), {"vmapped": True})
+        return tuple(getattr(out, f) for f in fields)
+
+    got = vmap(run)(stacked, buffers, tokens, mask, end)
+    for c, model in enumerate(copies):
+        want = model(tokens[c], mask[c], end[c])
+        real = mask[c]
+        for f, x in zip(fields, got):
+            w, x = getattr(want, f), x[c]
+            if f == "logits":  # padding positions' outputs are unused and may differ
+                w, x = w[:, real], x[:, real]
+            torch.testing.assert_close(x, w, atol=1e-5, rtol=1e-4, msg=f"copy {c}, {f}")

@@ -15,6 +15,7 @@ from torch import nn
 import dyntrm.evaluate as E
 import dyntrm.ttt as T
 from dyntrm.cli import main
+from dyntrm.config import ConfigError
 from dyntrm.data.arc import MAX_SIDE, Pair, Task
 from dyntrm.data.augment import Augmentation, dihedral, views
 from dyntrm.data.dataset import EvalItem, eval_items, split_items
@@ -24,7 +25,7 @@ from dyntrm.model import ArcTransformer
 from dyntrm.model.generate import Generation
 from dyntrm.rescore import candidate_likelihoods
 from dyntrm.ttt import TTT, loo_batch, task_loss, trainable
-from helpers import TASKS, debug_cfg, params
+from helpers import TASKS, assert_close_by_norm, debug_cfg, params
 from conftest import grids
 
 G = lambda *rows: np.array(rows, dtype=np.uint8)  # noqa: E731
@@ -122,6 +123,55 @@ def test_a_tasks_test_inputs_share_views_so_view_mode_adapts_once_per_view():
     groups = list(_ttt(mode="view").per_task(model, [items[0], items[1], second], owners))
     assert [r["views"] for _, r in groups] == [3, 3]  # task 0: three copies for its six prompts
     assert [len(sel) for sel in (s for _, s in groups[0][0])] == [2, 2, 2]
+
+
+@pytest.mark.parametrize("variant,which", [("dyn", "all"), ("dynmoe", "all"), ("dyn", "routing")])
+def test_copies_side_by_side_adapt_as_each_would_alone(variant, which):
+    """--ttt-copies: K copies adapted at once under torch.func.vmap (DynMoE's sparse dispatch through its own vmap
+    rule, attention as matmuls, the sequences of tasks of different sizes padded to one length) end where each
+    ends adapted alone: the same leave-one-out sequences, loss, per-copy clipping and AdamW slice."""
+    torch.manual_seed(0)
+    model = ArcTransformer(debug_cfg(f"model.variant={variant}").model).eval()
+    with torch.no_grad():
+        model.block.halt.weight.normal_(std=0.1)
+    items = split_items(debug_cfg())
+    a, b = items[0], next(it for it in items if it.demos[0].input.shape != items[0].demos[0].input.shape)
+    flip = Augmentation(dihedral=1)
+    jobs = [T.Job(a.task_id, tuple(a.demos), geometry=False), T.Job(b.task_id, tuple(b.demos)),
+            T.Job(a.task_id, tuple(flip.pair(d) for d in a.demos), geometry=False)]
+    ttt = _ttt(steps=3, lr=1e-2, params=which, batch=3)
+    together, records = ttt.adapt_copies(model, jobs)
+    before = params(model)
+    for job, m, rec in zip(jobs, together, records):
+        alone, want = ttt.adapt(model, job.task_id, job.demos, geometry=job.geometry)
+        got, ref = params(m), params(alone)
+        moved = [k for k in ref if not torch.equal(ref[k], before[k])]
+        assert moved and (which == "all" or all(k.endswith((".proto", ".gate")) for k in moved))
+        for k in ref:
+            assert_close_by_norm(got[k] - before[k], ref[k] - before[k], 1e-3, k)
+        assert rec["loss_first"] == pytest.approx(want["loss_first"], rel=1e-4)
+        assert rec["loss_last"] == pytest.approx(want["loss_last"], rel=1e-4)
+        assert rec["trained_numbers"] == want["trained_numbers"] and not m.training
+    assert all(torch.equal(before[k], v) for k, v in params(model).items())
+
+
+def test_copies_answer_as_the_one_at_a_time_copies_do():
+    """per_task with copies > 1 groups consecutive tasks' copies (views) into runs of `copies` and hands each
+    task the copies of its own views, adapted as they would be one at a time."""
+    model, items = _model(), split_items(debug_cfg())[:3]
+    vs = views(2, 0)
+    owners = [(i, v) for i in range(len(items)) for v in vs]
+    one = list(_ttt(mode="view").per_task(model, items, owners))
+    three = list(_ttt(mode="view", copies=3).per_task(model, items, owners))
+    assert [r["task"] for _, r in three] == [r["task"] for _, r in one] and all(r["views"] == 2 for _, r in three)
+    for (ans1, _), (ans3, _) in zip(one, three):
+        assert [sel for _, sel in ans1] == [sel for _, sel in ans3]
+        for (m1, _), (m3, _) in zip(ans1, ans3):
+            p1, p3 = params(m1), params(m3)
+            for k in p1:
+                assert_close_by_norm(p3[k], p1[k], 1e-4, k)
+    with pytest.raises(ConfigError, match="--ttt-copies 0"):
+        _ttt(copies=0)
 
 
 def test_a_frame_kept_batch_holds_the_demonstrations_as_given():

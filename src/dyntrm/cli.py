@@ -167,6 +167,9 @@ def add_ttt_options(p: argparse.ArgumentParser, steps: int = DEFAULT_TTT_STEPS) 
     p.add_argument("--ttt-params", choices=PARAM_SETS, default="all",
                    help="what test-time training adapts: all, routing (router prototypes and gates), norms")
     p.add_argument("--ttt-batch", type=int, default=4, help="leave-one-out sequences per test-time training step")
+    p.add_argument("--ttt-copies", type=int, default=1,
+                   help="adapt this many copies (views, tasks) side by side, their weights stacked under "
+                        "torch.func.vmap: the same copies as one at a time, in fewer, larger operations (default 1)")
     p.add_argument("--ttt-mode", choices=MODES, default="view",
                    help="view (default): one adapted copy per view a task is decoded under, trained in that view's "
                         "frame, answering that view only; task: one copy per task, trained under random views")
@@ -190,7 +193,8 @@ def ttt_of(args: argparse.Namespace):
     from .ttt import TTT
 
     return TTT(args.ttt_steps, args.ttt_lr, args.ttt_params, args.ttt_batch, args.seed, mode=args.ttt_mode,
-               colours=args.ttt_colours, shape_loss=not args.ttt_keep_shape, sizes=args.ttt_sizes)
+               colours=args.ttt_colours, shape_loss=not args.ttt_keep_shape, sizes=args.ttt_sizes,
+               copies=args.ttt_copies)
 
 
 def ttt_line(m: dict) -> str:

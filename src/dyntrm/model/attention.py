@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .context import ATTN_CHANNELS, Routed, StepContext
+from .context import ATTN_CHANNELS, AttnMask, Routed, StepContext
 from .experts import ExpertLibrary
 from .layers import RMSNorm, apply_rope
 from .moe import MoEStats, initial_gate
@@ -45,9 +45,27 @@ def attend(q_BTHd: torch.Tensor, k_BTHd: torch.Tensor, v_BTHd: torch.Tensor, ctx
             o_BHTd = F.scaled_dot_product_attention(q_BTHd.transpose(1, 2), k_BHLd.to(q_BTHd.dtype),
                                                     v_BHLd.to(q_BTHd.dtype), attn_mask=ctx.attn.mask)
             return o_BHTd.transpose(1, 2)
-    o_BHTd = F.scaled_dot_product_attention(q_BTHd.transpose(1, 2), k_BTHd.transpose(1, 2), v_BTHd.transpose(1, 2),
-                                            attn_mask=ctx.attn.mask, is_causal=ctx.attn.is_causal)
+    q_BHTd, k_BHTd, v_BHTd = q_BTHd.transpose(1, 2), k_BTHd.transpose(1, 2), v_BTHd.transpose(1, 2)
+    if ctx.vmapped:  # SDPA has no batching rule (vmap would loop over the copies): the same attention as matmuls
+        return math_attention(q_BHTd, k_BHTd, v_BHTd, ctx.attn).transpose(1, 2)
+    o_BHTd = F.scaled_dot_product_attention(q_BHTd, k_BHTd, v_BHTd, attn_mask=ctx.attn.mask,
+                                            is_causal=ctx.attn.is_causal)
     return o_BHTd.transpose(1, 2)
+
+
+def math_attention(q_BHTd: torch.Tensor, k_BHSd: torch.Tensor, v_BHSd: torch.Tensor, attn: AttnMask) -> torch.Tensor:
+    """``softmax(q kᵀ / √d + mask) v`` as matmuls, the softmax in at least fp32: what SDPA computes, for
+    ``torch.func.vmap``. A causal mask is SDPA's: query i sees keys 0..i."""
+    T, S = q_BHTd.shape[-2], k_BHSd.shape[-2]
+    scores = q_BHTd @ k_BHSd.transpose(-1, -2)
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) / math.sqrt(q_BHTd.shape[-1])
+    allowed = attn.mask
+    if attn.is_causal:
+        causal = torch.ones(T, S, dtype=torch.bool, device=q_BHTd.device).tril()
+        allowed = causal if allowed is None else allowed & causal
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    return scores.softmax(-1).to(v_BHSd.dtype) @ v_BHSd
 
 
 class QKNorm(nn.Module):
@@ -116,10 +134,10 @@ class DynSIHA(nn.Module):
         w_NCE = F.relu(r_NCE)
         valid_N = None if ctx.valid is None else ctx.valid_flat.repeat_interleave(H)
         # Q, K, V = Σ_e w_c[e] · Expert_e(h), each expert run once per row (static shapes: the dense form)
-        if self.sparse and not ctx.static:
+        if self.sparse and not (ctx.static or ctx.vmapped):
             qkv_NCd = lib.compose_sparse(h_ND, w_NCE, valid_N)  # padding rows get 0: no query reads them
-        else:
-            qkv_NCd = lib.compose(h_ND, w_NCE)
+        else:  # under vmap the path of plain differentiable operations (the others are autograd Functions)
+            qkv_NCd = lib.compose(h_ND, w_NCE, path="experts" if ctx.vmapped else None)
         if ctx.tapped:  # one record for q, k and v: they share the rows and the library
             ctx.tap(Routed(ctx.step, ATTN_CHANNELS, h_ND, r_NCE, w_NCE, qkv_NCd, valid_N, lib, self))
         qkv_BTHCd = qkv_NCd.view(B, T, H, 3, d)

@@ -87,6 +87,9 @@ class StepContext:
     decode_pos: torch.Tensor | None = None  # (B,) position of the single new token, when decoding
     observer: Tap | None = None  # receives every Routed record of the step
     static: bool = False  # shapes fixed by the caller (CUDA-graph capture): no data-dependent shapes, no host sync
+    # under torch.func.vmap over stacked copies of the weights (ttt.py, several copies adapted at once): no Python
+    # decision on tensor values; DynMoE dispatches through CopiesDispatch's vmap rule, attention runs as matmuls
+    vmapped: bool = False
 
     @property
     def valid_flat(self) -> torch.Tensor | None:

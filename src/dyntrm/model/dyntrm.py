@@ -46,12 +46,15 @@ def should_halt(q_halt: torch.Tensor, q_continue: torch.Tensor, step: int | torc
     return (torch.sigmoid(q_halt - q_continue) > cfg.halt_threshold) | (step + 1 >= cfg.max_steps)
 
 
-def padding_mask(attention_mask: torch.Tensor | None) -> tuple[AttnMask, torch.Tensor | None]:
+def padding_mask(attention_mask: torch.Tensor | None, right: bool = False) -> tuple[AttnMask, torch.Tensor | None]:
     """The attention mask and the (B, T) real tokens (None without padding). Right-padded batches need only the
-    causal mask; anything else gets an explicit one."""
+    causal mask; anything else gets an explicit one. ``right``: the caller vouches for right padding (under
+    ``torch.func.vmap``, which cannot look at the mask's values)."""
     if attention_mask is None:
         return AttnMask(True), None
     valid_BT = attention_mask.bool()
+    if right:
+        return AttnMask(True), valid_BT
     if bool(valid_BT.all()):
         return AttnMask(True), None
     if bool((valid_BT[:, 1:] <= valid_BT[:, :-1]).all()):  # every row a prefix: right padding
@@ -196,11 +199,11 @@ class ArcTransformer(nn.Module):
         return should_halt(q_halt, q_continue, step, self.cfg)
 
     def context(self, tokens_BT: torch.Tensor, attention_mask: torch.Tensor | None, prompt_end: torch.Tensor | None,
-                tap: Tap | None) -> tuple[StepContext, torch.Tensor, torch.Tensor]:
+                tap: Tap | None, vmapped: bool = False) -> tuple[StepContext, torch.Tensor, torch.Tensor]:
         """What every step of a forward pass shares: the step context (mask, padding, RoPE tables, tap), the
         position the halt head reads (B,) (default: the last real token) and the number of real tokens."""
         B, T = tokens_BT.shape
-        attn, valid_BT = padding_mask(attention_mask)
+        attn, valid_BT = padding_mask(attention_mask, right=vmapped)
         if prompt_end is None:  # the last real position of every row (right or left padding)
             prompt_end = (T - 1 - attention_mask.flip(1).long().argmax(1) if attention_mask is not None
                           else torch.full((B,), T - 1, device=tokens_BT.device))
@@ -209,14 +212,16 @@ class ArcTransformer(nn.Module):
         else:  # e.g. left padding: number real tokens from 0 in every row, so outputs match the unpadded ones
             cos, sin = self.rope.at((valid_BT.long().cumsum(1) - 1).clamp(min=0))
         n_real = (valid_BT.sum() if valid_BT is not None else torch.tensor(B * T, device=tokens_BT.device)).clamp(min=1)
-        return StepContext(0, cos, sin, attn, valid_BT, observer=tap), prompt_end, n_real
+        return StepContext(0, cos, sin, attn, valid_BT, observer=tap, vmapped=vmapped), prompt_end, n_real
 
     def embed_tokens(self, tokens_BT: torch.Tensor, coords_BTK: torch.Tensor | None = None,
-                     pairs_BT: torch.Tensor | None = None, sources_BTK: torch.Tensor | None = None) -> torch.Tensor:
+                     pairs_BT: torch.Tensor | None = None, sources_BTK: torch.Tensor | None = None,
+                     vmapped: bool = False) -> torch.Tensor:
         """Token embeddings (B, T, D), plus the embeddings of each cell's place in its grid under
         ``model.grid_coords``, of its pair under ``model.pair_embed`` and of its symmetric sources under
         ``model.dihedral_cells`` (``coords_BTK``, ``pairs_BT``, ``sources_BTK``: given while decoding, else read
-        from the tokens)."""
+        from the tokens). ``vmapped``: the symmetric sources' rows are gathered and summed (``embedding_bag`` has
+        no batching rule for ``torch.func.vmap``)."""
         x_BTD = self.embed(tokens_BT)
         need_coords = self.cfg.grid_coords != "off" and coords_BTK is None
         need_sources = self.dihedral_embed is not None and sources_BTK is None
@@ -228,8 +233,11 @@ class ArcTransformer(nn.Module):
                 coords_BTK = found_BTK if self.cfg.grid_coords == "next" else found_BTK[..., :4]
         if self.dihedral_embed is not None:
             idx_BTK = dihedral_rows(tokens_BT, sources_BTK)
-            x_BTD = x_BTD + nn.functional.embedding_bag(idx_BTK.flatten(0, 1), self.dihedral_embed.weight,
-                                                        mode="sum").view_as(x_BTD)
+            if vmapped:
+                x_BTD = x_BTD + self.dihedral_embed(idx_BTK).sum(-2)
+            else:
+                x_BTD = x_BTD + nn.functional.embedding_bag(idx_BTK.flatten(0, 1), self.dihedral_embed.weight,
+                                                            mode="sum").view_as(x_BTD)
         if self.pair_embed is not None:
             x_BTD = x_BTD + self.pair_embed(pair_ids(tokens_BT) if pairs_BT is None else pairs_BT)
         if self.cfg.grid_coords != "off":
@@ -256,7 +264,8 @@ class ArcTransformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 prompt_end: torch.Tensor | None = None, *, halt: bool = False, tap: Tap | None = None,
-                steps: torch.Tensor | None = None, detach_steps: int = 0, checkpoint: bool = False) -> ModelOutput:
+                steps: torch.Tensor | None = None, detach_steps: int = 0, checkpoint: bool = False,
+                vmapped: bool = False) -> ModelOutput:
         """The recursion over (B, T) ``tokens``; ``attention_mask`` (B, T) marks real tokens, the halt head reads
         ``prompt_end`` (B,) (default: the last real token), ``tap`` sees every routed module's ``Routed`` record.
 
@@ -265,13 +274,16 @@ class ArcTransformer(nn.Module):
         ``detach_steps`` steps run without gradient, loss or tap (``train.grad_steps``: TRM's truncation).
         ``checkpoint`` (``train.checkpoint_steps``): each trained step keeps only its inputs for the backward and
         runs again there (activation checkpointing); same values and gradients, the tap sees each step once.
+        ``vmapped``: the call runs under ``torch.func.vmap`` over stacked copies of the weights (``ttt.py``'s
+        :meth:`~dyntrm.ttt.TTT.adapt_copies`), with right-padded (or unpadded) rows: the same values, computed without
+        the operations vmap cannot batch (``StepContext.vmapped``).
         """
         if halt:
             return generate.recur_until_halted(self, tokens, attention_mask, prompt_end, tap=tap, steps_B=steps)[0]
-        ctx, prompt_end_B, n_real = self.context(tokens, attention_mask, prompt_end, tap)
+        ctx, prompt_end_B, n_real = self.context(tokens, attention_mask, prompt_end, tap, vmapped)
         B, N = tokens.shape[0], self.cfg.max_steps
         batch_B = torch.arange(B, device=tokens.device)
-        x0_BTD = self.embed_tokens(tokens)
+        x0_BTD = self.embed_tokens(tokens, vmapped=vmapped)
         x_BTD = x0_BTD
         logits, q_halt, q_continue = [], [], []
         zero = tokens.new_zeros((), dtype=torch.float32)

@@ -60,6 +60,35 @@ def group_by_expert(active_NE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return e_M, n_M, torch.bincount(e_M, minlength=active_NE.shape[1])
 
 
+def _grouped_mm_ok(dt: torch.dtype, cuda: bool, *widths: int) -> bool:
+    if not hasattr(torch, "_grouped_mm") or dt != (torch.bfloat16 if cuda else torch.float32):
+        return False
+    if not cuda and torch.compiler.is_compiling():  # the CPU kernel has no fake-tensor rule: dynamo cannot trace it
+        return False
+    # the kernel wants every row stride to be a multiple of 16 bytes
+    per16 = 128 // torch.finfo(dt).bits  # elements per 16 bytes
+    return all(n % per16 == 0 for n in widths)
+
+
+def grouped_mlp(x_MD: torch.Tensor, w1_EDF: torch.Tensor, w2_EFD: torch.Tensor, counts_E: torch.Tensor
+                ) -> torch.Tensor:
+    """Rows sorted by expert, ``counts_E[e]`` rows for expert e, each through ``silu(x @ w1[e]) @ w2[e]`` -> outputs
+    in the same order.
+
+    Two grouped GEMMs (``torch._grouped_mm``: CUDA bf16, and CPU fp32 where it measured faster than a loop) with no
+    host sync on CUDA; otherwise (float64, older torch) a loop over the experts that received rows. Either way an
+    expert with no rows costs nothing.
+    """
+    dt = compute_dtype(x_MD)
+    if _grouped_mm_ok(dt, x_MD.is_cuda, *w1_EDF.shape[1:], w2_EFD.shape[2]):
+        offs = torch.cumsum(counts_E, 0).to(torch.int32)
+        hid = F.silu(torch._grouped_mm(x_MD.to(dt), w1_EDF.to(dt), offs=offs))
+        return torch._grouped_mm(hid, w2_EFD.to(dt), offs=offs)
+    counts = counts_E.tolist()
+    outs = [F.silu(part @ w1_EDF[e]) @ w2_EFD[e] for e, part in enumerate(torch.split(x_MD, counts)) if counts[e]]
+    return torch.cat(outs) if outs else x_MD.new_zeros(0, w2_EFD.shape[2])
+
+
 class ExpertMLP(nn.Module):
     """One expert as plain modules: the reference semantics of a library entry."""
 
@@ -151,31 +180,10 @@ class ExpertLibrary(nn.Module):
         w_MC = w_NCE[n_M, :, e_M].to(out_Md.dtype)
         return out_Md.new_zeros(N, C, self.d_out).index_add_(0, n_M, w_MC[:, :, None] * out_Md[:, None, :])
 
-    def _grouped_mm_ok(self, dt: torch.dtype, cuda: bool) -> bool:
-        if not hasattr(torch, "_grouped_mm") or dt != (torch.bfloat16 if cuda else torch.float32):
-            return False
-        if not cuda and torch.compiler.is_compiling():  # the CPU kernel has no fake-tensor rule: dynamo cannot trace it
-            return False
-        # the kernel wants every row stride to be a multiple of 16 bytes
-        per16 = 128 // torch.finfo(dt).bits  # elements per 16 bytes
-        return all(n % per16 == 0 for n in (self.d_in, self.hidden, self.d_out))
-
     def grouped(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """Rows sorted by expert, ``counts_E[e]`` rows for expert e -> outputs in the same order.
-
-        Two grouped GEMMs (``torch._grouped_mm``: CUDA bf16, and CPU fp32 where it measured faster than a loop)
-        with no host sync on CUDA; otherwise (float64, older torch) a loop over the experts that received
-        rows. Either way an expert with no rows costs nothing.
-        """
-        dt = compute_dtype(x_MD)
-        if self._grouped_mm_ok(dt, x_MD.is_cuda):
-            offs = torch.cumsum(counts_E, 0).to(torch.int32)
-            hid = F.silu(torch._grouped_mm(x_MD.to(dt), self.w1.to(dt), offs=offs))
-            return torch._grouped_mm(hid, self.w2.to(dt), offs=offs)
-        counts = counts_E.tolist()
-        outs = [F.silu(part @ self.w1[e]) @ self.w2[e]
-                for e, part in enumerate(torch.split(x_MD, counts)) if counts[e]]
-        return torch.cat(outs) if outs else x_MD.new_zeros(0, self.d_out)
+        """Rows sorted by expert, ``counts_E[e]`` rows for expert e -> outputs in the same order
+        (:func:`grouped_mlp` over this library's weights)."""
+        return grouped_mlp(x_MD, self.w1, self.w2, counts_E)
 
 
 class ExpertsCompose(torch.autograd.Function):

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..config import Config
 from .context import FFN_CHANNELS, Routed, StepContext
-from .experts import ExpertLibrary, ExpertMLP, group_by_expert
+from .experts import ExpertLibrary, ExpertMLP, group_by_expert, grouped_mlp
 
 
 @dataclass
@@ -73,17 +73,74 @@ class DynMoE(nn.Module):
             w_NE = w_NE * ctx.valid.reshape(B * T, 1)
         if ctx.static:  # fixed shapes (CUDA-graph capture): every expert, the inactive ones weighing exactly 0
             y_N1D = lib.compose(h_ND, w_NE[:, None]).to(h_ND.dtype)
+        elif ctx.vmapped:  # copies of the weights side by side (TTT): the pairs of every copy in one dispatch
+            y_N1D = CopiesDispatch.apply(h_ND, w_NE, lib.w1, lib.w2)[:, None]
         else:
-            e_M, n_M, counts_E = group_by_expert(w_NE > 0)
-            out_MD = lib.grouped(h_ND[n_M], counts_E)
-            out_MD = out_MD * w_NE[n_M, e_M].unsqueeze(1).to(out_MD.dtype)
             # viewed as (N, C=1, D) before use, so that the tap's ``out`` is the tensor on the loss path
-            y_N1D = torch.zeros_like(h_ND).index_add_(0, n_M, out_MD.to(h_ND.dtype)).view(B * T, 1, D)
+            y_N1D = dispatch(h_ND, w_NE, lib.w1, lib.w2).view(B * T, 1, D)
         if ctx.tapped:
             ctx.tap(Routed(ctx.step, FFN_CHANNELS, h_ND, r_N1E, w_NE[:, None], y_N1D, ctx.valid_flat, lib, self))
         stats = MoEStats(w_NE.sum(), (w_NE > 0).sum().detach().to(w_NE.dtype))
         y_BTD = y_N1D.view(B, T, D)
         return (y_BTD if self.shared is None else y_BTD + self.shared(h_BTD)), stats
+
+
+def dispatch(h_ND: torch.Tensor, w_NE: torch.Tensor, w1_EDF: torch.Tensor, w2_EFD: torch.Tensor,
+             pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """``y[n] = Σ_{e: w[n, e] > 0} w[n, e] · (silu(h[n] @ w1[e]) @ w2[e])``, computing the active pairs only.
+    ``pairs``: their (experts, rows, rows per expert) sorted by expert, when the caller has them
+    (:func:`group_by_expert`'s layout)."""
+    if pairs is None:
+        e_M, n_M, counts_E = group_by_expert(w_NE > 0)
+        col_M = e_M
+    else:  # the experts may be numbered past w's columns (CopiesDispatch: copy k's expert e is k·E + e)
+        e_M, n_M, counts_E = pairs
+        col_M = e_M % w_NE.shape[1]
+    out_MD = grouped_mlp(h_ND[n_M], w1_EDF, w2_EFD, counts_E)
+    out_MD = out_MD * w_NE[n_M, col_M].unsqueeze(1).to(out_MD.dtype)
+    return torch.zeros_like(h_ND).index_add_(0, n_M, out_MD.to(h_ND.dtype))
+
+
+class CopiesDispatch(torch.autograd.Function):
+    """DynMoE's sparse dispatch under ``torch.func.vmap`` over K copies of the model (test-time training of several
+    copies at once, ``StepContext.vmapped``): which pairs are active depends on the data, which vmap cannot batch,
+    so this function's vmap rule does the batching itself. Copy k's expert e becomes expert ``k·E + e`` of one
+    library of K·E experts (or, when the experts are shared by the copies, stays expert e), copy k's row n becomes
+    row ``k·N + n``, and one :func:`dispatch` serves every copy. The rule is written with differentiable operations
+    on the copies' stacked tensors, so autograd records the backward there; the function is never differentiated
+    by itself (called outside vmap it is a plain :func:`dispatch` without a gradient)."""
+
+    @staticmethod
+    def forward(h_ND, w_NE, w1_EDF, w2_EFD):
+        return dispatch(h_ND, w_NE, w1_EDF, w2_EFD)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("CopiesDispatch is differentiated only under torch.func.vmap (StepContext.vmapped)")
+
+    @staticmethod
+    def vmap(info, in_dims, h_ND, w_NE, w1_EDF, w2_EFD):
+        K = info.batch_size
+
+        def copies(t: torch.Tensor, dim: int | None) -> torch.Tensor:
+            return t.movedim(dim, 0) if dim is not None else t.expand(K, *t.shape)
+
+        h_KND, w_KNE = copies(h_ND, in_dims[0]), copies(w_NE, in_dims[1])
+        _, N, E = w_KNE.shape
+        h_MD, w_ME = h_KND.reshape(K * N, -1), w_KNE.reshape(K * N, E)  # the copies' rows side by side
+        if in_dims[2] is None and in_dims[3] is None:  # one library for all copies
+            y = dispatch(h_MD, w_ME, w1_EDF, w2_EFD)
+        else:  # copy k's rows see only its own experts, numbered k·E + e: pairs sorted by (copy, expert, row)
+            k_P, e_P, n_P = torch.nonzero(w_KNE.transpose(1, 2) > 0, as_tuple=True)
+            ke_P = k_P * E + e_P
+            pairs = (ke_P, k_P * N + n_P, torch.bincount(ke_P, minlength=K * E))
+            y = dispatch(h_MD, w_ME, copies(w1_EDF, in_dims[2]).flatten(0, 1), copies(w2_EFD, in_dims[3]).flatten(0, 1),
+                         pairs)
+        return y.view(K, N, -1), 0
 
 
 @dataclass(frozen=True)

@@ -187,3 +187,30 @@ def test_step_checkpointing_on_cuda_bf16_gives_the_same_step():
         weights[ckpt] = torch.cat([p.detach().flatten() for p in tr.model.parameters()])
     assert losses[True] == pytest.approx(losses[False], rel=1e-3)
     assert _rel(weights[True], weights[False]) < 1e-3
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_ttt_copies_side_by_side_on_cuda_match_one_at_a_time(bf16):
+    """--ttt-copies on CUDA (vmap over stacked weights, CopiesDispatch, SDPA under vmap), fp32 and bf16 autocast:
+    each copy ends near where it ends adapted alone on the same device."""
+    from dataclasses import replace
+
+    from dyntrm.data.dataset import split_items
+    from dyntrm.ttt import TTT, Job
+
+    cfg = debug_cfg("model.variant=dyn")
+    torch.manual_seed(0)
+    model = ArcTransformer(cfg.model).to(DEV).eval()
+    items = split_items(debug_cfg())
+    a, b = items[0], next(it for it in items if it.task_id != items[0].task_id)
+    jobs = [Job(a.task_id, tuple(a.demos)), Job(b.task_id, tuple(b.demos))]
+    ttt = TTT(steps=3, lr=1e-2, recipe=replace(cfg.train, bf16=bf16))
+    together, records = ttt.adapt_copies(model, jobs)
+    base = dict(model.named_parameters())
+    for job, m in zip(jobs, together):
+        alone, _ = ttt.adapt(model, job.task_id, job.demos)
+        ref, got = dict(alone.named_parameters()), dict(m.named_parameters())
+        for k in ref:
+            delta_ref, delta = ref[k] - base[k], got[k] - base[k]
+            if delta_ref.norm() > 0:
+                assert _rel(delta, delta_ref) < (0.05 if bf16 else 1e-3), k

@@ -155,23 +155,55 @@ def test_copies_side_by_side_adapt_as_each_would_alone(variant, which):
     assert all(torch.equal(before[k], v) for k, v in params(model).items())
 
 
-def test_copies_answer_as_the_one_at_a_time_copies_do():
-    """per_task with copies > 1 groups consecutive tasks' copies (views) into runs of `copies` and hands each
-    task the copies of its own views, adapted as they would be one at a time."""
-    model, items = _model(), split_items(debug_cfg())[:3]
-    vs = views(2, 0)
-    owners = [(i, v) for i in range(len(items)) for v in vs]
-    one = list(_ttt(mode="view").per_task(model, items, owners))
-    three = list(_ttt(mode="view", copies=3).per_task(model, items, owners))
-    assert [r["task"] for _, r in three] == [r["task"] for _, r in one] and all(r["views"] == 2 for _, r in three)
-    for (ans1, _), (ans3, _) in zip(one, three):
-        assert [sel for _, sel in ans1] == [sel for _, sel in ans3]
-        for (m1, _), (m3, _) in zip(ans1, ans3):
-            p1, p3 = params(m1), params(m3)
+@pytest.mark.parametrize("mode,n_views,copies", [("view", 2, 5), ("view", 3, 2), ("task", 2, 3)])
+def test_copies_answer_as_the_one_at_a_time_copies_do(mode, n_views, copies):
+    """per_task with copies > 1 packs consecutive tasks' copies into runs of at most `copies` (several tasks in one
+    run, a task's views split over runs, a single-demonstration task inside a run) and hands every task the
+    copies of its own views, adapted as they would be one at a time, in the same order."""
+    model, items = _model(), split_items(debug_cfg())
+    tasks = list(dict.fromkeys(it.task_id for it in items))[:4]
+    items = [next(it for it in items if it.task_id == t) for t in tasks]
+    items[1] = replace(items[1], demos=items[1].demos[:1])  # answered by the model itself, inside a run
+    owners = [(i, v) for i in range(len(items)) for v in views(n_views, 0)]
+    one = list(_ttt(mode=mode).per_task(model, items, owners))
+    many = list(_ttt(mode=mode, copies=copies).per_task(model, items, owners))
+    assert [r["task"] for _, r in many] == [r["task"] for _, r in one] == tasks
+    assert many[1][1].get("single_demo") and many[1][0][0][0] is model
+    for (ans1, rec1), (ans_k, rec_k) in zip(one, many):
+        assert [sel for _, sel in ans1] == [sel for _, sel in ans_k] and rec_k.get("views") == rec1.get("views")
+        for (m1, _), (mk, _) in zip(ans1, ans_k):
+            p1, pk = params(m1), params(mk)
             for k in p1:
-                assert_close_by_norm(p3[k], p1[k], 1e-4, k)
+                assert_close_by_norm(pk[k], p1[k], 1e-4, k)
     with pytest.raises(ConfigError, match="--ttt-copies 0"):
         _ttt(copies=0)
+
+
+def test_a_copy_whose_loss_is_not_finite_skips_the_step_and_leaves_the_others(monkeypatch):
+    """A copy whose last step's loss is NaN ends where it would alone (that step skipped: weights and AdamW moments
+    restored), and the other copies of the run are not touched by it."""
+    model, items = _model(), split_items(debug_cfg())
+    a, b = items[0], next(it for it in items if it.task_id != items[0].task_id)
+    jobs = [T.Job(a.task_id, tuple(a.demos)), T.Job(b.task_id, tuple(b.demos))]
+    ttt, calls = _ttt(steps=3, lr=1e-2, batch=2), {}
+    real = T.compute_loss
+
+    def nan_at_bs_last_step(out, batch, *args, **kw):
+        loss, parts = real(out, batch, *args, **kw)
+        calls[batch.ids[0]] = calls.get(batch.ids[0], 0) + 1
+        return (loss * float("nan") if batch.ids[0] == b.task_id and calls[b.task_id] == 3 else loss), parts
+
+    monkeypatch.setattr(T, "compute_loss", nan_at_bs_last_step)
+    together, records = ttt.adapt_copies(model, jobs)
+    assert [r["skipped_steps"] for r in records] == [0, 1]
+    for job, m in zip(jobs, together):
+        calls.clear()
+        alone, rec = ttt.adapt(model, job.task_id, job.demos)
+        assert rec["skipped_steps"] == (job.task_id == b.task_id)
+        got, ref = params(m), params(alone)
+        assert all(torch.isfinite(v).all() for v in got.values())
+        for k in ref:
+            assert_close_by_norm(got[k], ref[k], 1e-4, k)
 
 
 def test_a_frame_kept_batch_holds_the_demonstrations_as_given():

@@ -249,7 +249,7 @@ class TTT:
             return {k: v for k, v in vars(out).items() if isinstance(v, torch.Tensor)}
 
         rngs = [self.rng(job.task_id) for job in jobs]
-        losses, skipped = [], torch.zeros(K, dtype=torch.long)
+        losses, skipped, reached = [], torch.zeros(K, dtype=torch.long), []
         for k in range(self.steps):
             batches = [loo_batch(job.task_id, job.demos, [(k * self.batch + b) % len(job.demos)
                                                           for b in range(self.batch)], rng,
@@ -265,32 +265,36 @@ class TTT:
                                                    b, cfg, 0.0, global_counts([b], rt))[0]
                                       for c, b in enumerate(batches)])
             loss_K.sum().backward()
-            norm_K = torch.stack([p.grad.flatten(1).norm(dim=1) for p in params]).norm(dim=0)
+            reached = [p for p in params if p.grad is not None]  # as clip_grad_norm_ and AdamW: the others stay
+            norm_K = torch.stack([p.grad.flatten(1).norm(dim=1) for p in reached]).norm(dim=0)
             scale_K = (clip / (norm_K + 1e-6)).clamp(max=1.0)  # clip_grad_norm_ per copy
-            for p in params:
+            for p in reached:
                 p.grad.mul_(scale_K.view(-1, *[1] * (p.dim() - 1)).to(p.grad.dtype))
             bad_K = ~(torch.isfinite(loss_K.detach()) & torch.isfinite(norm_K)).cpu()
-            kept = self._hold(opt, params, bad_K) if bad_K.any() else None
+            kept = self._hold(opt, reached, bad_K) if bad_K.any() else None
             opt.step()
             if kept is not None:
-                self._restore(opt, params, bad_K, kept)
+                self._restore(opt, reached, bad_K, kept)
             skipped += bad_K.long()
             opt.zero_grad(set_to_none=True)
             losses.append(loss_K.detach().float().cpu())
+        numbers = sum(t[0].numel() for t in stacked.values())
+        weights = {n: t.detach() for n, t in stacked.items()}
+        del opt, params, reached, stacked  # the optimizer's moments go before K full copies are built
         seconds = (time.perf_counter() - t0) / K
         tuned, records = [], []
         for c, job in enumerate(jobs):
             m = copy.deepcopy(model)
             with torch.no_grad():
                 for n, t in m.named_parameters():
-                    if n in stacked:
-                        t.copy_(stacked[n][c])
+                    if n in weights:
+                        t.copy_(weights[n][c])
             tuned.append(m.requires_grad_(False).eval())
             records.append({"task": job.task_id, "seconds": seconds,
                             "loss_first": float(losses[0][c]) if losses else None,
                             "loss_last": float(losses[-1][c]) if losses else None,
                             "skipped_steps": int(skipped[c]),
-                            "trained_numbers": sum(t[0].numel() for t in stacked.values())})
+                            "trained_numbers": numbers})
         return tuned, records
 
     @staticmethod
@@ -298,20 +302,22 @@ class TTT:
         """The weights and AdamW moments of the copies ``bad_K``, before a step they must not take."""
         held = []
         for p in params:
-            p.grad[bad_K.to(p.device)] = 0  # no NaN into the shared step
+            bad = bad_K.to(p.device)
+            p.grad[bad] = 0  # no NaN into the shared step
             state = opt.state.get(p, {})
-            held.append((p.detach()[bad_K].clone(),
-                         {s: state[s][bad_K].clone() for s in ("exp_avg", "exp_avg_sq") if s in state}))
+            held.append((p.detach()[bad].clone(),
+                         {s: state[s][bad].clone() for s in ("exp_avg", "exp_avg_sq") if s in state}))
         return held
 
     @staticmethod
     def _restore(opt: torch.optim.Optimizer, params: list[torch.Tensor], bad_K: torch.Tensor, held: list) -> None:
         with torch.no_grad():
             for p, (w, moments) in zip(params, held):
-                p[bad_K] = w
+                bad = bad_K.to(p.device)
+                p[bad] = w
                 state = opt.state[p]
                 for s in ("exp_avg", "exp_avg_sq"):
-                    state[s][bad_K] = moments.get(s, torch.zeros_like(w))
+                    state[s][bad] = moments.get(s, torch.zeros_like(w))
 
     def per_task(self, model: nn.Module, items: Sequence[EvalItem], owners: Sequence[tuple[int, Augmentation]]
                  ) -> Iterator[tuple[list[tuple[nn.Module, list[int]]], dict]]:
@@ -387,7 +393,7 @@ class TTT:
             return float(np.mean(values)) if values else None
 
         return {"ttt_steps": self.steps, "ttt_lr": self.lr, "ttt_params": self.params, "ttt_batch": self.batch,
-                "ttt_mode": self.mode, "ttt_colours": self.colours, "ttt_shape_loss": self.shape_loss,
+                "ttt_mode": self.mode, "ttt_copies": self.copies, "ttt_colours": self.colours, "ttt_shape_loss": self.shape_loss,
                 "ttt_tasks": len(done), "ttt_single_demo_tasks": sum(1 for r in records if r.get("single_demo")),
                 "ttt_seconds": float(sum(r["seconds"] for r in done)), "ttt_seconds_per_task": mean("seconds"),
                 "ttt_trained_numbers": done[0]["trained_numbers"] if done else 0,

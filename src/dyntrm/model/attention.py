@@ -46,8 +46,10 @@ def attend(q_BTHd: torch.Tensor, k_BTHd: torch.Tensor, v_BTHd: torch.Tensor, ctx
                                                     v_BHLd.to(q_BTHd.dtype), attn_mask=ctx.attn.mask)
             return o_BHTd.transpose(1, 2)
     q_BHTd, k_BHTd, v_BHTd = q_BTHd.transpose(1, 2), k_BTHd.transpose(1, 2), v_BTHd.transpose(1, 2)
-    if ctx.vmapped:  # SDPA has no batching rule (vmap would loop over the copies): the same attention as matmuls
+    if ctx.vmapped and not q_BHTd.is_cuda:  # the CPU's SDPA has no batching rule (vmap would loop over the copies)
         return math_attention(q_BHTd, k_BHTd, v_BHTd, ctx.attn).transpose(1, 2)
+    # on CUDA, SDPA even under vmap: where a kernel lacks a batching rule vmap loops over the copies, which is right
+    # and keeps the fused kernels' memory (math_attention holds every (T, T) score matrix for the backward)
     o_BHTd = F.scaled_dot_product_attention(q_BHTd, k_BHTd, v_BHTd, attn_mask=ctx.attn.mask,
                                             is_causal=ctx.attn.is_causal)
     return o_BHTd.transpose(1, 2)
@@ -136,7 +138,8 @@ class DynSIHA(nn.Module):
         # Q, K, V = Σ_e w_c[e] · Expert_e(h), each expert run once per row (static shapes: the dense form)
         if self.sparse and not (ctx.static or ctx.vmapped):
             qkv_NCd = lib.compose_sparse(h_ND, w_NCE, valid_N)  # padding rows get 0: no query reads them
-        else:  # under vmap the path of plain differentiable operations (the others are autograd Functions)
+        else:  # under vmap the path of plain differentiable operations (the others are autograd Functions); a sparse
+            #    composition then computes every expert (the same values, E / attn_active times the arithmetic)
             qkv_NCd = lib.compose(h_ND, w_NCE, path="experts" if ctx.vmapped else None)
         if ctx.tapped:  # one record for q, k and v: they share the rows and the library
             ctx.tap(Routed(ctx.step, ATTN_CHANNELS, h_ND, r_NCE, w_NCE, qkv_NCd, valid_N, lib, self))

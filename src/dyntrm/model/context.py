@@ -88,7 +88,8 @@ class StepContext:
     observer: Tap | None = None  # receives every Routed record of the step
     static: bool = False  # shapes fixed by the caller (CUDA-graph capture): no data-dependent shapes, no host sync
     # under torch.func.vmap over stacked copies of the weights (ttt.py, several copies adapted at once): no Python
-    # decision on tensor values; DynMoE dispatches through CopiesDispatch's vmap rule, attention runs as matmuls
+    # decision on tensor values; DynMoE dispatches through CopiesDispatch's vmap rule, attention runs as matmuls on
+    # the CPU (math_attention), a sparse attention composition as the dense one
     vmapped: bool = False
 
     @property

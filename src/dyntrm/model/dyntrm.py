@@ -275,8 +275,9 @@ class ArcTransformer(nn.Module):
         ``checkpoint`` (``train.checkpoint_steps``): each trained step keeps only its inputs for the backward and
         runs again there (activation checkpointing); same values and gradients, the tap sees each step once.
         ``vmapped``: the call runs under ``torch.func.vmap`` over stacked copies of the weights (``ttt.py``'s
-        :meth:`~dyntrm.ttt.TTT.adapt_copies`), with right-padded (or unpadded) rows: the same values, computed without
-        the operations vmap cannot batch (``StepContext.vmapped``).
+        :meth:`~dyntrm.ttt.TTT.adapt_copies`), with right-padded (or unpadded) rows, which the caller vouches for
+        (vmap cannot check; left padding would be read as right padding): the same values, computed without the
+        operations vmap cannot batch (``StepContext.vmapped``).
         """
         if halt:
             return generate.recur_until_halted(self, tokens, attention_mask, prompt_end, tap=tap, steps_B=steps)[0]

@@ -96,11 +96,12 @@ def loo_batch(task_id: str, demos: Sequence[Pair], queries: Sequence[int], rng: 
 def task_loss(model: nn.Module, batch: Batch, cfg: Config) -> torch.Tensor:
     """The training loss of one batch as the only batch of a one-process step (no L1 term: see :class:`TTT`)."""
     device = next(model.parameters()).device
-    batch = batch.to(device)
     rt = Runtime(device)
+    counts = global_counts([batch], rt)  # from the batch where it was built: no device-to-host sync
+    batch = batch.to(device)
     with rt.autocast(cfg.train.bf16):
         out = model(batch.tokens, batch.attention_mask, batch.prompt_end, detach_steps=detach_steps(cfg))
-        loss, _ = compute_loss(out, batch, cfg, 0.0, global_counts([batch], rt))
+        loss, _ = compute_loss(out, batch, cfg, 0.0, counts)
     return loss
 
 
@@ -176,12 +177,9 @@ class TTT:
         opt = torch.optim.AdamW(groups, lr=self.lr, betas=(self.recipe.beta1, self.recipe.beta2))
         params = [p for g in groups for p in g["params"]]
         rng = self.rng(task_id)
-        n, losses, skipped = len(demos), [], 0
+        job, losses, skipped = Job(task_id, tuple(demos), geometry), [], 0
         for k in range(self.steps):
-            queries = [(k * self.batch + b) % n for b in range(self.batch)]
-            batch = loo_batch(task_id, demos, queries, rng, header=model.cfg.size_header, geometry=geometry,
-                              colours=geometry or self.colours)
-            loss = task_loss(tuned, batch, cfg)
+            loss = task_loss(tuned, self.step_batch(job, k, rng, model.cfg.size_header), cfg)
             loss.backward()
             gnorm = nn.utils.clip_grad_norm_(params, self.recipe.grad_clip or float("inf"))  # 0: no clipping
             if torch.isfinite(loss) and torch.isfinite(gnorm):
@@ -191,10 +189,20 @@ class TTT:
             opt.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
         tuned.requires_grad_(False)
-        record = {"task": task_id, "seconds": time.perf_counter() - t0, "loss_first": losses[0] if losses else None,
-                  "loss_last": losses[-1] if losses else None, "skipped_steps": skipped,
-                  "trained_numbers": sum(p.numel() for p in params)}
-        return tuned.eval(), record
+        return tuned.eval(), self._record(task_id, time.perf_counter() - t0, losses, skipped,
+                                          sum(p.numel() for p in params))
+
+    def step_batch(self, job: Job, k: int, rng: np.random.Generator, header: bool) -> Batch:
+        """Step k's leave-one-out sequences of ``job``: ``batch`` of them, every demonstration in turn the query."""
+        queries = [(k * self.batch + b) % len(job.demos) for b in range(self.batch)]
+        return loo_batch(job.task_id, job.demos, queries, rng, header=header, geometry=job.geometry,
+                         colours=job.geometry or self.colours)
+
+    @staticmethod
+    def _record(task_id: str, seconds: float, losses: Sequence[float], skipped: int, numbers: int) -> dict:
+        """What one adapted copy reports."""
+        return {"task": task_id, "seconds": seconds, "loss_first": losses[0] if losses else None,
+                "loss_last": losses[-1] if losses else None, "skipped_steps": skipped, "trained_numbers": numbers}
 
     def loss_config(self, model: nn.Module) -> Config:
         """The config of the TTT loss: the recipe's, with every demonstration output trained on (a checkpoint's
@@ -251,19 +259,16 @@ class TTT:
         rngs = [self.rng(job.task_id) for job in jobs]
         losses, skipped, reached = [], torch.zeros(K, dtype=torch.long), []
         for k in range(self.steps):
-            batches = [loo_batch(job.task_id, job.demos, [(k * self.batch + b) % len(job.demos)
-                                                          for b in range(self.batch)], rng,
-                                 header=model.cfg.size_header, geometry=job.geometry,
-                                 colours=job.geometry or self.colours)
-                       for job, rng in zip(jobs, rngs)]
+            batches = [self.step_batch(job, k, rng, model.cfg.size_header) for job, rng in zip(jobs, rngs)]
+            counts = [global_counts([b], rt) for b in batches]  # on the host batches: no device-to-host sync
             T = max(b.tokens.shape[1] for b in batches)
             batches = [pad_batch(b, T).to(device) for b in batches]
             with rt.autocast(self.recipe.bf16):
                 outs = vmap(forward)(stacked, *(torch.stack([getattr(b, f) for b in batches])
-                                                                   for f in ("tokens", "attention_mask", "prompt_end")))
+                                                for f in ("tokens", "attention_mask", "prompt_end")))
                 loss_K = torch.stack([compute_loss(ModelOutput(**{f: v[c] for f, v in outs.items()}, grad_from=ds),
-                                                   b, cfg, 0.0, global_counts([b], rt))[0]
-                                      for c, b in enumerate(batches)])
+                                                   b, cfg, 0.0, n)[0]
+                                      for c, (b, n) in enumerate(zip(batches, counts))])
             loss_K.sum().backward()
             reached = [p for p in params if p.grad is not None]  # as clip_grad_norm_ and AdamW: the others stay
             norm_K = torch.stack([p.grad.flatten(1).norm(dim=1) for p in reached]).norm(dim=0)
@@ -290,11 +295,8 @@ class TTT:
                     if n in weights:
                         t.copy_(weights[n][c])
             tuned.append(m.requires_grad_(False).eval())
-            records.append({"task": job.task_id, "seconds": seconds,
-                            "loss_first": float(losses[0][c]) if losses else None,
-                            "loss_last": float(losses[-1][c]) if losses else None,
-                            "skipped_steps": int(skipped[c]),
-                            "trained_numbers": numbers})
+            records.append(self._record(job.task_id, seconds, [float(x[c]) for x in losses], int(skipped[c]),
+                                        numbers))
         return tuned, records
 
     @staticmethod
@@ -377,7 +379,7 @@ class TTT:
 
     def _task_record(self, records: Sequence[dict]) -> dict:
         """One task's record from its copies' (view mode: one per view)."""
-        if len(records) == 1 and self.mode == "task":
+        if self.mode == "task":  # one copy
             return records[0]
         return {**records[0], "seconds": sum(r["seconds"] for r in records),
                 "loss_first": float(np.mean([r["loss_first"] for r in records])) if self.steps else None,

@@ -17,7 +17,7 @@ from dyntrm.data.tokens import END, N_TOKENS, OUT, PAD, ROW, SIZE0, decode_answe
 from dyntrm.evaluate import evaluate_items, metrics_of, submission_of
 from dyntrm.model import ArcTransformer
 from dyntrm.model.generate import DecodeState, Generation, GridConstraint, generate
-from dyntrm.scoring import attempts, copy_input_reference, score, vote
+from dyntrm.scoring import attempts, copy_input_reference, paired_gain, score, vote
 
 G = lambda *rows: np.array(rows, dtype=np.uint8)  # noqa: E731
 
@@ -66,6 +66,38 @@ def test_partial_credit_by_hand():
     assert score(stand_in, {"B": [one]})["shape@1"] == 1.0
     s = score(stand_in, {"B": [one]}, no_answer=frozenset({("B", 0)}))
     assert s["shape@1"] == 0.0 and s["cells@1"] == 0.0 and s["pass@2"] == 1.0  # ARC's metric is unchanged
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([0.0, 0.5, 1.0]), st.sampled_from([0.0, 0.5, 1.0])), min_size=1,
+                max_size=30), st.integers(0, 2 ** 16))
+def test_paired_gain_is_a_percentile_bootstrap_over_tasks(pairs, seed):
+    before, after = [a for a, _ in pairs], [b for _, b in pairs]
+    gain, lo, hi = paired_gain(before, after, resamples=300, seed=seed)
+    n = len(pairs)
+    assert gain == pytest.approx(sum(b - a for a, b in pairs) / n)
+    # the reference: a plain loop over the same draws, each draw's mean gain, the 2.5% and 97.5% quantiles
+    draws = np.random.default_rng(seed).integers(0, n, size=(300, n))
+    means = sorted(sum(after[j] - before[j] for j in row) / n for row in draws)
+    assert (lo, hi) == pytest.approx(tuple(np.quantile(means, [0.025, 0.975])))
+    assert min(b - a for a, b in pairs) - 1e-12 <= lo <= hi <= max(b - a for a, b in pairs) + 1e-12
+
+
+def test_paired_gain_by_hand_and_on_bad_input():
+    assert paired_gain([0, 1, 0], [0, 1, 0]) == (0.0, 0.0, 0.0)  # no task changed: no gain, no spread
+    assert paired_gain([0, 0], [1, 1]) == (1.0, 1.0, 1.0)  # every task gained one
+    gain, lo, hi = paired_gain([0] * 40, [1] * 4 + [0] * 36)  # 4 of 40 tasks gained: 0.1, clearly above 0
+    assert gain == pytest.approx(0.1) and 0.0 < lo < 0.1 < hi
+    gain, lo, hi = paired_gain([0] * 40, [1] + [0] * 39)  # one of 40: the interval reaches 0
+    assert lo == 0.0
+    with pytest.raises(ValueError, match="equal-length"):
+        paired_gain([0, 1], [1])
+    with pytest.raises(ValueError, match="level"):
+        paired_gain([0], [1], level=1.5)
+    with pytest.raises(ValueError, match="finite"):
+        paired_gain([0, None], [1, 1])
+    with pytest.raises(ValueError, match="resamples"):
+        paired_gain([0], [1], resamples=0)
 
 
 def test_copy_input_reference_by_hand():

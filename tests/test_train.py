@@ -572,3 +572,39 @@ def test_compiled_block_with_sars_equals_eager_and_never_traces_the_tap():
     torch.testing.assert_close(losses, eager_losses, rtol=1e-5, atol=1e-6)
     for k in eager_params:
         torch.testing.assert_close(got[k], eager_params[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_init_fine_tunes_from_a_checkpoints_ema_weights_and_refuses_another_model(tmp_path):
+    from dyntrm.checkpoint import CheckpointError
+    from dyntrm.config import ConfigError
+
+    src = tmp_path / "src"
+    train(debug_cfg("train.steps=3", "train.ema_decay=0.5", "train.l1_factor=2.0"), src, rt=CPU, live=False)
+    ck = checkpoint.load(src, state=False)
+    carried = ck["meta"]["train_state"]["l1_coef"]
+    assert carried != debug_cfg().train.l1_init  # the controller moved: carrying it over is a real choice
+    # the fine-tune's first weights, and its EMA's, are the checkpoint's EMA (what evaluation uses), not its raw
+    # weights; its controller goes on from the checkpoint's coefficient; the optimizer and the step start afresh
+    tr = Trainer(debug_cfg(f"train.init={src}", "train.ema_decay=0.5", "train.l1_factor=2.0"), CPU)
+    assert tr.state.step == 0 and not tr.optimizer.state and tr.state.l1_coef == carried
+    assert any(not torch.equal(ck["ema"][k], ck["model"][k]) for k in ck["model"])  # the two differ: a real choice
+    for k, v in tr.model.state_dict().items():
+        assert torch.equal(v, ck["ema"][k]), k
+    for k, v in tr.ema.state_dict().items():
+        assert torch.equal(v, ck["ema"][k]), k
+    # under another controller (here a fixed coefficient) the carried value would mean something else: l1_init
+    assert Trainer(debug_cfg(f"train.init={src}", "train.l1_factor=1.0"), CPU).state.l1_coef == \
+        debug_cfg().train.l1_init
+    ft = tmp_path / "ft"
+    tr2, _ = train(debug_cfg(f"train.init={src}", "train.steps=2"), ft, rt=CPU, live=False)
+    assert tr2.state.step == 2 and checkpoint.load(ft)["meta"]["step"] == 2
+    import shutil
+
+    shutil.rmtree(src)  # a resumed fine-tune continues from its own checkpoint: the init is not read again
+    tr3, _ = train(debug_cfg(f"train.init={src}", "train.steps=3"), ft, rt=CPU, live=False, resume=True)
+    assert tr3.state.step == 3
+    with pytest.raises(CheckpointError, match="no complete checkpoint|no such"):
+        Trainer(debug_cfg(f"train.init={src}"), CPU)
+    train(debug_cfg("train.steps=1"), src, rt=CPU, live=False)
+    with pytest.raises(ConfigError, match="model.d_model"):  # a model of another width: named, not a shape dump
+        Trainer(debug_cfg(f"train.init={src}", "model.d_model=64"), CPU)

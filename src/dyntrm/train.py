@@ -44,6 +44,9 @@ class TrainingStopped(RuntimeError):
     """The run cannot go on (too many non-finite steps); the message names the checkpoint to resume from."""
 
 
+CONTROLLER_FIELDS = ("l1_init", "l1_factor", "l1_two_sided", "l1_max")  # what an L1 coefficient's meaning depends on
+
+
 @dataclass
 class TrainState:
     """Everything besides tensors that a resumed run needs."""
@@ -96,6 +99,7 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         torch.manual_seed(cfg.train.seed)
         self.model = ArcTransformer(cfg.model).to(rt.device)
+        start = self._initial_weights() if cfg.train.init and not resume else None  # before the EMA copies them
         self.net: nn.Module = self.model
         if cfg.train.compile and rt.device.type == "cuda":
             # Compile the block in place: it is re-entered N times with the same shapes, the recursion and the
@@ -108,6 +112,9 @@ class Trainer:
                                            betas=(cfg.train.beta1, cfg.train.beta2), fused=None)
         self.ema = EMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
         self.state = TrainState(l1_coef=cfg.train.l1_init, attn_l1_coef=cfg.train.l1_init)
+        if start is not None:  # the controllers go on from where the checkpoint's left them, if they are the same
+            self.state.l1_coef = start.get("l1_coef", self.state.l1_coef)
+            self.state.attn_l1_coef = start.get("attn_l1_coef", self.state.attn_l1_coef)
         self.data = data if data is not None else self._training_set()
         self.shaper = make_shaper(cfg, self.model, rt, self.optimizer)  # shaping.kind: sars, fars or none
         self.detach_steps = detach_steps(cfg)  # train.grad_steps: the first steps run without gradient
@@ -118,6 +125,26 @@ class Trainer:
         self.attn_sparsity = SparsityController.for_config(cfg, "attn") if cfg.model.attn_sparse else None
         if resume:
             self.restore(checkpoint.load(self.run_dir, warn=lambda m: rt.print0(f"warning: {m}", file=sys.stderr)))
+
+    def _initial_weights(self) -> dict[str, Any]:
+        """``train.init``: load that checkpoint's weights (its EMA where it has one) into the model; returns its
+        training state (the L1 coefficients). The checkpoint's model config must be this run's."""
+        ckpt = checkpoint.load(self.cfg.train.init, state=False,
+                               warn=lambda m: self.rt.print0(f"warning: {m}", file=sys.stderr))
+        theirs, ours = to_dict(ckpt["config"])["model"], to_dict(self.cfg)["model"]
+        changed = [k for k in ours if theirs.get(k) != ours[k]]
+        if changed:
+            raise ConfigError(f"train.init={self.cfg.train.init}: {ckpt['dir']} is a model of another config "
+                              f"(model.{', model.'.join(changed)} differ); fine-tuning keeps the model's config")
+        name = "ema" if ckpt["ema"] is not None else "model"
+        checkpoint.check_weights(self.model.state_dict(), ckpt[name], ckpt["dir"] / f"{name}.safetensors")
+        self.model.load_state_dict(ckpt[name])
+        t, theirs_t = self.cfg.train, ckpt["config"].train
+        same_controller = all(getattr(t, k) == getattr(theirs_t, k) for k in CONTROLLER_FIELDS) and (
+            self.cfg.shaping.meta_only == ckpt["config"].shaping.meta_only)
+        # a coefficient is the state of its controller: under another one (a fixed coefficient, one-sided, another
+        # bound) it would mean something else, so the new controller starts afresh from l1_init
+        return ckpt["meta"]["train_state"] if same_controller else {}
 
     def _training_set(self) -> TrainingSet:
         d = self.cfg.data
@@ -383,6 +410,7 @@ def loop(tr: Trainer, live: bool | None, on_eval) -> dict[str, float]:
     reporter = Reporter(rt, t.steps, st.step, live)
     last: dict[str, float] = {}
     seen_epoch = -1
+    said_skipped = 0  # the skipped-sequence count last printed
     window_tokens, window_time, window_metrics = 0.0, 0.0, []
     interrupted = InterruptFlag()
 
@@ -403,9 +431,11 @@ def loop(tr: Trainer, live: bool | None, on_eval) -> dict[str, float]:
                                                 "deferred_by_curriculum": plan.deferred,
                                                 "curriculum_share": plan.share,
                                                 "dropped_batches": plan.dropped, "batches": len(plan) * rt.world})
-                    if plan.skipped:
+                    if plan.skipped and plan.skipped != said_skipped:  # said again only when it changes
                         rt.print0(f"epoch {epoch}: {plan.skipped} of {plan.total} sequences exceed "
-                                  f"data.max_len={cfg.data.max_len} and were skipped")
+                                  f"data.max_len={cfg.data.max_len} and were skipped (each epoch's count: "
+                                  f"{metrics_path})")
+                    said_skipped = plan.skipped
                 seen_epoch = max(seen_epoch, epoch)
             m = tr.step(micro)
             dt = time.perf_counter() - t0

@@ -12,6 +12,13 @@ leave-one-out loss at the first and last TTT step, the mean halting step over al
 and the share of the full-TTT gain that routing-only TTT recovers. Answers are capped to the largest side in their
 prompt where the model has no size header, as in bench_sanity.py.
 
+Every gain over no TTT comes with a 95% paired bootstrap interval over the set's tasks (one task is several points
+of pass@2 on a few dozen). ``--skip S`` measures on a slice disjoint from the default one (settings are chosen there
+and then measured on the default slice). ``--pool`` adds, beside each TTT setting, the checkpoint's own candidates
+pooled into its votes. ``--joint-minutes M`` adds the checkpoint fine-tuned for M minutes on the demonstrations of
+all the set's tasks together (`dyntrm train --init`: TRM's transductive step, taken at test time), alone and with
+each TTT setting after it; its minutes are shared out over the set's tasks in "TTT s / task".
+
 ``--quick``: without ``--checkpoint``, trains a `debug` model for a minute on a small ladder it writes, then runs
 the same table on 12 held-out ladder tasks and 4 ARC tasks with 4 TTT steps: a smoke run of a couple of minutes.
 Writes BENCHMARKS.md section "ttt" unless ``--no-write``.
@@ -20,6 +27,7 @@ Writes BENCHMARKS.md section "ttt" unless ``--no-write``.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from dataclasses import replace
@@ -37,8 +45,9 @@ from dyntrm.cli import demo_config  # noqa: E402
 from dyntrm.data.dataset import eval_items, split_items  # noqa: E402
 from dyntrm.data.synth import FAMILIES, family_of, write_ladder  # noqa: E402
 from dyntrm.evaluate import evaluate_items, metrics_of  # noqa: E402
+from dyntrm.joint import fine_tune_on_demos  # noqa: E402
 from dyntrm.runtime import pick_device  # noqa: E402
-from dyntrm.scoring import attempts, rerank  # noqa: E402
+from dyntrm.scoring import attempts, paired_gain, rerank, vote  # noqa: E402
 from dyntrm.train import train  # noqa: E402
 from dyntrm.ttt import MODES, PARAM_SETS, SIZES, TTT  # noqa: E402
 
@@ -72,14 +81,39 @@ def run_mode(model, items, ttt: TTT | None, args, max_len: int, cap: bool) -> di
     t0 = time.perf_counter()
     results, stats = evaluate_items(model, items, n_views=args.views, seed=args.seed, ttt=ttt, rank="likelihood",
                                     max_len=max_len, cap_to_prompt=cap)
-    row = {"seconds": time.perf_counter() - t0, "ttt_seconds_per_task": stats.get("ttt_seconds_per_task"),
+    return {"seconds": time.perf_counter() - t0, **row_of(results, stats, ("votes", "likelihood", "both"))}
+
+
+def pooled(base: dict, adapted: dict) -> dict:
+    """The row of ``adapted``'s TTT setting with the checkpoint's own candidates pooled into every vote: each test
+    input's candidates are the checkpoint's (``base``, the same items and views) and the adapted copies', voted
+    together (by votes only: the likelihoods were taken by different models)."""
+    results = []
+    for b, a in zip(base["_results"], adapted["_results"], strict=True):
+        assert b.item.task_id == a.item.task_id and b.item.index == a.item.index
+        ranked = vote(b.candidates + a.candidates)
+        results.append(replace(a, ranked=ranked, candidates=b.candidates + a.candidates, steps=b.steps + a.steps,
+                               attempts=attempts(ranked, fallback=a.item.input)))
+    row = {k: v for k, v in adapted.items() if not k.startswith("pass@2") and not k.startswith("_")}
+    row.update(row_of(results, adapted["_stats"], ("votes",)))
+    row.update({"mode": adapted["mode"] + " + checkpoint", "pass@2 likelihood": None, "pass@2 both": None,
+                "ttt_seconds_per_task": adapted["ttt_seconds_per_task"]})  # a joint fine-tune's share included
+    return row
+
+
+def row_of(results, stats: dict, modes: tuple[str, ...]) -> dict:
+    """A table row: pass@2 under each ranking in ``modes`` (votes first), attempt 1's diagnostics, halting, TTT."""
+    row = {"ttt_seconds_per_task": stats.get("ttt_seconds_per_task"),
            "loss_first": stats.get("ttt_loss_first"), "loss_last": stats.get("ttt_loss_last"),
            "too_long": stats["too_long"], "prompts_shortened": stats["prompts_shortened"],
-           "single_demo_tasks": stats.get("ttt_single_demo_tasks", 0)}
-    for mode in ("votes", "likelihood", "both"):
+           "single_demo_tasks": stats.get("ttt_single_demo_tasks", 0), "_results": results, "_stats": stats,
+           "families": {}}
+    for mode in modes:
         m = metrics_of(ranked_as(results, mode), stats)
         row[f"pass@2 {mode}"] = m["pass@2"]
-        if mode == "both":  # per ladder family (tasks named FAMILY-INDEX), pass@2 under the default ranking
+        if mode == "votes":  # per-task scores, for the gain's bootstrap interval
+            row["_per_task"] = {tid: t["pass@2"] for tid, t in m["tasks"].items()}
+        if mode == modes[-1]:  # per ladder family (tasks named FAMILY-INDEX), pass@2 under the default ranking
             fam: dict[str, list[float]] = {}
             for tid, task in m["tasks"].items():
                 fam.setdefault(family_of(tid), []).append(task["pass@2"])
@@ -98,14 +132,15 @@ def item_sets(args) -> dict[str, list]:
     sets = {}
     if args.ladder:
         tasks = load_source(args.ladder).split("eval")
-        if args.ladder_per_family:  # the first N held-out tasks of every family
+        if args.ladder_per_family or args.skip:  # N held-out tasks of every family, after the first --skip
             by_family: dict[str, list] = {}
             for t in tasks:
                 by_family.setdefault(family_of(t.id), []).append(t)
-            tasks = [t for ts in by_family.values() for t in ts[:args.ladder_per_family]]
+            end = args.skip + args.ladder_per_family if args.ladder_per_family else None
+            tasks = [t for ts in by_family.values() for t in ts[args.skip:end]]
         sets["ladder (held out)"] = eval_items(tasks)
     if args.limit:
-        tasks = filter_max_side(load_source("arc1").split("eval"), 10)[:args.limit]
+        tasks = filter_max_side(load_source("arc1").split("eval"), 10)[args.skip:args.skip + args.limit]
         sets["ARC-AGI-1 eval <= 10x10"] = eval_items(tasks)
     if args.demo_set:  # what `make demo` scores: the held-out test inputs of the tasks it trains on
         cfg = demo_config(0)
@@ -114,8 +149,8 @@ def item_sets(args) -> dict[str, list]:
 
 
 def render(rows: list[dict], args, name: str, sizes: dict[str, str]) -> str:
-    head = ["items", "TTT", "pass@2 votes", "pass@2 likelihood", "pass@2 both", "right shape", "cells right",
-            "TTT s / task",
+    head = ["items", "TTT", "pass@2 votes", "gain over none, votes [95% CI]", "pass@2 likelihood", "pass@2 both",
+            "right shape", "cells right", "TTT s / task",
             "LOO loss first -> last",
             "halting step all / solved", "routing's share of the gain"]
     several = len(args.copies) > 1
@@ -123,11 +158,13 @@ def render(rows: list[dict], args, name: str, sizes: dict[str, str]) -> str:
         head[2:2] = ["copies"]
         head.append(f"TTT speed vs {args.copies[0]} copies")
     body = []
+    fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
     for r in rows:
         loss = "-" if r["loss_first"] is None else f"{r['loss_first']:.3f} -> {r['loss_last']:.3f}"
         secs = "-" if r["ttt_seconds_per_task"] is None else f"{r['ttt_seconds_per_task']:.1f}"
+        gain = "" if "gain" not in r else "{:+.3f} [{:+.3f}, {:+.3f}]".format(*r["gain"])
         body.append([r["set"], r["mode"], *([str(r["copies"])] if several else []), f"{r['pass@2 votes']:.3f}",
-                     f"{r['pass@2 likelihood']:.3f}", f"{r['pass@2 both']:.3f}", f"{r['shape@1']:.3f}",
+                     gain, fmt(r["pass@2 likelihood"]), fmt(r["pass@2 both"]), f"{r['shape@1']:.3f}",
                      f"{r['cells@1']:.3f}", secs, loss, f"{r['halt_all']:.2f} / {r['halt_solved']:.2f}",
                      r.get("recovered", ""), *([r.get("speedup", "")] if several else [])])
     sets = "; ".join(f"{s}: {n}" for s, n in sizes.items())
@@ -135,6 +172,9 @@ def render(rows: list[dict], args, name: str, sizes: dict[str, str]) -> str:
         (args.colours, ", colours 1-9 permuted afresh in every sequence (--colours)"),
         (args.keep_shape, ", the shape tokens out of the TTT loss (--keep-shape)"),
         (args.sizes == "checkpoint", ", sizes written by the checkpoint, cells by the copy (--sizes checkpoint)"),
+        (args.joint_minutes, f"; joint: {args.joint_minutes:g} min on the demonstrations of all the set's tasks "
+                             f"together at lr {args.joint_lr:g} (`dyntrm train --init`), its time shared out over "
+                             f"the tasks in TTT s / task"),
     ) if on)
     return (f"Checkpoint `{name}`; {sets}; {args.views} views; TTT: {args.steps} steps of "
             f"{args.batch} leave-one-out sequences, lr {args.lr:g} (routing {args.lr_routing or args.lr:g}, "
@@ -143,7 +183,9 @@ def render(rows: list[dict], args, name: str, sizes: dict[str, str]) -> str:
             f"pass@2 is ARC's metric, under three orders of the same candidates: votes; total log-likelihood over the "
             f"views; votes, then likelihood. Halting: mean ACT step of every answer / of the answers solved (pass@2, "
             f"votes). Right shape, cells right: attempt 1 (votes) of the right size, and its share of right cells "
-            f"(0 where the size is wrong). Routing's share: (routing - none) / (all - none) of pass@2 (votes).\n\n"
+            f"(0 where the size is wrong). Routing's share: (routing - none) / (all - none) of pass@2 (votes). Gain: "
+            f"pass@2 (votes) less no TTT's on the same tasks, with a 95% paired bootstrap interval over tasks "
+            f"(`scoring.paired_gain`). `X + checkpoint`: the checkpoint's candidates pooled into X's votes.\n\n"
             + table(head, body) + family_table(rows))
 
 
@@ -154,7 +196,7 @@ def family_table(rows: list[dict]) -> str:
         return ""
     body = [[r["set"], r["mode"], *(f"{r['families'][f]:.2f}" if f in r.get("families", {}) else "-" for f in fams)]
             for r in rows if r.get("families")]
-    return "\n\npass@2 (both) per family:\n\n" + table(["items", "TTT", *fams], body)
+    return "\n\npass@2 (both; votes for a pooled row) per family:\n\n" + table(["items", "TTT", *fams], body)
 
 
 def main() -> None:
@@ -188,8 +230,18 @@ def main() -> None:
     ap.add_argument("--copies", type=int, nargs="+", default=[1],
                     help="copies adapted side by side (--ttt-copies); several values: each TTT setting once per "
                          "value, with its TTT speed against the first")
+    ap.add_argument("--skip", type=int, default=0,
+                    help="leave out the first S tasks of the ladder (of each family) and of ARC: a slice disjoint "
+                         "from the default one, to choose settings on before they are measured on the default slice")
+    ap.add_argument("--pool", action="store_true",
+                    help="beside each TTT setting, a row with the checkpoint's candidates pooled into its votes")
+    ap.add_argument("--joint-minutes", type=float, default=0.0,
+                    help="also: the checkpoint fine-tuned this long on all the set's demonstrations together "
+                         "(`dyntrm train --init`), alone and with each TTT setting after it (0: off)")
+    ap.add_argument("--joint-lr", type=float, default=1e-3, help="the joint fine-tune's peak learning rate")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="runs/bench_ttt", help="where --quick writes its ladder and model")
+    ap.add_argument("--out", default="runs/bench_ttt",
+                    help="where --quick writes its ladder and model, and --joint-minutes its fine-tuned runs")
     ap.add_argument("--section", default="ttt", help="BENCHMARKS.md section (one per checkpoint compared)")
     args = ap.parse_args()
     if args.quick:
@@ -207,25 +259,43 @@ def main() -> None:
     rows = []
     for set_name, items in sets.items():
         base = None
-        for which, copies in [("none", args.copies[0]), *((w, c) for w in args.params for c in args.copies)]:
+        settings = [("none", model, "none", args.copies[0], 0.0),
+                    *((w, model, w, c, 0.0) for w in args.params for c in args.copies)]
+        for label, m, which, copies, joint_s in settings:
             ttt = None if which == "none" else TTT(args.steps, lrs[which], which, args.batch, args.seed, cfg.train,
                                                          mode=args.mode, colours=args.colours,
                                                          shape_loss=not args.keep_shape, sizes=args.sizes,
                                                          copies=copies)
-            row = {"set": set_name, "mode": which, "copies": copies,
-                   **run_mode(model, items, ttt, args, cfg.data.max_len, cap)}
-            first = next((r for r in rows if r["set"] == set_name and r["mode"] == which), None)
+            row = {"set": set_name, "mode": label, "copies": copies,
+                   **run_mode(m, items, ttt, args, cfg.data.max_len, cap)}
+            if joint_s:  # the joint fine-tune's time, shared out over the set's tasks
+                row["ttt_seconds_per_task"] = (row["ttt_seconds_per_task"] or 0.0) + joint_s
+            first = next((r for r in rows if r["set"] == set_name and r["mode"] == label), None)
             if which != "none" and first is not None:  # the same setting, fewer copies at a time: the speed-up
                 row["speedup"] = f"{first['ttt_seconds_per_task'] / row['ttt_seconds_per_task']:.2f}x"
-            base = row if which == "none" else base
+            base = row if label == "none" else base
             rows.append(row)
             sizes[set_name] = (f"{len(items)} test inputs of {len({i.task_id for i in items})} tasks, "
                                f"{row['prompts_shortened']} prompts shortened and {row['too_long']} too long "
                                f"for max_len "
                                f"{cfg.data.max_len}, "
                                f"{row['single_demo_tasks']} with a single demonstration (no TTT)")
-            print(f"[{set_name} | {which} | {copies} copies] pass@2 votes {row['pass@2 votes']:.3f} likelihood "
+            print(f"[{set_name} | {label} | {copies} copies] pass@2 votes {row['pass@2 votes']:.3f} likelihood "
                   f"{row['pass@2 likelihood']:.3f} both {row['pass@2 both']:.3f}; {row['seconds']:.0f} s", flush=True)
+            if args.pool and which != "none":
+                rows.append(pooled(base, row))
+                print(f"[{set_name} | {rows[-1]['mode']}] pass@2 votes {rows[-1]['pass@2 votes']:.3f}", flush=True)
+            if args.joint_minutes and m is model and label == settings[-1][0] and copies == args.copies[-1]:
+                slug = re.sub(r"[^a-z0-9]+", "-", set_name.lower()).strip("-")  # after the checkpoint's rows:
+                joint, _, seconds = fine_tune_on_demos(ckpt, cfg, items, Path(args.out) / f"joint-{slug}",
+                                                       minutes=args.joint_minutes, lr=args.joint_lr)
+                share = seconds / len({i.task_id for i in items})
+                settings += [("joint", joint, "none", args.copies[0], share),
+                             *((f"joint + {w}", joint, w, args.copies[0], share) for w in args.params)]
+        tasks = sorted(base["_per_task"])
+        for r in rows:
+            if r["set"] == set_name and r is not base:
+                r["gain"] = paired_gain([base["_per_task"][t] for t in tasks], [r["_per_task"][t] for t in tasks])
         full = next((r for r in rows if r["set"] == set_name and r["mode"] == "all"), None)
         routing = next((r for r in rows if r["set"] == set_name and r["mode"] == "routing"
                         and r["copies"] == args.copies[0]), None)
@@ -236,7 +306,7 @@ def main() -> None:
     text = render(rows, args, str(ckpt), sizes)
     keys = ("pass@2 votes", "pass@2 likelihood", "pass@2 both", "ttt_seconds_per_task", "halt_all", "halt_solved")
     figures = {f"{r['set']} | {r['mode']}" + (f" | {r['copies']} copies" if r["copies"] != args.copies[0] else ""):
-               {k: r[k] for k in keys}
+               {**{k: r[k] for k in keys}, **({"gain_ci95": list(r["gain"])} if "gain" in r else {})}
                for r in rows}
     finish(args.section, text, figures, write=not args.no_write,
            note="The machine's cores may be shared: seconds are indicative." if args.quick else "")

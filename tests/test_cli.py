@@ -88,6 +88,35 @@ def test_train_then_eval_predict_inspect_plot_resume(tmp_path, capsys):
              if json.loads(l)["kind"] == "train"]
     assert steps[-1] == 5
 
+    # --init fine-tunes a new run from the checkpoint's weights and config (a --set changes its data or schedule)
+    ft = tmp_path / "ft"
+    assert main(["train", "--init", str(run), "--out", str(ft), "--set", "train.steps=2"]) == 0
+    cfg = json.loads((ft / "config.json").read_text())
+    assert cfg["train"]["init"] == str((run / "checkpoints" / "step_0000005").resolve())  # pinned: that very step
+    assert cfg["train"]["steps"] == 2 and cfg["model"] == json.loads((run / "config.json").read_text())["model"]
+    assert main(["train", "--init", str(run), "--resume", str(ft)]) == 2  # user errors: one or the other,
+    assert main(["train", "--init", str(run), "--preset", "tiny", "--out", str(tmp_path / "x")]) == 2  # no preset
+
+
+def test_eval_with_joint_test_time_training_fine_tunes_on_demonstrations_only(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main([*TRAIN, "--out", str(run), "--set", "train.steps=2"]) == 0
+    out = tmp_path / "ev"
+    assert main(["eval", str(run), "--views", "1", "--ttt-steps", "0", "--ttt-joint-minutes", "0.02",
+                 "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["ttt_joint_seconds"] > 0 and len(metrics["tasks"]) == 6
+    written = json.loads((out / "joint" / "demonstrations.json").read_text())  # one bundle: ids are keys
+    assert len(written) == 6
+    for tid, task in written.items():  # the demonstrations in full, the test inputs bare: no test output enters
+        original = json.loads((TASKS / f"{tid}.json").read_text())
+        assert task["train"] == original["train"]
+        assert task["test"] == [{"input": t["input"]} for t in original["test"]]
+    ft = json.loads((out / "joint" / "run" / "config.json").read_text())
+    assert ft["train"]["init"] == str((run / "checkpoints" / "step_0000002").resolve())  # the checkpoint evaluated
+    assert ft["data"]["demo_splits"] == ["all"] and not ft["data"]["train_splits"]
+    assert_user_error(cli(capsys, "eval", run, "--ttt-joint-minutes", "-1"), "--ttt-joint-minutes")
+
 
 def test_eval_of_a_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert_user_error(cli(capsys, "eval", tmp_path), "no complete checkpoint")

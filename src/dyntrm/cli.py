@@ -109,17 +109,24 @@ def cmd_info(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------------------------------ training
 
 def resolve_config(args: argparse.Namespace):
-    """The preset (or a resumed run's config), then --source, then --set overrides, strictly typed."""
+    """The preset (or a resumed run's config, or the config of the checkpoint --init fine-tunes), then --source,
+    then --set overrides, strictly typed."""
     from .config import apply_overrides, load_config, preset
 
+    extra = []
     if getattr(args, "resume", None):
         path = Path(args.resume) / "config.json"
         if not path.exists():
             raise FileNotFoundError(f"{path}: not a run directory (no config.json)")
         cfg = load_config(path)
+    elif getattr(args, "init", None):
+        from .checkpoint import load
+
+        ckpt = load(args.init, state=False)  # the very checkpoint, pinned: a run may save a newer one meanwhile
+        cfg, extra = ckpt["config"], [f"train.init={ckpt['dir'].resolve()}"]
     else:
-        cfg = preset(args.preset)
-    extra = [f"data.source={args.source}"] if getattr(args, "source", None) else []
+        cfg = preset(getattr(args, "preset", None) or "tiny")
+    extra += [f"data.source={args.source}"] if getattr(args, "source", None) else []
     return apply_overrides(cfg, extra + list(args.set))
 
 
@@ -129,11 +136,16 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .runtime import setup, teardown
     from .train import train
 
-    if args.resume and (args.overwrite or (args.out and Path(args.out) != Path(args.resume))):
-        raise ConfigError("--resume RUN_DIR continues that run in place: it takes neither --overwrite nor another "
-                          "--out")
+    if args.resume and (args.overwrite or args.init or args.preset or
+                        (args.out and Path(args.out) != Path(args.resume))):
+        raise ConfigError("--resume RUN_DIR continues that run in place: it takes neither --overwrite, --init, "
+                          "--preset nor another --out")
+    if args.init and args.preset:
+        raise ConfigError("--init CHECKPOINT fine-tunes that checkpoint's model and config: it takes no --preset "
+                          "(--set changes the data, the schedule or the loss)")
     cfg = resolve_config(args)
-    run_dir = Path(args.resume or args.out or f"runs/{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    name = f"{Path(args.init).resolve().name}-ft" if args.init else args.preset or "tiny"
+    run_dir = Path(args.resume or args.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     rt = setup(cfg.train.threads)  # torchrun-aware: one process per rank
     try:
         trainer, last = train(cfg, run_dir, resume=bool(args.resume), overwrite=args.overwrite, rt=rt)
@@ -219,15 +231,29 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .runtime import pick_device
 
     ttt = ttt_of(args)
+    if args.ttt_joint_minutes < 0:
+        raise ConfigError(f"--ttt-joint-minutes {args.ttt_joint_minutes:g}: must be >= 0 (0: off)")
+    if not args.ttt_joint_lr > 0:
+        raise ConfigError(f"--ttt-joint-lr {args.ttt_joint_lr:g}: must be > 0")
     model, cfg, ckpt_dir = load_model(args.checkpoint, device=pick_device())
     ttt = replace(ttt, recipe=cfg.train)
     if args.source:
         cfg.data.source = args.source
     items = split_items(cfg, args.split, args.limit)
     out = writable_dir(args.out or Path(args.checkpoint) / f"eval-{args.split or cfg.data.eval_split}")
+    joint = {}
+    if args.ttt_joint_minutes:  # every task's demonstrations together first, then each task's own TTT
+        from .joint import fine_tune_on_demos
+
+        console.print(f"joint test-time training: {args.ttt_joint_minutes:g} min on the demonstrations of "
+                      f"{len({it.task_id for it in items})} tasks -> {out / 'joint'}")
+        model, _, seconds = fine_tune_on_demos(ckpt_dir, cfg, items, out / "joint", minutes=args.ttt_joint_minutes,
+                                               lr=args.ttt_joint_lr, live=None)
+        joint = {"ttt_joint_minutes": args.ttt_joint_minutes, "ttt_joint_lr": args.ttt_joint_lr,
+                 "ttt_joint_seconds": seconds}
     m, _ = run_eval(model, items, out, n_views=args.views, seed=args.seed, title=f"dyntrm eval: {ckpt_dir}",
                     extra={"checkpoint": str(ckpt_dir), "source": cfg.data.source,
-                           "split": args.split or cfg.data.eval_split},
+                           "split": args.split or cfg.data.eval_split, **joint},
                     temperature=args.temperature, top_k=args.top_k, cap_to_prompt=args.cap_to_prompt, ttt=ttt,
                     rank=args.rank)
     console.print(f"{score_line(m)}; {m['n_test_inputs']} test inputs, {args.views} views; "
@@ -467,10 +493,15 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(func=cmd_show)
 
     tr = sub.add_parser("train", help="train a model (torchrun-aware); --resume continues a run exactly")
-    tr.add_argument("--preset", default="tiny", help="debug, tiny (CPU) or base (GPU)")
+    tr.add_argument("--preset", default=None, help="debug, tiny (CPU; the default) or base (GPU)")
     tr.add_argument("--source", default=None, help="arc1, arc2 or a PATH (sets data.source)")
     tr.add_argument("--out", default=None, help="run directory (default runs/PRESET-TIME)")
     tr.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this run from its last checkpoint")
+    tr.add_argument("--init", default=None, metavar="CHECKPOINT",
+                    help="fine-tune: start from this run's newest (or this) checkpoint's weights and config, with a "
+                         "fresh optimizer and schedule (sets train.init; --set changes the data, the schedule or the "
+                         "loss; the schedule is the checkpoint's: under its train.time_budget_s it follows time, "
+                         "--set train.time_budget_s=0 schedules by train.steps)")
     tr.add_argument("--overwrite", action="store_true",
                     help="--out holds a run: delete its checkpoints, metrics and evaluations and start afresh")
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -490,6 +521,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="limit answers to the largest grid side in their prompt (bounds decoding cost; a heuristic)")
     ev.add_argument("--out", default=None, help="output directory (default RUN/eval-SPLIT)")
     add_ttt_options(ev)
+    ev.add_argument("--ttt-joint-minutes", type=float, default=0.0,
+                    help="before each task's own test-time training, fine-tune the checkpoint this long on the "
+                         "demonstrations of every task scored, together (`train --init`; no test output enters; "
+                         "the run is kept in OUT/joint; 0: off)")
+    ev.add_argument("--ttt-joint-lr", type=float, default=1e-3, help="the joint fine-tune's peak learning rate")
     ev.set_defaults(func=cmd_eval)
 
     pr = sub.add_parser("predict", help="answers for any task file, in the ARC Prize format")

@@ -30,6 +30,9 @@ itself, said on stderr and counted. Given a seed, everything is deterministic: a
 ``--ttt-lr`` is the learning rate of the parameters trained; under ``all`` the routers keep the recipe's
 ``train.routing_lr_mult`` beside it, as in training.
 
+Before it, ``dyntrm eval --ttt-joint-minutes`` (``joint.py``) can fine-tune the checkpoint on the demonstrations of
+every task scored, together; the copies then start from that model.
+
 ``--ttt-params``: ``all`` (every parameter), ``routing`` (the prototypes and gates of both libraries' routers, a
 few thousand numbers: the global experts stay, their composition adapts), ``norms`` (the RMSNorm weights only;
 the halt head's bias is *not* included, so ``norms`` is a pure rescaling of the residual stream's features).

@@ -101,6 +101,21 @@ def pooled(base: dict, adapted: dict) -> dict:
     return row
 
 
+def settings(args, model, ckpt, cfg, set_name: str, items):
+    """The rows of one set, in order: (label, model, TTT parameters or "none", copies, joint seconds per task). The
+    checkpoint's rows first; with ``--joint-minutes`` the fine-tune runs only once they are measured (this is a
+    generator), and its rows follow."""
+    yield "none", model, "none", args.copies[0], 0.0
+    yield from ((w, model, w, c, 0.0) for w in args.params for c in args.copies)
+    if args.joint_minutes:
+        slug = re.sub(r"[^a-z0-9]+", "-", set_name.lower()).strip("-")
+        joint, _, seconds = fine_tune_on_demos(ckpt, cfg, items, Path(args.out) / f"joint-{slug}",
+                                               minutes=args.joint_minutes, lr=args.joint_lr)
+        share = seconds / len({i.task_id for i in items})
+        yield "joint", joint, "none", args.copies[0], share
+        yield from ((f"joint + {w}", joint, w, args.copies[0], share) for w in args.params)
+
+
 def row_of(results, stats: dict, modes: tuple[str, ...]) -> dict:
     """A table row: pass@2 under each ranking in ``modes`` (votes first), attempt 1's diagnostics, halting, TTT."""
     row = {"ttt_seconds_per_task": stats.get("ttt_seconds_per_task"),
@@ -259,9 +274,7 @@ def main() -> None:
     rows = []
     for set_name, items in sets.items():
         base = None
-        settings = [("none", model, "none", args.copies[0], 0.0),
-                    *((w, model, w, c, 0.0) for w in args.params for c in args.copies)]
-        for label, m, which, copies, joint_s in settings:
+        for label, m, which, copies, joint_s in settings(args, model, ckpt, cfg, set_name, items):
             ttt = None if which == "none" else TTT(args.steps, lrs[which], which, args.batch, args.seed, cfg.train,
                                                          mode=args.mode, colours=args.colours,
                                                          shape_loss=not args.keep_shape, sizes=args.sizes,
@@ -285,13 +298,6 @@ def main() -> None:
             if args.pool and which != "none":
                 rows.append(pooled(base, row))
                 print(f"[{set_name} | {rows[-1]['mode']}] pass@2 votes {rows[-1]['pass@2 votes']:.3f}", flush=True)
-            if args.joint_minutes and m is model and label == settings[-1][0] and copies == args.copies[-1]:
-                slug = re.sub(r"[^a-z0-9]+", "-", set_name.lower()).strip("-")  # after the checkpoint's rows:
-                joint, _, seconds = fine_tune_on_demos(ckpt, cfg, items, Path(args.out) / f"joint-{slug}",
-                                                       minutes=args.joint_minutes, lr=args.joint_lr)
-                share = seconds / len({i.task_id for i in items})
-                settings += [("joint", joint, "none", args.copies[0], share),
-                             *((f"joint + {w}", joint, w, args.copies[0], share) for w in args.params)]
         tasks = sorted(base["_per_task"])
         for r in rows:
             if r["set"] == set_name and r is not base:

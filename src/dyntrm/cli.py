@@ -231,10 +231,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .runtime import pick_device
 
     ttt = ttt_of(args)
-    if args.ttt_joint_minutes < 0:
-        raise ConfigError(f"--ttt-joint-minutes {args.ttt_joint_minutes:g}: must be >= 0 (0: off)")
-    if not args.ttt_joint_lr > 0:
-        raise ConfigError(f"--ttt-joint-lr {args.ttt_joint_lr:g}: must be > 0")
+    if args.ttt_joint_minutes:
+        from .joint import check_options
+
+        check_options(args.ttt_joint_minutes, args.ttt_joint_lr)  # the user's input first, before a model loads
     model, cfg, ckpt_dir = load_model(args.checkpoint, device=pick_device())
     ttt = replace(ttt, recipe=cfg.train)
     if args.source:

@@ -140,8 +140,8 @@ class TrainConfig:
     accum: int = opt(1, "micro-batches per optimizer step (gradient accumulation)")
     seed: int = opt(0, "seed of initialisation, data order, augmentation")
     init: str = opt("", "fine-tune: start from this checkpoint's weights (its EMA where it has one; a run directory "
-                        "or one checkpoint), with a fresh optimizer, schedule and data order, and its L1 "
-                        "coefficients; model.* must be the checkpoint's (\"\": from scratch)")
+                        "or one checkpoint), with a fresh optimizer and schedule, the data order restarted, and its L1 "
+                        "coefficients under the same controller; model.* must be the checkpoint's (\"\": from scratch)")
     deep_supervision: bool = opt(True, "LM loss at every recursion step (mean); false: the last step only")
     grad_steps: int = opt(0, "backpropagate through the last this many recursion steps only; the earlier ones run "
                              "without gradient and without loss (TRM's truncation; 0: all N, full BPTT)")

@@ -22,6 +22,14 @@ from .data.dataset import EvalItem
 from .io import write_json
 
 
+def check_options(minutes: float, lr: float) -> None:
+    """``--ttt-joint-minutes`` and ``--ttt-joint-lr`` of a joint run, checked before anything is loaded."""
+    if not minutes > 0:
+        raise ConfigError(f"--ttt-joint-minutes {minutes:g}: must be > 0 (or 0 on the command line: off)")
+    if not lr > 0:
+        raise ConfigError(f"--ttt-joint-lr {lr:g}: must be > 0")
+
+
 def write_demo_tasks(items: Sequence[EvalItem], path: Path) -> int:
     """Every task of ``items`` into one task bundle ``{task id: task}`` at ``path`` (any id is a key, none a file
     name): its demonstrations and its test inputs, no test output. Returns the number of tasks."""
@@ -45,16 +53,13 @@ def fine_tune_on_demos(checkpoint: str | Path, cfg: Config, items: Sequence[Eval
     from .runtime import pick_device
     from .train import train
 
-    if not minutes > 0:
-        raise ConfigError(f"--ttt-joint-minutes {minutes:g}: must be > 0")
-    if not lr > 0:
-        raise ConfigError(f"--ttt-joint-lr {lr:g}: must be > 0")
+    check_options(minutes, lr)
     out = Path(out)
     tasks = out / "demonstrations.json"
     write_demo_tasks(items, tasks)
     ft = apply_overrides(cfg, [
-        f"train.init={Path(checkpoint).resolve()}", f"data.source={tasks}", "data.train_splits=", "data.demo_splits=all",
-        "data.eval_split=all", "data.max_side=30", f"train.time_budget_s={minutes * 60:g}", "train.steps=1000000",
+        f"train.init={Path(checkpoint).resolve()}", f"data.source={tasks}", "data.train_splits=",
+        "data.demo_splits=all", "data.eval_split=all", "data.max_side=30", f"train.time_budget_s={minutes * 60:g}", "train.steps=1000000",
         f"train.lr={lr:g}", "train.save_every=0", "train.eval_every=0", "train.log_every=100"])
     t0 = time.perf_counter()
     train(ft, out / "run", live=live, overwrite=True)

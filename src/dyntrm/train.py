@@ -131,11 +131,10 @@ class Trainer:
         training state (the L1 coefficients). The checkpoint's model config must be this run's."""
         ckpt = checkpoint.load(self.cfg.train.init, state=False,
                                warn=lambda m: self.rt.print0(f"warning: {m}", file=sys.stderr))
-        theirs, ours = to_dict(ckpt["config"])["model"], to_dict(self.cfg)["model"]
-        changed = [k for k in ours if theirs.get(k) != ours[k]]
+        changed = self._changed(ckpt["meta"]["config"], ("model",))
         if changed:
             raise ConfigError(f"train.init={self.cfg.train.init}: {ckpt['dir']} is a model of another config "
-                              f"(model.{', model.'.join(changed)} differ); fine-tuning keeps the model's config")
+                              f"({', '.join(changed)} differ); fine-tuning keeps the model's config")
         name = "ema" if ckpt["ema"] is not None else "model"
         checkpoint.check_weights(self.model.state_dict(), ckpt[name], ckpt["dir"] / f"{name}.safetensors")
         self.model.load_state_dict(ckpt[name])
@@ -185,11 +184,14 @@ class Trainer:
         self.saved = (self.state.step, path)
         return path
 
+    def _changed(self, saved: dict[str, Any], sections: tuple[str, ...]) -> list[str]:
+        """The fields of ``sections`` where a checkpoint's saved config differs from this run's, as ``sec.key``
+        (compared as JSON: the saved config's tuples came back as lists)."""
+        current = json.loads(json.dumps(to_dict(self.cfg)))
+        return [f"{sec}.{k}" for sec in sections for k in current[sec] if saved[sec].get(k) != current[sec][k]]
+
     def restore(self, ckpt: dict[str, Any]) -> None:
-        # compared as JSON: the saved config's tuples came back as lists
-        saved, current = ckpt["meta"]["config"], json.loads(json.dumps(to_dict(self.cfg)))
-        changed = [f"{sec}.{k}" for sec in ("model", "data") for k in current[sec]
-                   if saved[sec].get(k) != current[sec][k]]
+        changed = self._changed(ckpt["meta"]["config"], ("model", "data"))
         if changed:  # the data position and the weights only mean something under the same model and data
             raise ConfigError(f"{ckpt['dir']}: cannot resume with changed {', '.join(changed)} "
                               f"(train.* and shaping.* may change on resume)")

@@ -8,9 +8,10 @@ One checkpoint, two item sets: the held-out (evaluation) split of a sanity ladde
 only (prototypes and gates) and of the RMSNorm weights only. Every evaluation decodes once and ranks the same
 candidates by votes and by view-consistent likelihood (``--rank`` of ``dyntrm eval``), so the two rankings are
 compared on identical answers. Reported: pass@2 under each ranking, TTT seconds per task, the task's
-leave-one-out loss at the first and last TTT step, the mean halting step over all answers and over solved ones,
-and the share of the full-TTT gain that routing-only TTT recovers. Answers are capped to the largest side in their
-prompt where the model has no size header, as in bench_sanity.py.
+leave-one-out loss at the first and last TTT step, the mean halting step over all answers and over solved ones
+(and, on the test inputs each setting solves, without TTT and with it: the ACT goal is that it falls), and the
+share of the full-TTT gain that routing-only TTT recovers. Answers are capped to the largest side in their prompt
+where the model has no size header, as in bench_sanity.py.
 
 Every gain over no TTT comes with a 95% paired bootstrap interval over the set's tasks (one task is several points
 of pass@2 on a few dozen). ``--skip S`` measures on a slice disjoint from the default one (settings are chosen there
@@ -18,6 +19,10 @@ and then measured on the default slice). ``--pool`` adds, beside each TTT settin
 pooled into its votes. ``--joint-minutes M`` adds the checkpoint fine-tuned for M minutes on the demonstrations of
 all the set's tasks together (`dyntrm train --init`: TRM's transductive step, taken at test time), alone and with
 each TTT setting after it; its minutes are shared out over the set's tasks in "TTT s / task".
+
+A ladder of families the checkpoint never trained on (a model trained by ``bench_sanity.py --families`` on the
+others, its items written by ``dyntrm data synth --families``) measures what TTT is for, teaching a new rule;
+``--ladder-name`` names that set in the table.
 
 ``--quick``: without ``--checkpoint``, trains a `debug` model for a minute on a small ladder it writes, then runs
 the same table on 12 held-out ladder tasks and 4 ARC tasks with 4 TTT steps: a smoke run of a couple of minutes.
@@ -139,8 +144,19 @@ def row_of(results, stats: dict, modes: tuple[str, ...]) -> dict:
             tests = [t for task in m["tasks"].values() for t in task["tests"]]
             solved = [t["mean_steps"] for t in tests if t["solved@2"]]
             row.update({"pass@1 votes": m["pass@1"], "halt_all": m["mean_steps"],
-                        "halt_solved": float(np.mean(solved)) if solved else float("nan")})
+                        "halt_solved": float(np.mean(solved)) if solved else float("nan"),
+                        "_halts": {(tid, t["index"]): (t["mean_steps"], t["solved@2"])
+                                   for tid, task in m["tasks"].items() for t in task["tests"]}})
     return row
+
+
+def paired_halting(base: dict, row: dict) -> tuple[float, float] | None:
+    """The mean halting step on the test inputs ``row`` solves (pass@2, votes): without TTT (``base``) and under
+    ``row``'s setting, on the same inputs; None where it solves none. The ACT goal: it falls after TTT."""
+    keys = [k for k, (_, ok) in row["_halts"].items() if ok]
+    if not keys:
+        return None
+    return float(np.mean([base["_halts"][k][0] for k in keys])), float(np.mean([row["_halts"][k][0] for k in keys]))
 
 
 def item_sets(args) -> dict[str, list]:
@@ -153,7 +169,7 @@ def item_sets(args) -> dict[str, list]:
                 by_family.setdefault(family_of(t.id), []).append(t)
             end = args.skip + args.ladder_per_family if args.ladder_per_family else None
             tasks = [t for ts in by_family.values() for t in ts[args.skip:end]]
-        sets["ladder (held out)"] = eval_items(tasks)
+        sets[args.ladder_name] = eval_items(tasks)
     if args.limit:
         tasks = filter_max_side(load_source("arc1").split("eval"), 10)[args.skip:args.skip + args.limit]
         sets["ARC-AGI-1 eval <= 10x10"] = eval_items(tasks)
@@ -167,7 +183,7 @@ def render(rows: list[dict], args, name: str, sizes: dict[str, str]) -> str:
     head = ["items", "TTT", "pass@2 votes", "gain over none, votes [95% CI]", "pass@2 likelihood", "pass@2 both",
             "right shape", "cells right", "TTT s / task",
             "LOO loss first -> last",
-            "halting step all / solved", "routing's share of the gain"]
+            "halting step all / solved", "halting on its solved: none -> it", "routing's share of the gain"]
     several = len(args.copies) > 1
     if several:
         head[2:2] = ["copies"]
@@ -178,10 +194,11 @@ def render(rows: list[dict], args, name: str, sizes: dict[str, str]) -> str:
         loss = "-" if r["loss_first"] is None else f"{r['loss_first']:.3f} -> {r['loss_last']:.3f}"
         secs = "-" if r["ttt_seconds_per_task"] is None else f"{r['ttt_seconds_per_task']:.1f}"
         gain = "" if "gain" not in r else "{:+.3f} [{:+.3f}, {:+.3f}]".format(*r["gain"])
+        paired = "-" if r.get("halt_paired") is None else "{:.2f} -> {:.2f}".format(*r["halt_paired"])
         body.append([r["set"], r["mode"], *([str(r["copies"])] if several else []), f"{r['pass@2 votes']:.3f}",
                      gain, fmt(r["pass@2 likelihood"]), fmt(r["pass@2 both"]), f"{r['shape@1']:.3f}",
                      f"{r['cells@1']:.3f}", secs, loss, f"{r['halt_all']:.2f} / {r['halt_solved']:.2f}",
-                     r.get("recovered", ""), *([r.get("speedup", "")] if several else [])])
+                     paired, r.get("recovered", ""), *([r.get("speedup", "")] if several else [])])
     sets = "; ".join(f"{s}: {n}" for s, n in sizes.items())
     extras = "".join(text for on, text in (
         (args.colours, ", colours 1-9 permuted afresh in every sequence (--colours)"),
@@ -197,7 +214,8 @@ def render(rows: list[dict], args, name: str, sizes: dict[str, str]) -> str:
             f"{'task' if args.mode == 'task' else 'task and view (--mode view: adapted in the view frame)'}{extras}. "
             f"pass@2 is ARC's metric, under three orders of the same candidates: votes; total log-likelihood over the "
             f"views; votes, then likelihood. Halting: mean ACT step of every answer / of the answers solved (pass@2, "
-            f"votes). Right shape, cells right: attempt 1 (votes) of the right size, and its share of right cells "
+            f"votes); on its solved: the mean halting step on the test inputs the row solves, without TTT -> with it. "
+            f"Right shape, cells right: attempt 1 (votes) of the right size, and its share of right cells "
             f"(0 where the size is wrong). Routing's share: (routing - none) / (all - none) of pass@2 (votes). Gain: "
             f"pass@2 (votes) less no TTT's on the same tasks, with a 95% paired bootstrap interval over tasks "
             f"(`scoring.paired_gain`). `X + checkpoint`: the checkpoint's candidates pooled into X's votes.\n\n"
@@ -218,6 +236,8 @@ def main() -> None:
     ap = arguments(__doc__, quick="train a debug model on a small ladder and run a smoke-sized table")
     ap.add_argument("--checkpoint", default=None, help="run directory or checkpoint (required without --quick)")
     ap.add_argument("--ladder", default=None, help="a ladder directory from `dyntrm data synth` (its evaluation/)")
+    ap.add_argument("--ladder-name", default="ladder (held out)",
+                    help="the ladder set's name in the table (e.g. for a ladder of families the model never saw)")
     ap.add_argument("--ladder-per-family", type=int, default=0,
                     help="only the first N held-out ladder tasks of each family (0: all)")
     ap.add_argument("--limit", type=int, default=40, help="ARC-AGI-1 evaluation tasks with grids <= 10x10 (0: none)")
@@ -302,6 +322,7 @@ def main() -> None:
         for r in rows:
             if r["set"] == set_name and r is not base:
                 r["gain"] = paired_gain([base["_per_task"][t] for t in tasks], [r["_per_task"][t] for t in tasks])
+                r["halt_paired"] = paired_halting(base, r)
         full = next((r for r in rows if r["set"] == set_name and r["mode"] == "all"), None)
         routing = next((r for r in rows if r["set"] == set_name and r["mode"] == "routing"
                         and r["copies"] == args.copies[0]), None)

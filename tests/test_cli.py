@@ -5,6 +5,7 @@ import os
 import re
 
 import pytest
+import torch
 
 from dyntrm.cli import main
 from helpers import TASKS, assert_user_error, cli
@@ -98,12 +99,23 @@ def test_train_then_eval_predict_inspect_plot_resume(tmp_path, capsys):
     assert main(["train", "--init", str(run), "--preset", "tiny", "--out", str(tmp_path / "x")]) == 2  # no preset
 
 
-def test_eval_with_joint_test_time_training_fine_tunes_on_demonstrations_only(tmp_path, capsys):
+def test_eval_with_joint_test_time_training_fine_tunes_on_demonstrations_only(tmp_path, capsys, monkeypatch):
+    import dyntrm.evaluate
+    from dyntrm.checkpoint import load_model
+
     run = tmp_path / "run"
     assert main([*TRAIN, "--out", str(run), "--set", "train.steps=2"]) == 0
     out = tmp_path / "ev"
+    answered_by = []  # the model that answers: the joint fine-tune's, not the checkpoint's
+    real_run_eval = dyntrm.evaluate.run_eval
+    monkeypatch.setattr(dyntrm.evaluate, "run_eval",
+                        lambda model, *a, **kw: answered_by.append(model) or real_run_eval(model, *a, **kw))
     assert main(["eval", str(run), "--views", "1", "--ttt-steps", "0", "--ttt-joint-minutes", "0.02",
                  "--out", str(out)]) == 0
+    (model,) = answered_by
+    weights = model.state_dict()
+    for other, same in ((load_model(out / "joint" / "run")[0], True), (load_model(run)[0], False)):
+        assert same == all(torch.equal(weights[k], v) for k, v in other.state_dict().items())
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["ttt_joint_seconds"] > 0 and len(metrics["tasks"]) == 6
     written = json.loads((out / "joint" / "demonstrations.json").read_text())  # one bundle: ids are keys

@@ -30,9 +30,9 @@ def check_options(minutes: float, lr: float) -> None:
         raise ConfigError(f"--ttt-joint-lr {lr:g}: must be > 0")
 
 
-def write_demo_tasks(items: Sequence[EvalItem], path: Path) -> int:
+def write_demo_tasks(items: Sequence[EvalItem], path: Path) -> None:
     """Every task of ``items`` into one task bundle ``{task id: task}`` at ``path`` (any id is a key, none a file
-    name): its demonstrations and its test inputs, no test output. Returns the number of tasks."""
+    name): its demonstrations and its test inputs, no test output."""
     tasks: dict[str, tuple] = {}
     for it in items:
         tasks.setdefault(it.task_id, (it.demos, []))[1].append(it.input)
@@ -40,7 +40,6 @@ def write_demo_tasks(items: Sequence[EvalItem], path: Path) -> int:
     write_json(path, {tid: {"train": [{"input": grid(p.input), "output": grid(p.output)} for p in demos],
                             "test": [{"input": grid(g)} for g in inputs]} for tid, (demos, inputs) in tasks.items()},
                indent=None)
-    return len(tasks)
 
 
 def fine_tune_on_demos(checkpoint: str | Path, cfg: Config, items: Sequence[EvalItem], out: str | Path, *,
@@ -59,8 +58,8 @@ def fine_tune_on_demos(checkpoint: str | Path, cfg: Config, items: Sequence[Eval
     write_demo_tasks(items, tasks)
     ft = apply_overrides(cfg, [
         f"train.init={Path(checkpoint).resolve()}", f"data.source={tasks}", "data.train_splits=",
-        "data.demo_splits=all", "data.eval_split=all", "data.max_side=30", f"train.time_budget_s={minutes * 60:g}", "train.steps=1000000",
-        f"train.lr={lr:g}", "train.save_every=0", "train.eval_every=0", "train.log_every=100"])
+        "data.demo_splits=all", "data.eval_split=all", "data.max_side=30", f"train.time_budget_s={minutes * 60:g}",
+        "train.steps=1000000", f"train.lr={lr:g}", "train.save_every=0", "train.eval_every=0", "train.log_every=100"])
     t0 = time.perf_counter()
     train(ft, out / "run", live=live, overwrite=True)
     seconds = time.perf_counter() - t0
